@@ -1,0 +1,1 @@
+"""The replay-buffer server between actors and the learner."""

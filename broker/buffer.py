@@ -1,0 +1,122 @@
+"""The replay buffer: deduplicates samples, assembles GRPO groups, drops stale ones, serves FIFO.
+
+Pure data structure, no sockets, so its accounting can be tested exactly. Every
+accepted sample ends in one of three places, and `counters` proves it:
+accepted == served + dropped_stale + buffered.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+from protocol.sample import Sample
+
+
+class SeqWindow:
+    """The set of sequence numbers seen from one actor incarnation, compacted below a watermark."""
+
+    def __init__(self) -> None:
+        self.below = 0  # every seq < below has been seen
+        self.above: set[int] = set()
+
+    def add(self, seq: int) -> bool:
+        """Record `seq`; False if it was already seen."""
+        if seq < self.below or seq in self.above:
+            return False
+        self.above.add(seq)
+        while self.below in self.above:
+            self.above.remove(self.below)
+            self.below += 1
+        return True
+
+
+COUNTERS = ("accepted", "duplicates", "dropped_stale", "dropped_stale_groups", "groups_completed", "served", "served_groups")
+
+
+class ReplayBuffer:
+    def __init__(self, max_policy_lag: int) -> None:
+        self.max_policy_lag = max_policy_lag
+        self.policy_version = 0
+        self.partial: dict[str, list[Sample]] = {}
+        self.ready: deque[list[Sample]] = deque()
+        self.seen: dict[tuple[str, str], SeqWindow] = {}
+        self.held: Counter[str] = Counter()  # samples per actor currently buffered
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+
+    def add(self, sample: Sample) -> str:
+        """Take one validated sample; returns 'accepted', 'duplicate' or 'stale'."""
+        window = self.seen.setdefault((sample.actor_id, sample.incarnation), SeqWindow())
+        if not window.add(sample.seq):
+            self.counters["duplicates"] += 1
+            return "duplicate"
+        self.counters["accepted"] += 1
+        if self._stale(sample.version_start):
+            self.counters["dropped_stale"] += 1
+            return "stale"
+        group = self.partial.setdefault(sample.group_id, [])
+        group.append(sample)
+        self.held[sample.actor_id] += 1
+        if len(group) == sample.group_size:
+            del self.partial[sample.group_id]
+            self.ready.append(sorted(group, key=lambda s: s.index))
+            self.counters["groups_completed"] += 1
+        return "accepted"
+
+    def set_policy_version(self, version: int) -> None:
+        """Advance the learner's version and evict every group that became too old."""
+        if version <= self.policy_version:
+            return
+        self.policy_version = version
+        for group_id in [g for g, samples in self.partial.items() if self._stale(_oldest(samples))]:
+            self._drop(self.partial.pop(group_id))
+        fresh = deque()
+        for group in self.ready:
+            if self._stale(_oldest(group)):
+                self._drop(group)
+            else:
+                fresh.append(group)
+        self.ready = fresh
+
+    def take(self, num_groups: int) -> list[list[Sample]] | None:
+        """The oldest `num_groups` complete groups, or None while fewer are ready."""
+        if len(self.ready) < num_groups:
+            return None
+        groups = [self.ready.popleft() for _ in range(num_groups)]
+        for group in groups:
+            self._release(group)
+            self.counters["served"] += len(group)
+        self.counters["served_groups"] += num_groups
+        return groups
+
+    def credits(self, actor_id: str, window: int) -> int:
+        """How many more samples `actor_id` may have buffered here."""
+        return max(0, window - self.held[actor_id])
+
+    @property
+    def buffered(self) -> int:
+        return sum(self.held.values())
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self.counters,
+            "policy_version": self.policy_version,
+            "ready_groups": len(self.ready),
+            "partial_groups": len(self.partial),
+            "buffered": self.buffered,
+        }
+
+    def _stale(self, version: int) -> bool:
+        return self.policy_version - version > self.max_policy_lag
+
+    def _drop(self, group: list[Sample]) -> None:
+        self._release(group)
+        self.counters["dropped_stale"] += len(group)
+        self.counters["dropped_stale_groups"] += 1
+
+    def _release(self, group: list[Sample]) -> None:
+        for sample in group:
+            self.held[sample.actor_id] -= 1
+
+
+def _oldest(group: list[Sample]) -> int:
+    return min(s.version_start for s in group)

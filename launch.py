@@ -1,0 +1,92 @@
+"""The one entry point: `python launch.py --role actor|learner|broker|all --config FILE [key.sub=value ...]`.
+
+A single role runs in this process (for running roles on different hosts; endpoints
+come from the config). `--role all` validates the config, prepares the run
+directory and the model, then starts the broker, the actors and the learner as
+separate processes, shows live progress, and stops them all when the learner has
+finished its steps, on Ctrl-C, or when any role dies (exiting non-zero, naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from protocol.config import RunConfig, load_config
+from protocol.errors import ConfigError, ModelNotFoundError
+from protocol.models import resolve_model, vocab_size
+
+ROLES = ("all", "broker", "actor", "learner")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=ROLES, default="all")
+    parser.add_argument("--config", type=Path, help="YAML run config (defaults apply to missing keys)")
+    parser.add_argument("--index", type=int, default=0, help="actor index (actor role only)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT ask the role to stop cleanly at its next loop turn."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def run_role(role: str, config: RunConfig, index: int) -> None:
+    run_dir = config.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(config.model.path, config.model.cache_dir)
+    stop = stop_on_signals()
+    if role == "broker":
+        from broker.server import Broker
+
+        Broker(config, vocab_size(model_dir), run_dir / "broker_stats.json").serve(stop)
+    elif role == "actor":
+        os.environ.setdefault("VLLM_RPC_BASE_PATH", str(run_dir / "tmp"))
+        from actors.worker import run_actor
+
+        run_actor(config, index, model_dir, stop)
+    elif role == "learner":
+        from learner.main import run_learner
+
+        run_learner(config, model_dir, run_dir, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.role == "all":
+            from scripts.supervisor import run_all
+
+            return run_all(config)
+        setup_logging(config.run.log_level)
+        run_role(args.role, config, args.index)
+    except ModelNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The learner role: pull batches from the broker, train, publish weights, log metrics, checkpoint.
+
+Each step's batch is acknowledged in the next request, so the broker re-serves a
+batch the learner never confirmed. After step k the policy version is k; the new
+weights are published before the broker hears of the version, so an actor that
+sees version k can always fetch it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from learner.trainer import Trainer
+from learner.weights import TcpWeightServer
+from protocol import messages as m
+from protocol.config import RunConfig
+from protocol.sample import Sample
+from protocol.transport import Client
+from protocol.wire import samples_from
+
+log = logging.getLogger("learner")
+POLL_S = 0.05
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    return model
+
+
+def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, float]:
+    """What the batch says about the actors: reward, accuracy, and how stale the samples were."""
+    samples = [s for g in groups for s in g]
+    lags = np.array([version - s.version_start for s in samples])
+    return {
+        "reward_mean": float(np.mean([s.reward for s in samples])),
+        "accuracy": float(np.mean([bool(s.metadata.get("correct", False)) for s in samples])),
+        "completion_len_mean": float(np.mean([len(s.completion_ids) for s in samples])),
+        "samples": len(samples),
+        "lag_mean": float(lags.mean()),
+        "lag_max": int(lags.max()),
+    }
+
+
+class BatchSource:
+    """Asks the broker for B complete groups, acknowledging the previous batch with each request."""
+
+    def __init__(self, client: Client, groups: int) -> None:
+        self.client = client
+        self.groups = groups
+        self.last_batch: int | None = None
+        self.waited_s = 0.0
+
+    def next(self, version: int, stop: threading.Event) -> tuple[list[list[Sample]], dict[str, Any]] | None:
+        started = time.perf_counter()
+        while not stop.is_set():
+            try:
+                kind, body, arrays = self.client.request(
+                    m.GET_BATCH, {"groups": self.groups, "policy_version": version, "ack_batch": self.last_batch}
+                )
+            except TimeoutError as err:
+                log.warning("broker not answering: %s", err)
+                continue
+            if kind == m.BATCH:
+                self.last_batch = body["batch_id"]
+                self.waited_s = time.perf_counter() - started
+                samples = [s for s in samples_from(body, arrays, None) if isinstance(s, Sample)]
+                return _regroup(samples), body["stats"]
+            time.sleep(POLL_S)
+        return None
+
+
+def _regroup(samples: list[Sample]) -> list[list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group_id, []).append(s)
+    return list(groups.values())
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer: Trainer, model_dir: Path) -> Path:
+    """An HF folder (safetensors + tokenizer) plus optimizer state and the step, written atomically."""
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, tmp / name)
+    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event) -> None:
+    torch.manual_seed(config.run.seed)
+    torch.set_num_threads(config.learner.threads)
+    model = load_model(model_dir)
+    trainer = Trainer(model, config)
+    weights = TcpWeightServer(config.endpoints.weights)
+    client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}")
+    source = BatchSource(client, config.train.groups_per_step)
+    metrics_file = (run_dir / "metrics.jsonl").open("ab")
+    started, version = time.time(), 0
+    try:
+        for step in range(1, config.train.steps + 1):
+            got = source.next(version, stop)
+            if got is None:
+                break
+            groups, broker_stats = got
+            row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups)}
+            version = step
+            weights.publish(version, model.state_dict())
+            row.update(
+                policy_version=version,
+                wait_seconds=source.waited_s,
+                gen_tokens_per_s=broker_stats.get("gen_tokens_per_s", 0.0),
+                dropped_stale=broker_stats.get("dropped_stale", 0),
+                time=time.time() - started,
+            )
+            metrics_file.write(orjson.dumps(row) + b"\n")
+            metrics_file.flush()
+            log.info(
+                "step %d/%d reward %.3f acc %.3f loss %.4f lag %.1f gen %.0f tok/s train %.0f tok/s",
+                step, config.train.steps, row["reward_mean"], row["accuracy"], row["loss"],
+                row["lag_mean"], row["gen_tokens_per_s"], row["train_tokens_per_s"],
+            )  # fmt: skip
+            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+                save_checkpoint(run_dir, step, model, trainer, model_dir)
+        if version and not (config.train.checkpoint_every and version % config.train.checkpoint_every == 0):
+            save_checkpoint(run_dir, version, model, trainer, model_dir)
+        log.info("finished %d steps; checkpoints in %s", version, run_dir / "checkpoints")
+        client.request(m.FINISH, {"ack_batch": source.last_batch})
+    finally:
+        metrics_file.close()
+        weights.close()
+        client.close()

@@ -1,0 +1,1 @@
+"""What every role must agree on: messages, wire encoding, config schema, model resolution."""

@@ -1,0 +1,19 @@
+"""Named errors. A bad message or config fails loudly with one of these, never silently."""
+
+
+class ProtocolError(ValueError):
+    """A message from the wire is malformed; `reason` is a short stable name used in counters."""
+
+    def __init__(self, reason: str, detail: str, seq: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.seq = seq
+
+
+class ConfigError(ValueError):
+    """The run config is invalid; the message names every offending key."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path or built-in model name does not resolve to a loadable folder."""

@@ -1,0 +1,43 @@
+"""The unit of data that flows actor -> broker -> learner: one completion of one prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MetadataValue = str | int | float | bool
+
+
+@dataclass
+class Sample:
+    """One sampled completion with what the learner needs to correct for its staleness.
+
+    `behavior_logprobs[i]` is the log-probability the generating engine gave to
+    `completion_ids[i]`. `version_start`/`version_end` are the policy versions the
+    engine held when generation began and ended. `(actor_id, incarnation, seq)` is
+    unique per sample and is how resent duplicates are recognised.
+    """
+
+    prompt_ids: np.ndarray
+    completion_ids: np.ndarray
+    behavior_logprobs: np.ndarray
+    reward: float
+    group_id: str
+    group_size: int
+    index: int
+    version_start: int
+    version_end: int
+    actor_id: str
+    incarnation: str
+    seq: int
+    finish_reason: str = "length"
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.actor_id, self.incarnation, self.seq)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)

@@ -1,0 +1,80 @@
+"""ZeroMQ request/reply over DEALER -> ROUTER, with request ids and timeouts.
+
+A DEALER never blocks forever: a request that gets no reply in time raises
+`TimeoutError`, and a late reply to an earlier request is recognised by its id and
+discarded. That is what lets a client survive a restarted peer: it asks again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import zmq
+
+from protocol.messages import ERROR, tcp
+from protocol.sample import Sample
+from protocol.wire import decode, encode, encode_samples
+
+Reply = tuple[str, dict[str, Any], list[np.ndarray]]
+
+
+class Client:
+    """A DEALER that sends one request at a time and waits for the matching reply."""
+
+    def __init__(self, endpoint: str, identity: str, max_bytes: int = 1 << 31) -> None:
+        self.endpoint = endpoint
+        self.max_bytes = max_bytes
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt_string(zmq.IDENTITY, identity)
+        self.socket.connect(tcp(endpoint))
+        self._ids = itertools.count()
+
+    def request(
+        self,
+        kind: str,
+        body: dict[str, Any] | None = None,
+        arrays: list[np.ndarray] = (),
+        samples: list[Sample] = (),
+        timeout_s: float = 10.0,
+    ) -> Reply:
+        """Send one request and wait for its reply; raise TimeoutError, or RuntimeError on an ERROR reply."""
+        rid = next(self._ids)
+        body = {**(body or {}), "rid": rid}
+        frames = encode_samples(kind, samples, body) if samples else encode(kind, body, arrays)
+        self.socket.send_multipart(frames, copy=False)
+        deadline_ms = int(timeout_s * 1000)
+        while self.socket.poll(deadline_ms):
+            kind, body, arrays = decode(self.socket.recv_multipart(copy=False), self.max_bytes)
+            if body.get("rid") == rid:
+                if kind == ERROR:
+                    raise RuntimeError(f"{self.endpoint} refused the request: {body.get('reason')}: {body.get('detail')}")
+                return kind, body, arrays
+        raise TimeoutError(f"no reply from {self.endpoint} within {timeout_s:.1f} s")
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def send_reply(socket: zmq.Socket, identity: bytes, rid: Any, kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarray] = ()) -> bool:
+    """Reply on a ROUTER; False if the peer is gone (the message is dropped, never blocks)."""
+    return send_frames(socket, identity, encode(kind, {**(body or {}), "rid": rid}, arrays))
+
+
+def send_frames(socket: zmq.Socket, identity: bytes, frames: list) -> bool:
+    try:
+        socket.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
+        return True
+    except (zmq.Again, zmq.ZMQError):
+        return False
+
+
+def bind_router(endpoint: str, max_bytes: int) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    socket.bind(tcp(endpoint))
+    return socket

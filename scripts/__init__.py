@@ -1,0 +1,1 @@
+"""Cluster and process glue: the local supervisor behind `launch.py --role all`."""

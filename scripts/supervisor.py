@@ -1,0 +1,146 @@
+"""`launch.py --role all`: run every role as a child process of this one and watch them.
+
+Each child's output goes to `<run dir>/logs/<role>.log` and, prefixed with the
+role's name, to this terminal, under a live progress bar fed by `metrics.jsonl`.
+The run ends well when the learner exits 0 (the others are then given time to stop
+by themselves); it fails, naming the role, as soon as any other child exits first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from protocol.config import RunConfig, dump_config
+from protocol.models import resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
+GRACE_S = 30.0
+console = Console(highlight=False)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    pump: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        with self.log_path.open("ab") as log:
+            for line in iter(self.process.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                console.print(Text.assemble((f"[{self.name}] ", "dim"), line.decode(errors="replace").rstrip()), soft_wrap=True)
+
+
+def prepare_run_dir(config: RunConfig) -> Path:
+    run_dir = config.run.dir.resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "tmp").mkdir(exist_ok=True)
+    config.run.dir = run_dir
+    dump_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+def start(name: str, args: list[str], run_dir: Path, threads: int) -> Child:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "TMPDIR": str(run_dir / "tmp")}
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(run_dir / "config.yaml"), *args]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return Child(name, process, run_dir / "logs" / f"{name}.log")
+
+
+def last_metrics(path: Path) -> dict | None:
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return None
+    return orjson.loads(lines[-1]) if lines else None
+
+
+def describe(row: dict) -> str:
+    return (
+        f"reward {row['reward_mean']:.3f} acc {row['accuracy']:.3f} lag {row['lag_mean']:.1f} "
+        f"gen {row['gen_tokens_per_s']:.0f} tok/s train {row['train_tokens_per_s']:.0f} tok/s"
+    )
+
+
+def stop_all(children: list[Child], grace_s: float) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+    for child in children:
+        child.pump.join(timeout=5)
+
+
+def supervise(children: list[Child], learner: Child, run_dir: Path, steps: int) -> int:
+    """Wait for the learner to finish; return the exit code of the whole run.
+
+    A non-zero exit of any role fails the run at once. Broker and actors exit 0 by
+    themselves after the learner's FINISH, which can beat the learner's own exit by
+    a moment, so a clean exit of another role fails the run only if the learner
+    does not follow within the grace period.
+    """
+    columns = [TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+    first_clean_exit: float | None = None
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("waiting for the first batch", total=steps)
+        while learner.process.poll() != 0:
+            row = last_metrics(run_dir / "metrics.jsonl")
+            if row is not None:
+                progress.update(task, completed=row["step"], description=describe(row))
+            for child in children:
+                code = child.process.poll()
+                if code == 0 and first_clean_exit is None:
+                    first_clean_exit = time.monotonic()
+                if code not in (None, 0) or (first_clean_exit and time.monotonic() - first_clean_exit > GRACE_S):
+                    console.print(f"[bold red]error:[/] role {child.name} exited with code {code} before the learner finished; see {child.log_path}")
+                    return 1
+            time.sleep(0.5)
+        progress.update(task, completed=steps)
+    others = [c for c in children if c is not learner]
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline and any(c.process.poll() is None for c in others):
+        time.sleep(0.2)
+    return 0
+
+
+def run_all(config: RunConfig) -> int:
+    run_dir = prepare_run_dir(config)
+    console.print(f"run directory: {run_dir}")
+    console.print(f"preparing model {config.model.path} ...")
+    resolve_model(config.model.path, config.model.cache_dir)
+    children = [start("broker", ["--role", "broker"], run_dir, 1)]
+    children += [start(f"actor-{i}", ["--role", "actor", "--index", str(i)], run_dir, config.actor.threads) for i in range(config.actor.count)]
+    learner = start("learner", ["--role", "learner"], run_dir, config.learner.threads)
+    children.append(learner)
+    try:
+        code = supervise(children, learner, run_dir, config.train.steps)
+    except KeyboardInterrupt:
+        console.print("interrupted; stopping every role")
+        code = 130
+    stop_all(children, GRACE_S)
+    if code == 0:
+        console.print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+    return code

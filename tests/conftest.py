@@ -1,0 +1,45 @@
+"""Shared fixtures: free ports, the tiny built-in model, GPU skipping."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def endpoints() -> dict[str, str]:
+    return {"broker": f"127.0.0.1:{free_port()}", "weights": f"127.0.0.1:{free_port()}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from protocol.models import resolve_model
+
+    return resolve_model("builtin:tiny-random")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

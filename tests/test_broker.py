@@ -1,0 +1,165 @@
+"""The broker over real ZeroMQ sockets: acks, dedupe, grouping, staleness, credits, batches, bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from broker.server import Broker
+from protocol import messages as m
+from protocol.config import load_config
+from protocol.sample import Sample
+from protocol.transport import Client, tcp
+from protocol.wire import encode
+
+VOCAB = 100
+GROUP = 4
+
+
+def sample(seq: int, group: int, index: int, version: int = 0, actor: str = "a0", **extra) -> Sample:
+    fields = dict(
+        prompt_ids=np.array([1, 2, 3], dtype=np.int32),
+        completion_ids=np.array([4, 5], dtype=np.int32),
+        behavior_logprobs=np.array([-0.5, -1.0], dtype=np.float32),
+        reward=float(index),
+        group_id=f"{actor}-g{group}",
+        group_size=GROUP,
+        index=index,
+        version_start=version,
+        version_end=version,
+        actor_id=actor,
+        incarnation="i0",
+        seq=seq,
+    )
+    return Sample(**{**fields, **extra})
+
+
+def group_samples(group: int, first_seq: int, version: int = 0, actor: str = "a0") -> list[Sample]:
+    return [sample(first_seq + i, group, i, version, actor) for i in range(GROUP)]
+
+
+@pytest.fixture
+def broker(endpoints):
+    config = load_config(None, [
+        f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
+        "broker.credits_per_actor=12", "broker.max_policy_lag=1", "train.groups_per_step=2",
+    ])  # fmt: skip
+    server = Broker(config, VOCAB)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    yield server, endpoints["broker"]
+    stop.set()
+    thread.join(5)
+
+
+def send(client: Client, samples: list[Sample], actor: str = "a0") -> dict:
+    kind, body, _ = client.request(m.SAMPLES, {"actor_id": actor, "incarnation": "i0"}, samples=samples)
+    assert kind == m.ACK
+    return body
+
+
+def get_batch(client: Client, groups: int, version: int, ack=None):
+    return client.request(m.GET_BATCH, {"groups": groups, "policy_version": version, "ack_batch": ack})
+
+
+def test_acks_dedupes_and_credits(broker):
+    server, endpoint = broker
+    actor = Client(endpoint, "actor")
+    body = send(actor, group_samples(0, 0))
+    assert body["acked"] == [0, 1, 2, 3] and body["rejected"] == []
+    assert body["credits"] == 12 - 4
+    again = send(actor, group_samples(0, 0))  # a resend after a lost ack
+    assert again["acked"] == [0, 1, 2, 3]  # acknowledged again, so the actor forgets them
+    stats = actor.request(m.STATS)[1]
+    assert stats["received"] == 8 and stats["accepted"] == 4 and stats["duplicates"] == 4
+    assert stats["ready_groups"] == 1 and stats["buffered"] == 4
+
+
+def test_serves_complete_groups_fifo_and_resends_unacked_batch(broker):
+    _, endpoint = broker
+    actor, learner = Client(endpoint, "actor"), Client(endpoint, "learner")
+    send(actor, group_samples(0, 0)[:3])  # a partial group is never served
+    assert get_batch(learner, 1, 0)[0] == m.NOT_READY
+    send(actor, group_samples(0, 0)[3:] + group_samples(1, 4))
+    kind, body, arrays = get_batch(learner, 1, 0)
+    assert kind == m.BATCH and [s["group_id"] for s in body["samples"]] == ["a0-g0"] * GROUP
+    assert [s["index"] for s in body["samples"]] == [0, 1, 2, 3]
+    first = body["batch_id"]
+    kind, again, _ = get_batch(learner, 1, 0)  # no ack: the learner restarted, same batch again
+    assert again["batch_id"] == first and again["stats"]["batches_resent"] == 1
+    kind, nxt, _ = get_batch(learner, 1, 0, ack=first)
+    assert kind == m.BATCH and nxt["batch_id"] == first + 1
+    assert [s["group_id"] for s in nxt["samples"]] == ["a0-g1"] * GROUP
+    assert nxt["stats"]["served"] == 8
+
+
+def test_stale_groups_are_dropped_and_counted(broker):
+    _, endpoint = broker
+    actor, learner = Client(endpoint, "actor"), Client(endpoint, "learner")
+    send(actor, group_samples(0, 0, version=0))
+    assert get_batch(learner, 2, version=2)[0] == m.NOT_READY  # lag 2 > max 1: evicted
+    body = send(actor, group_samples(1, 4, version=0))  # arrives already stale
+    assert body["acked"] == [4, 5, 6, 7] and body["policy_version"] == 2
+    send(actor, group_samples(2, 8, version=1))  # lag 1: kept
+    stats = actor.request(m.STATS)[1]
+    assert stats["dropped_stale"] == 8 and stats["dropped_stale_groups"] == 1
+    assert stats["ready_groups"] == 1
+    assert stats["accepted"] == stats["served"] + stats["dropped_stale"] + stats["buffered"]
+
+
+def test_credits_run_out_and_come_back_when_served(broker):
+    _, endpoint = broker
+    actor, learner = Client(endpoint, "actor"), Client(endpoint, "learner")
+    body = send(actor, group_samples(0, 0) + group_samples(1, 4) + group_samples(2, 8))
+    assert body["credits"] == 0
+    kind, batch, _ = get_batch(learner, 2, 0)
+    assert kind == m.BATCH
+    assert actor.request(m.PING, {"actor_id": "a0"})[1]["credits"] == 8
+
+
+def test_bad_samples_are_nacked_by_reason_and_good_ones_kept(broker):
+    _, endpoint = broker
+    actor = Client(endpoint, "actor")
+    bad_vocab = sample(1, 0, 1, completion_ids=np.array([4, VOCAB], dtype=np.int32))
+    nan_logprob = sample(2, 0, 2, behavior_logprobs=np.array([np.nan, -1.0], dtype=np.float32))
+    body = send(actor, [sample(0, 0, 0), bad_vocab, nan_logprob])
+    assert body["acked"] == [0]
+    assert body["rejected"] == [[1, "token_out_of_vocab"], [2, "bad_logprobs"]]
+    stats = actor.request(m.STATS)[1]
+    assert stats["rejected_by_reason"] == {"token_out_of_vocab": 1, "bad_logprobs": 1}
+
+
+def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
+    _, endpoint = broker
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(tcp(endpoint))
+    for frames in ([b"\xc1garbage"], encode("no_such_type", {"rid": 1}), [encode(m.PING, {"rid": 2})[0], b"extra"]):
+        raw.send_multipart(frames)
+        assert raw.poll(5000)
+        reply = raw.recv_multipart()
+        from protocol.wire import decode
+
+        kind, body, _ = decode(reply)
+        assert kind == m.ERROR
+    raw.close()
+    stats = Client(endpoint, "probe").request(m.STATS)[1]
+    assert stats["rejected_by_reason"] == {"bad_header": 1, "unknown_type": 1, "frame_count": 1}
+
+
+def test_sample_from_another_actor_id_is_rejected(broker):
+    _, endpoint = broker
+    body = send(Client(endpoint, "actor"), [sample(0, 0, 0, actor="someone-else")], actor="a0")
+    assert body["acked"] == [] and body["rejected"] == [[0, "bad_sample"]]
+
+
+def test_finish_tells_actors_to_stop(broker):
+    _, endpoint = broker
+    actor, learner = Client(endpoint, "actor"), Client(endpoint, "learner")
+    assert actor.request(m.HELLO, {"actor_id": "a0"})[1]["stop"] is False
+    learner.request(m.FINISH)
+    assert actor.request(m.PING, {"actor_id": "a0"})[1]["stop"] is True

@@ -1,0 +1,125 @@
+"""Learner steps on the tiny model: the update moves the policy toward rewarded samples; checkpoints reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from learner.batch import collate
+from learner.loss import group_advantages, grpo_loss, token_logprobs
+from learner.main import batch_metrics, load_model, save_checkpoint
+from learner.trainer import Trainer
+from protocol.config import load_config
+from protocol.sample import Sample
+
+
+def make_groups(model, num_groups: int = 2, n: int = 4, length: int = 6, seed: int = 0):
+    """Samples drawn from the model itself, rewarded by whether their first token is even."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for g in range(num_groups):
+        prompt = torch.randint(0, 1000, (5,), generator=gen)
+        group = []
+        for i in range(n):
+            completion = torch.randint(0, 1000, (length,), generator=gen)
+            ids = torch.cat([prompt, completion])[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, 4:-1], -1).gather(-1, completion[:, None])[:, 0]
+            group.append(Sample(
+                prompt_ids=prompt.numpy().astype(np.int32), completion_ids=completion.numpy().astype(np.int32),
+                behavior_logprobs=logp.numpy().astype(np.float32), reward=float(completion[0] % 2 == 0),
+                group_id=f"g{g}", group_size=n, index=i, version_start=0, version_end=0,
+                actor_id="a", incarnation="x", seq=g * n + i, metadata={"correct": bool(completion[0] % 2 == 0)},
+            ))  # fmt: skip
+        groups.append(group)
+    return groups
+
+
+def sequence_logprob(model, s: Sample) -> float:
+    ids = torch.from_numpy(np.concatenate([s.prompt_ids, s.completion_ids]).astype(np.int64))[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, len(s.prompt_ids) - 1 : -1], -1)
+    return float(logp.gather(-1, torch.from_numpy(s.completion_ids.astype(np.int64))[:, None]).sum())
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_step_raises_logprob_of_rewarded_samples(tiny_model_dir, updates):
+    torch.manual_seed(0)
+    config = load_config(None, ["train.lr=0.01", f"train.updates_per_step={updates}", "train.micro_batch_size=3"])
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model)
+    before = {s.seq: sequence_logprob(model, s) for g in groups for s in g}
+    metrics = Trainer(model, config).step(groups)
+    after = {s.seq: sequence_logprob(model, s) for g in groups for s in g}
+    good = [after[s.seq] - before[s.seq] for g in groups for s in g if s.reward == 1.0]
+    bad = [after[s.seq] - before[s.seq] for g in groups for s in g if s.reward == 0.0]
+    assert good and bad and np.mean(good) > np.mean(bad)
+    assert metrics["optimizer_steps"] == updates
+    assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)  # behavior == proximal here
+    assert metrics["completion_tokens"] == 2 * 4 * 6
+
+
+def test_zero_advantage_groups_are_skipped_without_changing_the_update(tiny_model_dir):
+    """The trainer skips a flat group's forward pass; a full forward over every sample gives the same weights."""
+    config = load_config(None, ["train.lr=0.01"])
+    model_a, model_b = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    groups = make_groups(model_a)
+    flat = make_groups(model_a, num_groups=1, seed=1)[0]
+    for s in flat:
+        s.reward = 1.0
+    batch = [*groups, flat]
+    metrics = Trainer(model_a, config).step(batch)
+    assert metrics["trained_samples"] == 8
+
+    samples = [s for g in batch for s in g]
+    rewards = torch.tensor([[s.reward for s in g] for g in batch])
+    mb = collate(samples, group_advantages(rewards).flatten())
+    logits = model_b(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    logprobs = token_logprobs(logits, mb.targets)
+    normalizer = sum(len(s.completion_ids) for s in samples)
+    loss, _ = grpo_loss(logprobs, logprobs.detach(), mb.behavior_logprobs, mb.advantages, mb.mask, normalizer,
+                        config.train.clip_low, config.train.clip_high, config.train.tis_cap)  # fmt: skip
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)  # same token-mean normaliser
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model_b.parameters(), config.train.grad_clip)
+    torch.optim.AdamW(model_b.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay).step()
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, msg=name, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_gradients_refuse_the_update(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model)
+    groups[0][0].behavior_logprobs[:] = -1e30  # an absurd behavior policy: exp overflows
+    config = load_config(None, ["train.tis_cap=1e38"])
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, config)
+    groups[0][0].reward = float("inf")
+    with pytest.raises(FloatingPointError):
+        trainer.step(groups)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_checkpoint_is_a_loadable_hf_folder(tiny_model_dir, tmp_path):
+    config = load_config(None, [])
+    model = load_model(tiny_model_dir)
+    trainer = Trainer(model, config)
+    path = save_checkpoint(tmp_path, 3, model, trainer, tiny_model_dir)
+    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 3, "policy_version": 3}
+    assert (path / "optimizer.pt").exists() and (path / "tokenizer.json").exists()
+    reloaded = load_model(path)
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_batch_metrics():
+    def s(reward, version, correct):
+        return Sample(np.ones(2, np.int32), np.ones(3, np.int32), np.zeros(3, np.float32), reward, "g", 2, 0,
+                      version, version, "a", "i", 0, metadata={"correct": correct})  # fmt: skip
+
+    metrics = batch_metrics([[s(1.0, 3, True), s(0.0, 1, False)]], version=4)
+    assert metrics == {"reward_mean": 0.5, "accuracy": 0.5, "completion_len_mean": 3.0, "samples": 2,
+                       "lag_mean": 2.0, "lag_max": 3}  # fmt: skip
