@@ -40,22 +40,17 @@ class OpenGroup:
 
 
 class RateMeter:
-    """Tokens per second over a sliding window."""
+    """Generated tokens per second of engine time, over the last `window` engine steps."""
 
-    def __init__(self, window_s: float = 30.0) -> None:
-        self.window_s = window_s
-        self.events: deque[tuple[float, int]] = deque()
-        self.started = time.monotonic()
+    def __init__(self, window: int = 200) -> None:
+        self.steps: deque[tuple[int, float]] = deque(maxlen=window)
 
-    def add(self, tokens: int) -> None:
-        self.events.append((time.monotonic(), tokens))
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps.append((tokens, seconds))
 
     def rate(self) -> float:
-        now = time.monotonic()
-        while self.events and now - self.events[0][0] > self.window_s:
-            self.events.popleft()
-        span = min(self.window_s, now - self.started)
-        return sum(t for _, t in self.events) / span if span > 0 else 0.0
+        busy = sum(s for _, s in self.steps)
+        return sum(t for t, _ in self.steps) / busy if busy > 0 else 0.0
 
 
 class Actor:
@@ -82,7 +77,10 @@ class Actor:
                 self._update_weights()
             self._admit()
             if self.engine.busy:
-                self._send(self._finish(self.engine.step()))
+                started = time.perf_counter()
+                finished = self.engine.step()
+                self.meter.add(sum(len(c.token_ids) for c in finished), time.perf_counter() - started)
+                self._send(self._finish(finished))
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
@@ -116,7 +114,6 @@ class Actor:
             if group.remaining == 0:
                 del self.groups[group_id]
             reward, correct = self.task.score(group.problem, c.token_ids)
-            self.meter.add(len(c.token_ids))
             if index == "0" and group_id.endswith("0"):  # every tenth group: show what the model writes
                 text = self.task.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                 log.info("%s v%d sample: %r -> reward %.2f", self.actor_id, self.version, text, reward)

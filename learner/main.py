@@ -27,6 +27,7 @@ from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.sample import Sample
 from protocol.transport import Client
+from protocol.weights import WeightSender
 from protocol.wire import samples_from
 
 log = logging.getLogger("learner")
@@ -39,6 +40,11 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     return model
+
+
+def make_weight_sender(config: RunConfig) -> WeightSender:
+    """The transport named by `learner.weight_transport` (only the CPU channel `tcp` exists yet)."""
+    return {"tcp": TcpWeightServer}[config.learner.weight_transport](config.endpoints.weights)
 
 
 def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, float]:
@@ -111,7 +117,7 @@ def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threadi
     torch.set_num_threads(config.learner.threads)
     model = load_model(model_dir)
     trainer = Trainer(model, config)
-    weights = TcpWeightServer(config.endpoints.weights)
+    weights = make_weight_sender(config)
     client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}")
     source = BatchSource(client, config.train.groups_per_step)
     metrics_file = (run_dir / "metrics.jsonl").open("ab")

@@ -23,9 +23,8 @@ log = logging.getLogger("learner.weights")
 
 
 class TcpWeightServer(WeightSender):
-    def __init__(self, endpoint: str, max_bytes: int = 1 << 34) -> None:
+    def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.max_bytes = max_bytes
         self._latest: tuple[int, np.ndarray] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()

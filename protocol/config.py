@@ -74,7 +74,7 @@ class BrokerSection(Section):
     credits_per_actor: int = Field(64, ge=1)
     """Samples an actor may have buffered in the broker; a slow learner makes actors wait."""
     max_message_bytes: int = Field(64 << 20, gt=0)
-    max_samples_per_message: int = Field(256, gt=0)
+    """Larger messages are refused (ZeroMQ drops the peer's message, decode rejects it)."""
 
 
 class ActorSection(Section):
