@@ -14,27 +14,15 @@ from protocol.config import load_config
 from protocol.sample import Sample
 from protocol.transport import Client, tcp
 from protocol.wire import encode
+from tests.helpers import make_sample
 
 VOCAB = 100
 GROUP = 4
 
 
 def sample(seq: int, group: int, index: int, version: int = 0, actor: str = "a0", **extra) -> Sample:
-    fields = dict(
-        prompt_ids=np.array([1, 2, 3], dtype=np.int32),
-        completion_ids=np.array([4, 5], dtype=np.int32),
-        behavior_logprobs=np.array([-0.5, -1.0], dtype=np.float32),
-        reward=float(index),
-        group_id=f"{actor}-g{group}",
-        group_size=GROUP,
-        index=index,
-        version_start=version,
-        version_end=version,
-        actor_id=actor,
-        incarnation="i0",
-        seq=seq,
-    )
-    return Sample(**{**fields, **extra})
+    return make_sample(reward=float(index), group_id=f"{actor}-g{group}", group_size=GROUP, index=index,
+                       version_start=version, version_end=version, actor_id=actor, seq=seq, **extra)  # fmt: skip
 
 
 def group_samples(group: int, first_seq: int, version: int = 0, actor: str = "a0") -> list[Sample]:

@@ -5,32 +5,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from broker.buffer import ReplayBuffer, SeqWindow
 from protocol.sample import Sample
+from tests import helpers
 
 
 def make_sample(**overrides) -> Sample:
-    fields = dict(
-        prompt_ids=np.array([1, 2, 3], dtype=np.int32),
-        completion_ids=np.array([4, 5], dtype=np.int32),
-        behavior_logprobs=np.array([-0.5, -1.25], dtype=np.float32),
-        reward=1.0,
-        group_id="g0",
-        group_size=2,
-        index=0,
-        version_start=0,
-        version_end=0,
-        actor_id="a",
-        incarnation="i0",
-        seq=0,
-        finish_reason="stop",
-        metadata={},
-    )
-    fields.update(overrides)
-    return Sample(**fields)
+    return helpers.make_sample(**{**dict(group_size=2), **overrides})
 
 
 class Maker:

@@ -13,6 +13,7 @@ import pytest
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
 from protocol.wire import SCHEMA_VERSION, decode, encode, encode_samples, samples_from
+from tests import helpers
 
 VOCAB = 100
 META_FIELDS = [
@@ -31,24 +32,7 @@ META_FIELDS = [
 
 
 def make_sample(**overrides) -> Sample:
-    fields = dict(
-        prompt_ids=np.array([1, 2, 3], dtype=np.int32),
-        completion_ids=np.array([4, 5], dtype=np.int32),
-        behavior_logprobs=np.array([-0.5, -1.25], dtype=np.float32),
-        reward=1.0,
-        group_id="g0",
-        group_size=4,
-        index=0,
-        version_start=1,
-        version_end=2,
-        actor_id="actor-0",
-        incarnation="inc-0",
-        seq=0,
-        finish_reason="stop",
-        metadata={"task": "arithmetic", "ground_truth": 7},
-    )
-    fields.update(overrides)
-    return Sample(**fields)
+    return helpers.make_sample(**{**dict(group_size=4, version_start=1, version_end=2, actor_id="actor-0", incarnation="inc-0", metadata={"task": "arithmetic", "ground_truth": 7}), **overrides})
 
 
 def over_wire(frames: list) -> list[bytes]:
