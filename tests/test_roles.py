@@ -1,0 +1,64 @@
+"""Roles started one by one (as on separate hosts), surviving a broker that is killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def start_role(role: str, run_dir: Path, endpoints: dict[str, str], *extra: str) -> subprocess.Popen:
+    log = (run_dir / f"{role}.log").open("ab")
+    cmd = [
+        sys.executable, str(ROOT / "launch.py"), "--role", role, "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
+        "train.steps=10", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(run_dir)})
+
+
+def steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_separate_roles_survive_a_broker_crash(tmp_path, endpoints):
+    broker = start_role("broker", tmp_path, endpoints)
+    learner = start_role("learner", tmp_path, endpoints)
+    actor = start_role("actor", tmp_path, endpoints, "actor.resend_after_s=1.0")
+    processes = [broker, learner, actor]
+    try:
+        wait_for(lambda: steps_done(tmp_path) >= 3, 300, "three learner steps")
+        broker.send_signal(signal.SIGKILL)
+        broker.wait()
+        time.sleep(2)
+        processes.append(restarted := start_role("broker", tmp_path, endpoints))
+        assert learner.wait(timeout=300) == 0, (tmp_path / "learner.log").read_text()[-3000:]
+        assert actor.wait(timeout=60) == 0  # told to stop by the new broker
+        assert restarted.wait(timeout=60) == 0
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    stats = json.loads((tmp_path / "broker_stats.json").read_text())  # the restarted broker's
+    assert stats["policy_version"] >= 9 and stats["rejected"] == 0
+    assert stats["accepted"] == stats["served"] + stats["dropped_stale"] + stats["buffered"]
