@@ -1,44 +1,56 @@
-"""GRPO with off-policy correction, as pure functions on tensors.
+"""The GRPO loss family, as pure functions on tensors.
 
-Shapes: G groups of n samples; B = G * n sequences; T target positions. Token
-tensors are aligned so position t holds the log-probability of token t+1; `mask`
-marks completion tokens, and everything else (prompt, padding) contributes nothing.
+Shapes: G groups of n samples; B sequences; T target positions. Token tensors are
+aligned so position t holds the log-probability of token t+1; `mask` marks the
+completion tokens, and nothing else (prompt, padding) ever contributes.
 
 Three policies meet here. `behavior` produced the tokens (the actor's vLLM, maybe
-some versions old); `proximal` is the learner's policy before this update (the
-trust-region anchor); `current` is what is being optimised. The loss is the PPO
-clipped surrogate of current vs proximal, weighted per token by the truncated
-importance weight min(pi_prox / pi_behavior, C) (decoupled PPO with TIS). When
-behavior == proximal == current it is exactly the GRPO policy gradient.
+some versions old); `proximal` is the learner's policy before this update, which
+anchors the trust region; `current` is what is optimised. Config switches
+(`protocol.config.LossSection`) pick:
+
+- advantages: `grpo` (minus the group mean, optionally over the group std),
+  `rloo` (minus the mean of the *other* samples), `drgrpo` (minus the mean, no std);
+- the ratio current/anchor per token, or per sequence (`sequence`, GSPO: the
+  geometric mean of the token ratios), clipped to [1 - clip_low, 1 + clip_high],
+  with an optional dual clip `c` bounding the loss of negative advantages;
+- the off-policy correction, a per-token weight w from rho = proximal/behavior:
+  `none` (anchor the ratio at the behavior policy itself, w = 1), `tis`
+  (w = min(rho, C)), `decoupled` (AReaL: w = rho, but tokens with rho > C are
+  masked out), `masked` (IcePop: w = rho where rho, or the sequence's geometric
+  mean of rho, lies in [mask_low, mask_high], else 0);
+- a KL penalty to a reference policy (k1, k2 or k3 estimator), an entropy bonus,
+  and the aggregation: `token_mean`, `seq_mean_token_mean`, or
+  `seq_mean_token_sum_norm` (Dr.GRPO: token sums over a constant max length).
+
+With behavior == proximal == current every choice reduces to the plain GRPO
+policy gradient (with k2/k3 KL, whose gradient vanishes there; k1's does not).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from protocol.config import LossSection
 
-def group_advantages(rewards: Tensor, std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
-    """[G, n] rewards -> [G, n] advantages: reward minus its group mean, optionally over the group std."""
+
+def group_advantages(rewards: Tensor, kind: str = "grpo", std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
+    """[G, n] rewards -> [G, n] advantages."""
+    n = rewards.shape[1]
     centered = rewards - rewards.mean(dim=1, keepdim=True)
-    if std_normalize:
-        centered = centered / (rewards.std(dim=1, keepdim=True) + eps)
+    if kind == "rloo":
+        return centered * n / (n - 1)  # r_i - mean of the other n - 1
+    if kind == "grpo" and std_normalize:
+        return centered / (rewards.std(dim=1, keepdim=True) + eps)
     return centered
 
 
-@dataclass
-class LossStats:
-    """Sums over completion tokens, so micro-batches add up exactly."""
-
-    is_weight_sum: float = 0.0
-    truncated: int = 0
-    clipped: int = 0
-    tokens: int = 0
-
-    def __add__(self, other: LossStats) -> LossStats:
-        return LossStats(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+def flat_groups(rewards: Tensor) -> Tensor:
+    """[G, n] -> [G] bool: groups whose rewards are all equal carry no signal (DAPO dynamic sampling)."""
+    return (rewards == rewards[:, :1]).all(dim=1)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -47,38 +59,126 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def grpo_loss(
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """[B, T, V] -> [B, T] entropy of the sampling distribution."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+@dataclass
+class Normalizer:
+    """Counts over the whole optimizer step, so micro-batches add up to one aggregate."""
+
+    tokens: int
+    sequences: int
+    max_tokens: int
+
+
+@dataclass
+class LossStats:
+    """Sums over completion tokens, so micro-batches add up exactly."""
+
+    is_weight_sum: float = 0.0
+    truncated: int = 0
+    masked: int = 0
+    clipped: int = 0
+    kl_sum: float = 0.0
+    entropy_sum: float = 0.0
+    tokens: int = 0
+
+    def __add__(self, other: LossStats) -> LossStats:
+        return LossStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def correction_weights(proximal: Tensor, behavior: Tensor, mask: Tensor, cfg: LossSection) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token weight w and the truncated / masked-out token flags, all without gradient."""
+    log_rho = torch.where(mask, proximal - behavior, 0.0).detach()
+    rho = torch.exp(log_rho)
+    none = torch.zeros_like(mask)
+    if cfg.correction == "none":
+        return torch.ones_like(rho), none, none
+    if cfg.correction == "tis":
+        return rho.clamp(max=cfg.tis_cap), mask & (rho > cfg.tis_cap), none
+    if cfg.correction == "decoupled":
+        dropped = mask & (rho > cfg.tis_cap)
+        return torch.where(dropped, 0.0, rho), none, dropped
+    level = rho if cfg.mask_level == "token" else _sequence_mean_exp(log_rho, mask)
+    dropped = mask & ((level < cfg.mask_low) | (level > cfg.mask_high))
+    return torch.where(dropped, 0.0, rho), none, dropped
+
+
+def kl_penalty(logprobs: Tensor, reference: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(current || reference) from log-probs of the sampled tokens."""
+    x = reference - logprobs
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x * x
+    return torch.exp(x) - x - 1.0
+
+
+def policy_loss(
     logprobs: Tensor,
-    proximal_logprobs: Tensor,
-    behavior_logprobs: Tensor,
+    proximal: Tensor,
+    behavior: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    normalizer: float,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    tis_cap: float = 2.0,
+    norm: Normalizer,
+    cfg: LossSection,
+    reference: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
-    """Sum of per-token losses over `mask` divided by `normalizer` (the token count of the whole batch).
+    """The aggregated loss of one micro-batch and its statistics.
 
-    logprobs, proximal_logprobs, behavior_logprobs, mask: [B, T]; advantages: [B].
-    Dividing by the global token count, not this micro-batch's, keeps gradient
-    accumulation over micro-batches equal to one token-mean over the batch.
+    logprobs, proximal, behavior, mask, reference, entropy: [B, T]; advantages: [B].
+    `reference` is needed when cfg.kl_coef > 0, `entropy` when cfg.entropy_coef > 0.
     """
     mask = mask.bool()
-    # Zero the log-ratios off the mask first, so padding can't produce inf * 0 = NaN gradients.
-    ratio = torch.exp(torch.where(mask, logprobs - proximal_logprobs.detach(), 0.0))
-    raw_weight = torch.exp(torch.where(mask, proximal_logprobs.detach() - behavior_logprobs, 0.0))
-    is_weight = raw_weight.clamp(max=tis_cap)
-    adv = advantages.unsqueeze(-1)
+    anchor = behavior if cfg.correction == "none" else proximal.detach()
+    log_ratio = torch.where(mask, logprobs - anchor, 0.0)  # zero off the mask: no inf * 0 = NaN
+    ratio = torch.exp(_sequence_mean(log_ratio, mask) if cfg.ratio_level == "sequence" else log_ratio)
+    weight, truncated, masked = correction_weights(proximal, behavior, mask, cfg)
+    adv = advantages.unsqueeze(-1).to(ratio.dtype)
     unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = -is_weight * torch.minimum(unclipped, clipped)
-    loss = torch.where(mask, per_token, 0.0).sum() / normalizer
+    objective = torch.minimum(unclipped, ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv)
+    if cfg.dual_clip is not None:
+        objective = torch.where(adv < 0, torch.maximum(objective, cfg.dual_clip * adv), objective)
+    per_token = -weight * objective
+    kl = None
+    if cfg.kl_coef > 0:
+        kl = kl_penalty(logprobs, torch.where(mask, reference, logprobs.detach()), cfg.kl_estimator)
+    if kl is not None:
+        per_token = per_token + cfg.kl_coef * kl
+    if cfg.entropy_coef > 0:
+        per_token = per_token - cfg.entropy_coef * entropy
+    loss = aggregate(torch.where(mask, per_token, 0.0), mask, norm, cfg.aggregation)
     with torch.no_grad():
         stats = LossStats(
-            is_weight_sum=float(is_weight[mask].sum()),
-            truncated=int((raw_weight[mask] > tis_cap).sum()),
-            clipped=int((clipped < unclipped)[mask].sum()),
+            is_weight_sum=float(weight[mask].sum()),
+            truncated=int(truncated.sum()),
+            masked=int(masked.sum()),
+            clipped=int((objective != unclipped)[mask].sum()),
+            kl_sum=float(kl[mask].sum()) if kl is not None else 0.0,
+            entropy_sum=float(entropy[mask].sum()) if entropy is not None else 0.0,
             tokens=int(mask.sum()),
         )
     return loss, stats
+
+
+def aggregate(per_token: Tensor, mask: Tensor, norm: Normalizer, how: str) -> Tensor:
+    """Reduce masked per-token losses to a scalar whose micro-batch parts sum to the step's aggregate."""
+    if how == "token_mean":
+        return per_token.sum() / norm.tokens
+    if how == "seq_mean_token_mean":
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / norm.sequences
+    return per_token.sum() / (norm.sequences * norm.max_tokens)
+
+
+def _sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over each row's masked tokens, broadcast back to [B, T] (gradient flows)."""
+    mean = (values * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return mean.expand_as(values)
+
+
+def _sequence_mean_exp(log_values: Tensor, mask: Tensor) -> Tensor:
+    return torch.exp(_sequence_mean(log_values, mask))

@@ -6,19 +6,29 @@ its log-probs come from the same forward pass (detached); with several, they are
 recomputed once up front, before any weights move.
 
 Samples whose advantage is exactly zero (every sample of a group got the same
-reward) add nothing to the gradient, so they are not run through the model at
-all; their tokens still count in the token-mean, which keeps the update identical
-to the one that includes them. On CPU this often halves the step time.
+reward) add nothing to the gradient unless a KL or entropy term is on, so they are
+not run through the model at all; their tokens still count in the aggregate's
+normaliser, which keeps the update identical. On CPU this often halves a step.
+With `loss.filter_flat_groups` such groups leave the step entirely instead.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 
 from learner.batch import MicroBatch, collate
-from learner.loss import LossStats, group_advantages, grpo_loss, token_logprobs
+from learner.loss import (
+    LossStats,
+    Normalizer,
+    flat_groups,
+    group_advantages,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
 from protocol.config import RunConfig
 from protocol.sample import Sample
 
@@ -27,40 +37,52 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, config: RunConfig) -> None:
         self.model = model
         self.train = config.train
+        self.loss = config.loss
         self.temperature = config.sampling.temperature
+        self.max_tokens = config.sampling.max_tokens
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay)
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.loss.kl_coef > 0 else None
 
     def step(self, groups: list[list[Sample]]) -> dict[str, float]:
         started = time.perf_counter()
         rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float32)
-        advantages = group_advantages(rewards, self.train.std_normalize).flatten()
+        flat = flat_groups(rewards)
+        if self.loss.filter_flat_groups and not flat.all():
+            groups, rewards = [g for g, f in zip(groups, flat) if not f], rewards[~flat]
+        advantages = group_advantages(rewards, self.loss.advantage, self.loss.std_normalize).flatten()
         samples = [s for g in groups for s in g]
+        regularised = self.loss.kl_coef > 0 or self.loss.entropy_coef > 0
+        active = [i for i in range(len(samples)) if regularised or advantages[i] != 0]
         chunks = _split(list(range(len(samples))), self.train.updates_per_step)
-        active = [i for i in range(len(samples)) if advantages[i] != 0]
-        proximal = self._proximal(samples, active) if len(chunks) > 1 else {}
+        proximal = self._proximal(samples, active) if len(chunks) > 1 and self.loss.correction != "none" else {}
         totals, loss, grad_norm, updates = LossStats(), 0.0, 0.0, 0
+        active_set = set(active)
         for chunk in chunks:
-            normalizer = sum(len(samples[i].completion_ids) for i in chunk)
-            trained = [i for i in chunk if advantages[i] != 0]
+            trained = [i for i in chunk if i in active_set]
             if not trained:
                 continue
-            chunk_loss, stats, norm = self._update(samples, advantages, trained, proximal, normalizer)
-            loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, norm), updates + 1
+            norm = Normalizer(sum(len(samples[i].completion_ids) for i in chunk), len(chunk), self.max_tokens)
+            chunk_loss, stats, chunk_norm = self._update(samples, advantages, trained, proximal, norm)
+            loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, chunk_norm), updates + 1
             totals += stats
         elapsed = time.perf_counter() - started
-        trained_tokens = sum(samples[i].num_tokens for i in active)
+        per_token = max(totals.tokens, 1)
         return {
             "loss": loss,
             "grad_norm": grad_norm,
             "optimizer_steps": updates,
-            "is_weight_mean": totals.is_weight_sum / max(totals.tokens, 1),
-            "is_truncated_frac": totals.truncated / max(totals.tokens, 1),
-            "clip_frac": totals.clipped / max(totals.tokens, 1),
+            "is_weight_mean": totals.is_weight_sum / per_token,
+            "is_truncated_frac": totals.truncated / per_token,
+            "is_masked_frac": totals.masked / per_token,
+            "clip_frac": totals.clipped / per_token,
+            "kl_mean": totals.kl_sum / per_token,
+            "entropy_mean": totals.entropy_sum / per_token,
+            "flat_groups": int(flat.sum()),
             "tokens": sum(s.num_tokens for s in samples),
             "completion_tokens": sum(len(s.completion_ids) for s in samples),
             "trained_samples": len(active),
             "train_seconds": elapsed,
-            "train_tokens_per_s": trained_tokens / elapsed,
+            "train_tokens_per_s": sum(samples[i].num_tokens for i in active) / elapsed,
         }
 
     def _micro_batches(self, samples: list[Sample], advantages: torch.Tensor, indices: list[int]):
@@ -70,29 +92,32 @@ class Trainer:
             part = indices[start : start + size]
             yield part, collate([samples[i] for i in part], advantages[part])
 
-    def _logprobs(self, batch: MicroBatch) -> torch.Tensor:
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        return token_logprobs(logits, batch.targets, self.temperature)
+    def _forward(self, model: torch.nn.Module, batch: MicroBatch, entropy: bool = False):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logprobs = token_logprobs(logits, batch.targets, self.temperature)
+        return logprobs, token_entropy(logits, self.temperature) if entropy else None
 
     @torch.no_grad()
     def _proximal(self, samples: list[Sample], indices: list[int]) -> dict[int, torch.Tensor]:
         """Log-probs under the weights as they are before this step's first update."""
         out = {}
         for part, batch in self._micro_batches(samples, torch.zeros(len(samples)), indices):
-            logprobs = self._logprobs(batch)
+            logprobs, _ = self._forward(self.model, batch)
             out.update({i: logprobs[row] for row, i in enumerate(part)})
         return out
 
-    def _update(self, samples, advantages, indices, proximal, normalizer) -> tuple[float, LossStats, float]:
+    def _update(self, samples, advantages, indices, proximal, norm: Normalizer) -> tuple[float, LossStats, float]:
         """Accumulate gradients over micro-batches of `indices`, then take one clipped optimizer step."""
         total_loss, totals = 0.0, LossStats()
         for part, batch in self._micro_batches(samples, advantages, indices):
-            logprobs = self._logprobs(batch)
+            logprobs, entropy = self._forward(self.model, batch, entropy=self.loss.entropy_coef > 0)
             prox = _stack_rows([proximal[i] for i in part], logprobs.shape[1]) if proximal else logprobs.detach()
-            loss, stats = grpo_loss(
-                logprobs, prox, batch.behavior_logprobs, batch.advantages, batch.mask, normalizer,
-                self.train.clip_low, self.train.clip_high, self.train.tis_cap,
-            )  # fmt: skip
+            reference = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    reference, _ = self._forward(self.reference, batch)
+            loss, stats = policy_loss(logprobs, prox, batch.behavior_logprobs, batch.advantages, batch.mask, norm,
+                                      self.loss, reference, entropy)  # fmt: skip
             loss.backward()
             total_loss += loss.item()
             totals += stats

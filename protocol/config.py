@@ -101,13 +101,38 @@ class TrainSection(Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.28, ge=0)
-    tis_cap: float = Field(2.0, gt=0)
-    """Truncated importance weight cap C in min(pi_prox / pi_behavior, C)."""
-    std_normalize: bool = True
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every k steps (0: only at the end)."""
+
+
+class LossSection(Section):
+    """The GRPO loss family; learner/loss.py explains each switch."""
+
+    advantage: Literal["grpo", "rloo", "drgrpo"] = "grpo"
+    std_normalize: bool = True
+    """grpo: divide by the group's reward std."""
+    filter_flat_groups: bool = False
+    """Drop groups whose rewards are all equal from the step entirely (DAPO dynamic sampling); counted."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.28, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    correction: Literal["none", "tis", "decoupled", "masked"] = "tis"
+    tis_cap: float = Field(2.0, gt=0)
+    """C: tis truncates rho = pi_prox / pi_behavior at C; decoupled drops tokens with rho > C."""
+    mask_level: Literal["token", "sequence"] = "token"
+    mask_low: float = Field(0.5, gt=0)
+    mask_high: float = Field(2.0, gt=0)
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = Field(0.0, ge=0)
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+
+    @model_validator(mode="after")
+    def _mask_range(self) -> LossSection:
+        if self.mask_low >= self.mask_high:
+            raise ValueError("loss.mask_low must be below loss.mask_high")
+        return self
 
 
 class RunConfig(Section):
@@ -120,6 +145,7 @@ class RunConfig(Section):
     actor: ActorSection = ActorSection()
     learner: LearnerSection = LearnerSection()
     train: TrainSection = TrainSection()
+    loss: LossSection = LossSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

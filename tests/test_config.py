@@ -96,7 +96,7 @@ def test_overrides_of_other_types():
         None,
         [
             "train.lr=0.5",
-            "train.std_normalize=false",
+            "loss.std_normalize=false",
             "task.system_prompt=null",
             "run.dir=/tmp/x",
             "run.log_level=DEBUG",
@@ -105,7 +105,7 @@ def test_overrides_of_other_types():
         ],
     )
     assert config.train.lr == 0.5
-    assert config.train.std_normalize is False
+    assert config.loss.std_normalize is False
     assert config.task.system_prompt is None
     assert config.run.dir == Path("/tmp/x")
     assert config.run.log_level == "DEBUG"
@@ -171,7 +171,7 @@ def test_every_offending_key_is_named(tmp_path):
         ("train.steps=[1]", "train.steps"),
         ("train.steps=0", "train.steps"),  # ge=1
         ("train.lr=-1", "train.lr"),
-        ("train.std_normalize=maybe", "train.std_normalize"),
+        ("loss.std_normalize=maybe", "loss.std_normalize"),
         ("task.name=chess", "task.name"),
         ("run.log_level=LOUD", "run.log_level"),
         ("sampling.group_size=1", "sampling.group_size"),

@@ -1,4 +1,4 @@
-"""The GRPO loss against an independent per-token reference, and its reduction to plain GRPO."""
+"""The loss family against an independent per-token reference, and its reduction to plain GRPO."""
 
 from __future__ import annotations
 
@@ -7,143 +7,251 @@ import math
 import pytest
 import torch
 
-from learner.loss import LossStats, group_advantages, grpo_loss, token_logprobs
+from learner.loss import (
+    LossStats,
+    Normalizer,
+    flat_groups,
+    group_advantages,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+from protocol.config import LossSection
+
+VARIANTS = [
+    {},
+    {"correction": "none"},
+    {"correction": "tis", "tis_cap": 1.2},
+    {"correction": "decoupled", "tis_cap": 1.2},
+    {"correction": "masked", "mask_low": 0.7, "mask_high": 1.3},
+    {"correction": "masked", "mask_level": "sequence", "mask_low": 0.8, "mask_high": 1.25},
+    {"ratio_level": "sequence"},
+    {"ratio_level": "sequence", "correction": "none", "aggregation": "seq_mean_token_mean"},
+    {"clip_low": 0.1, "clip_high": 0.28, "dual_clip": 1.5},
+    {"aggregation": "seq_mean_token_mean"},
+    {"aggregation": "seq_mean_token_sum_norm"},
+    {"kl_coef": 0.1, "kl_estimator": "k1"},
+    {"kl_coef": 0.1, "kl_estimator": "k2"},
+    {"kl_coef": 0.1, "kl_estimator": "k3", "entropy_coef": 0.01},
+]
+MAX_TOKENS = 9
 
 
-def reference_loss(logprobs, proximal, behavior, advantages, mask, normalizer, clip_low, clip_high, cap):
-    """Straight from the formula, one token at a time."""
+def reference_loss(lp, prox, beh, adv, mask, norm, cfg, ref=None, ent=None):
+    """Straight from the definitions, one sequence and one token at a time."""
     total = 0.0
-    for b in range(logprobs.shape[0]):
-        for t in range(logprobs.shape[1]):
-            if not mask[b, t]:
-                continue
-            ratio = torch.exp(logprobs[b, t] - proximal[b, t])
-            weight = min(math.exp(float(proximal[b, t] - behavior[b, t])), cap)
-            adv = float(advantages[b])
-            clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-            total = total - weight * torch.minimum(ratio * adv, clipped * adv)
-    return total / normalizer
+    for b in range(lp.shape[0]):
+        toks = [t for t in range(lp.shape[1]) if mask[b, t]]
+        anchor = beh[b] if cfg.correction == "none" else prox[b]
+        seq_ratio = torch.exp(sum(lp[b, t] - anchor[t] for t in toks) / len(toks))
+        seq_rho = math.exp(sum(float(prox[b, t] - beh[b, t]) for t in toks) / len(toks))
+        seq_sum = 0.0
+        for t in toks:
+            ratio = seq_ratio if cfg.ratio_level == "sequence" else torch.exp(lp[b, t] - anchor[t])
+            rho = math.exp(float(prox[b, t] - beh[b, t]))
+            if cfg.correction == "none":
+                weight = 1.0
+            elif cfg.correction == "tis":
+                weight = min(rho, cfg.tis_cap)
+            elif cfg.correction == "decoupled":
+                weight = rho if rho <= cfg.tis_cap else 0.0
+            else:
+                level = rho if cfg.mask_level == "token" else seq_rho
+                weight = rho if cfg.mask_low <= level <= cfg.mask_high else 0.0
+            a = float(adv[b])
+            obj = torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high) * a)
+            if cfg.dual_clip is not None and a < 0:
+                obj = torch.maximum(obj, torch.tensor(cfg.dual_clip * a, dtype=obj.dtype))
+            term = -weight * obj
+            if cfg.kl_coef > 0:
+                x = ref[b, t] - lp[b, t]
+                k = {"k1": -x, "k2": 0.5 * x * x, "k3": torch.exp(x) - x - 1}[cfg.kl_estimator]
+                term = term + cfg.kl_coef * k
+            if cfg.entropy_coef > 0:
+                term = term - cfg.entropy_coef * ent[b, t]
+            seq_sum = seq_sum + term
+        total = total + (seq_sum / len(toks) if cfg.aggregation == "seq_mean_token_mean" else seq_sum)
+    if cfg.aggregation == "token_mean":
+        return total / norm.tokens
+    if cfg.aggregation == "seq_mean_token_mean":
+        return total / norm.sequences
+    return total / (norm.sequences * norm.max_tokens)
 
 
-def random_inputs(seed: int, batch: int = 4, length: int = 7):
+def random_inputs(seed: int, batch: int = 4, length: int = 7, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    logprobs = (-torch.rand(batch, length, generator=gen) * 3).requires_grad_()
-    proximal = logprobs.detach() + torch.randn(batch, length, generator=gen) * 0.3
-    behavior = proximal + torch.randn(batch, length, generator=gen) * 0.5
-    advantages = torch.randn(batch, generator=gen)
+    logprobs = (-torch.rand(batch, length, generator=gen, dtype=dtype) * 3).requires_grad_()
+    proximal = logprobs.detach() + torch.randn(batch, length, generator=gen, dtype=dtype) * 0.3
+    behavior = proximal + torch.randn(batch, length, generator=gen, dtype=dtype) * 0.3
+    reference = logprobs.detach() + torch.randn(batch, length, generator=gen, dtype=dtype) * 0.2
+    entropy = torch.rand(batch, length, generator=gen, dtype=dtype).requires_grad_()
+    advantages = torch.randn(batch, generator=gen, dtype=dtype)
     mask = torch.rand(batch, length, generator=gen) > 0.3
-    return logprobs, proximal, behavior, advantages, mask
+    mask[:, 0] = True  # every sequence has at least one completion token
+    return logprobs, proximal, behavior, reference, entropy, advantages, mask
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("clip_low,clip_high,cap", [(0.2, 0.2, 2.0), (0.1, 0.28, 1.2), (0.2, 0.28, 100.0)])
-def test_loss_and_gradient_match_the_reference(seed, clip_low, clip_high, cap):
-    logprobs, proximal, behavior, advantages, mask = random_inputs(seed)
-    normalizer = float(mask.sum())
-    loss, stats = grpo_loss(logprobs, proximal, behavior, advantages, mask, normalizer, clip_low, clip_high, cap)
-    (grad,) = torch.autograd.grad(loss, logprobs)
-    ref_in = logprobs.detach().clone().requires_grad_()
-    ref = reference_loss(ref_in, proximal, behavior, advantages, mask, normalizer, clip_low, clip_high, cap)
-    (ref_grad,) = torch.autograd.grad(ref, ref_in)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+def normalizer(mask) -> Normalizer:
+    return Normalizer(tokens=int(mask.sum()), sequences=mask.shape[0], max_tokens=MAX_TOKENS)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_every_variant_matches_the_reference_in_value_and_gradient(seed, overrides):
+    cfg = LossSection(**overrides)
+    lp, prox, beh, ref, ent, adv, mask = random_inputs(seed)
+    norm = normalizer(mask)
+    loss, stats = policy_loss(lp, prox, beh, adv, mask, norm, cfg, ref, ent)
+    grads = torch.autograd.grad(loss, [lp, ent], allow_unused=True)
+    ref_lp, ref_ent = lp.detach().clone().requires_grad_(), ent.detach().clone().requires_grad_()
+    expected = reference_loss(ref_lp, prox, beh, adv, mask, norm, cfg, ref, ref_ent)
+    expected_grads = torch.autograd.grad(expected, [ref_lp, ref_ent], allow_unused=True)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-9, atol=1e-12)
+    if cfg.entropy_coef > 0:
+        torch.testing.assert_close(grads[1], expected_grads[1])
     assert stats.tokens == int(mask.sum())
-    raw = torch.exp(proximal - behavior)[mask]
-    assert stats.truncated == int((raw > cap).sum())
-    assert stats.is_weight_sum == pytest.approx(float(raw.clamp(max=cap).sum()), rel=1e-5)
 
 
-def test_reduces_to_plain_grpo_when_all_policies_agree():
-    """behavior == proximal == current: loss = -sum(A * mask) / N and d loss / d logp = -A / N per token."""
-    logprobs, _, _, advantages, mask = random_inputs(7)
-    normalizer = float(mask.sum())
-    same = logprobs.detach()
-    loss, stats = grpo_loss(logprobs, same, same, advantages, mask, normalizer)
-    (grad,) = torch.autograd.grad(loss, logprobs)
-    expected = -(advantages[:, None] * mask).sum() / normalizer
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    torch.testing.assert_close(grad, -(advantages[:, None] * mask) / normalizer)
-    assert stats.clipped == 0 and stats.truncated == 0
-    assert stats.is_weight_sum == pytest.approx(normalizer)
+def plain_grpo_gradient(adv, mask, norm: Normalizer, aggregation: str) -> torch.Tensor:
+    """d loss / d logp of the vanilla policy gradient under each aggregation."""
+    per_seq = {
+        "token_mean": torch.full((mask.shape[0], 1), 1.0 / norm.tokens, dtype=adv.dtype),
+        "seq_mean_token_mean": 1.0 / (mask.sum(-1, keepdim=True).to(adv.dtype) * norm.sequences),
+        "seq_mean_token_sum_norm": torch.full((mask.shape[0], 1), 1.0 / (norm.sequences * norm.max_tokens), dtype=adv.dtype),
+    }[aggregation]
+    return -adv[:, None] * mask * per_seq
 
 
-def test_padding_never_contributes():
-    logprobs, proximal, behavior, advantages, mask = random_inputs(3)
-    base, _ = grpo_loss(logprobs, proximal, behavior, advantages, mask, 10.0)
-    (base_grad,) = torch.autograd.grad(base, logprobs)
-    garbage_prox = torch.where(mask, proximal, torch.full_like(proximal, 1e4))
-    garbage_beh = torch.where(mask, behavior, torch.full_like(behavior, -1e4))
-    loss, _ = grpo_loss(logprobs, garbage_prox, garbage_beh, advantages, mask, 10.0)
-    (grad,) = torch.autograd.grad(loss, logprobs)
-    assert loss.item() == pytest.approx(base.item(), rel=1e-6)
-    assert torch.isfinite(grad).all()
+@pytest.mark.parametrize("overrides", [v for v in VARIANTS if v.get("kl_estimator") != "k1" and "entropy_coef" not in v],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")  # fmt: skip
+def test_every_variant_reduces_to_plain_grpo_when_the_policies_agree(overrides):
+    cfg = LossSection(**overrides)
+    lp, _, _, _, _, adv, mask = random_inputs(5)
+    same = lp.detach()
+    norm = normalizer(mask)
+    loss, stats = policy_loss(lp, same, same, adv, mask, norm, cfg, reference=same)
+    (grad,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(grad, plain_grpo_gradient(adv, mask, norm, cfg.aggregation))
+    assert stats.clipped == stats.truncated == stats.masked == 0
+    assert stats.is_weight_sum == pytest.approx(int(mask.sum()))
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_padding_never_contributes(overrides):
+    cfg = LossSection(**overrides)
+    lp, prox, beh, ref, ent, adv, mask = random_inputs(3)
+    norm = normalizer(mask)
+    base, _ = policy_loss(lp, prox, beh, adv, mask, norm, cfg, ref, ent)
+    (base_grad,) = torch.autograd.grad(base, lp)
+
+    def junk(x, value):
+        return torch.where(mask, x, torch.full_like(x, value))
+
+    loss, _ = policy_loss(lp, junk(prox, 1e4), junk(beh, -1e4), adv, mask, norm, cfg, junk(ref, 1e4), junk(ent.detach(), 1e9))
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert loss.item() == pytest.approx(base.item(), rel=1e-9)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
     torch.testing.assert_close(grad, base_grad)
-    assert (grad[~mask] == 0).all()
+
+
+def one_token(ratio: float, advantage: float, rho: float = 1.0, **overrides):
+    """Loss and stats for a single token with the given current/proximal ratio and proximal/behavior rho."""
+    proximal = torch.tensor([[-1.0]], dtype=torch.float64)
+    logprobs = (proximal + math.log(ratio)).requires_grad_()
+    behavior = proximal - math.log(rho)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss, stats = policy_loss(logprobs, proximal, behavior, torch.tensor([advantage], dtype=torch.float64), mask,
+                              Normalizer(1, 1, 1), LossSection(**overrides))  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    return loss.item(), grad.item(), stats
 
 
 @pytest.mark.parametrize("advantage,ratio,clipped", [
-    (1.0, 1.2799, False),   # just inside 1 + clip_high: gradient flows
-    (1.0, 1.2801, True),    # just outside: clipped, no gradient
-    (-1.0, 0.8001, False),  # just inside 1 - clip_low
-    (-1.0, 0.7999, True),
-    (1.0, 0.5, False),      # positive advantage, low ratio: the pessimistic side is unclipped
-    (-1.0, 1.5, False),     # negative advantage, high ratio: likewise
-])
+    (1.0, 1.28, False), (1.0, 1.2801, True), (-1.0, 0.8, False), (-1.0, 0.7999, True),
+    (1.0, 0.5, False), (-1.0, 1.5, False),
+])  # fmt: skip
 def test_clip_boundaries(advantage, ratio, clipped):
-    proximal = torch.tensor([[-1.0]], dtype=torch.float64)
-    logprobs = (proximal + math.log(ratio)).requires_grad_()
-    mask = torch.ones(1, 1, dtype=torch.bool)
-    loss, stats = grpo_loss(logprobs, proximal, proximal, torch.tensor([advantage]), mask, 1.0, 0.2, 0.28)
-    (grad,) = torch.autograd.grad(loss, logprobs)
+    _, grad, stats = one_token(ratio, advantage, clip_low=0.2, clip_high=0.28)
     assert stats.clipped == int(clipped)
-    assert (grad.abs().item() == 0.0) == clipped
+    assert (grad == 0.0) == clipped
 
 
-def test_exactly_at_the_clip_bound_counts_as_unclipped():
-    """At ratio == 1 + clip_high both surrogate terms are equal: nothing is clipped away."""
-    logprobs = torch.zeros(1, 1, requires_grad=True)
-    proximal = torch.zeros(1, 1)
-    mask = torch.ones(1, 1, dtype=torch.bool)
-    _, stats = grpo_loss(logprobs, proximal, proximal, torch.tensor([1.0]), mask, 1.0, clip_low=0.0, clip_high=0.0)
-    assert stats.clipped == 0
+def test_dual_clip_bounds_negative_advantages_exactly_at_c():
+    loss, grad, stats = one_token(2.999, -1.0, dual_clip=3.0)  # just below c: still the unclipped term
+    assert loss == pytest.approx(2.999) and grad != 0 and stats.clipped == 0
+    loss, grad, stats = one_token(3.5, -1.0, dual_clip=3.0)  # beyond c: bounded at c * |A|, no gradient
+    assert loss == pytest.approx(3.0) and grad == 0 and stats.clipped == 1
+    loss, _, _ = one_token(3.5, -1.0)  # without dual clip the loss keeps growing
+    assert loss == pytest.approx(3.5)
 
 
-def test_tis_cap_truncates_at_exactly_c():
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    proximal = torch.tensor([[0.0, 0.0]])
-    behavior = torch.tensor([[-math.log(2.0), -math.log(3.0)]])  # weights 2 (== cap) and 3 (> cap)
-    logprobs = proximal.clone().requires_grad_()
-    loss, stats = grpo_loss(logprobs, proximal, behavior, torch.tensor([1.0]), mask, 2.0, tis_cap=2.0)
-    assert stats.truncated == 1
-    assert stats.is_weight_sum == pytest.approx(4.0)
-    assert loss.item() == pytest.approx(-(2.0 + 2.0) / 2.0)
+@pytest.mark.parametrize("rho,truncated,weight", [(2.0, 0, 2.0), (2.0001, 1, 2.0)])
+def test_tis_truncates_above_c(rho, truncated, weight):
+    loss, _, stats = one_token(1.0, 1.0, rho=rho, correction="tis", tis_cap=2.0)
+    assert stats.truncated == truncated and stats.masked == 0
+    assert stats.is_weight_sum == pytest.approx(weight) and loss == pytest.approx(-weight)
+
+
+@pytest.mark.parametrize("rho,masked", [(2.0, 0), (2.0001, 1)])
+def test_decoupled_drops_tokens_above_c(rho, masked):
+    loss, grad, stats = one_token(1.0, 1.0, rho=rho, correction="decoupled", tis_cap=2.0)
+    assert stats.masked == masked and stats.truncated == 0
+    assert (grad == 0) == bool(masked)
+
+
+@pytest.mark.parametrize("rho,masked", [(0.5, 0), (0.4999, 1), (2.0, 0), (2.0001, 1)])
+def test_masked_is_keeps_exactly_the_closed_interval(rho, masked):
+    _, grad, stats = one_token(1.0, 1.0, rho=rho, correction="masked", mask_low=0.5, mask_high=2.0)
+    assert stats.masked == masked
+    assert (grad == 0) == bool(masked)
+
+
+def test_sequence_masking_drops_whole_sequences():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    proximal = torch.zeros(2, 3, dtype=torch.float64)
+    behavior = torch.tensor([[0.0, 0.0, -3.0], [0.0, 0.0, -0.3]], dtype=torch.float64)  # geo-mean rho e^1, e^0.1
+    lp = proximal.clone().requires_grad_()
+    cfg = LossSection(correction="masked", mask_level="sequence", mask_low=0.5, mask_high=2.0)
+    loss, stats = policy_loss(lp, proximal, behavior, torch.tensor([1.0, 1.0], dtype=torch.float64), mask,
+                              Normalizer(6, 2, 3), cfg)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert stats.masked == 3
+    assert (grad[0] == 0).all() and (grad[1] != 0).all()
 
 
 def test_bf16_inputs_stay_close_to_fp32():
-    logprobs, proximal, behavior, advantages, mask = random_inputs(11, batch=8, length=32)
-    full, _ = grpo_loss(logprobs, proximal, behavior, advantages, mask, float(mask.sum()))
-    half, _ = grpo_loss(logprobs.bfloat16(), proximal.bfloat16(), behavior.bfloat16(), advantages, mask, float(mask.sum()))
-    assert half.float().item() == pytest.approx(full.item(), abs=2e-2)
+    lp, prox, beh, _, _, adv, mask = random_inputs(11, batch=8, length=32, dtype=torch.float32)
+    norm = normalizer(mask)
+    for cfg in (LossSection(), LossSection(ratio_level="sequence", correction="masked")):
+        full, _ = policy_loss(lp, prox, beh, adv, mask, norm, cfg)
+        half, _ = policy_loss(lp.bfloat16(), prox.bfloat16(), beh.bfloat16(), adv, mask, norm, cfg)
+        assert half.float().item() == pytest.approx(full.item(), abs=2e-2)
 
 
-def test_group_advantages():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
-    adv = group_advantages(rewards)
+def test_advantages():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 1.0, 0.0, 0.0]])
     std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()
-    torch.testing.assert_close(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
-    assert (adv[1] == 0).all()  # all-equal groups carry no signal
-    torch.testing.assert_close(group_advantages(rewards, std_normalize=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
-    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(2), atol=1e-6, rtol=0)
+    grpo = group_advantages(rewards)
+    torch.testing.assert_close(grpo[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
+    assert (grpo[1] == 0).all()
+    drgrpo = group_advantages(rewards, "drgrpo")
+    torch.testing.assert_close(drgrpo[2], torch.tensor([2.0, 0.0, -1.0, -1.0]))
+    torch.testing.assert_close(group_advantages(rewards, "grpo", std_normalize=False), drgrpo)
+    rloo = group_advantages(rewards, "rloo")
+    torch.testing.assert_close(rloo[2], torch.tensor([3.0 - 1 / 3, 1.0 - 1.0, 0.0 - 4 / 3, 0.0 - 4 / 3]))
+    assert flat_groups(rewards).tolist() == [False, True, False]
 
 
-def test_token_logprobs_matches_log_softmax_with_temperature():
+def test_token_logprobs_and_entropy_at_temperature():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=gen)
     targets = torch.randint(0, 11, (2, 5), generator=gen)
-    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None])[..., 0]
-    torch.testing.assert_close(token_logprobs(logits, targets, 0.7), expected)
+    logp = torch.log_softmax(logits / 0.7, -1)
+    torch.testing.assert_close(token_logprobs(logits, targets, 0.7), logp.gather(-1, targets[..., None])[..., 0])
+    torch.testing.assert_close(token_entropy(logits, 0.7), -(logp.exp() * logp).sum(-1))
 
 
 def test_loss_stats_add_up():
-    total = LossStats(1.5, 1, 2, 3) + LossStats(0.5, 0, 1, 1)
-    assert total == LossStats(2.0, 1, 3, 4)
+    total = LossStats(1.5, 1, 2, 3, 0.5, 1.0, 4) + LossStats(0.5, 0, 1, 1, 0.25, 2.0, 1)
+    assert total == LossStats(2.0, 1, 3, 4, 0.75, 3.0, 5)

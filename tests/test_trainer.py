@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from learner.batch import collate
-from learner.loss import group_advantages, grpo_loss, token_logprobs
+from learner.loss import Normalizer, group_advantages, policy_loss, token_logprobs
 from learner.main import batch_metrics, load_model, save_checkpoint
 from learner.trainer import Trainer
 from protocol.config import load_config
@@ -79,9 +79,8 @@ def test_zero_advantage_groups_are_skipped_without_changing_the_update(tiny_mode
     mb = collate(samples, group_advantages(rewards).flatten())
     logits = model_b(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
     logprobs = token_logprobs(logits, mb.targets)
-    normalizer = sum(len(s.completion_ids) for s in samples)
-    loss, _ = grpo_loss(logprobs, logprobs.detach(), mb.behavior_logprobs, mb.advantages, mb.mask, normalizer,
-                        config.train.clip_low, config.train.clip_high, config.train.tis_cap)  # fmt: skip
+    norm = Normalizer(sum(len(s.completion_ids) for s in samples), len(samples), config.sampling.max_tokens)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), mb.behavior_logprobs, mb.advantages, mb.mask, norm, config.loss)
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)  # same token-mean normaliser
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model_b.parameters(), config.train.grad_clip)
@@ -94,7 +93,7 @@ def test_non_finite_gradients_refuse_the_update(tiny_model_dir):
     model = load_model(tiny_model_dir)
     groups = make_groups(model)
     groups[0][0].behavior_logprobs[:] = -1e30  # an absurd behavior policy: exp overflows
-    config = load_config(None, ["train.tis_cap=1e38"])
+    config = load_config(None, ["loss.tis_cap=1e38"])
     before = [p.detach().clone() for p in model.parameters()]
     trainer = Trainer(model, config)
     groups[0][0].reward = float("inf")
@@ -123,3 +122,28 @@ def test_batch_metrics():
     metrics = batch_metrics([[s(1.0, 3, True), s(0.0, 1, False)]], version=4)
     assert metrics == {"reward_mean": 0.5, "accuracy": 0.5, "completion_len_mean": 3.0, "samples": 2,
                        "lag_mean": 2.0, "lag_max": 3}  # fmt: skip
+
+
+def test_filter_flat_groups_drops_them_from_the_step_and_counts_them(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model)
+    flat = make_groups(model, num_groups=1, seed=1)[0]
+    for s in flat:
+        s.reward = 0.0
+    kept = Trainer(model, load_config(None, ["loss.filter_flat_groups=true"])).step([*groups, flat])
+    assert kept["flat_groups"] == 1 and kept["completion_tokens"] == 2 * 4 * 6
+    counted = Trainer(model, load_config(None, [])).step([*groups, flat])
+    assert counted["flat_groups"] == 1 and counted["completion_tokens"] == 3 * 4 * 6
+
+
+def test_kl_is_measured_against_the_initial_weights(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    initial = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, load_config(None, ["loss.kl_coef=0.1", "loss.entropy_coef=0.01", "train.lr=0.01"]))
+    groups = make_groups(model)
+    first = trainer.step(groups)
+    second = trainer.step(groups)
+    assert first["kl_mean"] == pytest.approx(0.0, abs=1e-9)  # the policy still is the reference
+    assert second["kl_mean"] > 1e-6
+    assert first["entropy_mean"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(initial, trainer.reference.parameters()))
