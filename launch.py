@@ -29,6 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--role", choices=ROLES, default="all")
     parser.add_argument("--config", type=Path, help="YAML run config (defaults apply to missing keys)")
     parser.add_argument("--index", type=int, default=0, help="actor index (actor role only)")
+    parser.add_argument("--resume", action="store_true", help="learner: continue from the run directory's latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -48,7 +49,7 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def run_role(role: str, config: RunConfig, index: int) -> None:
+def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> None:
     run_dir = config.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(config.model.path, config.model.cache_dir)
@@ -65,7 +66,7 @@ def run_role(role: str, config: RunConfig, index: int) -> None:
     elif role == "learner":
         from learner.main import run_learner
 
-        run_learner(config, model_dir, run_dir, stop)
+        run_learner(config, model_dir, run_dir, stop, resume)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "all":
             from scripts.supervisor import run_all
 
-            return run_all(config)
+            return run_all(config, args.resume)
         setup_logging(config.run.log_level)
-        run_role(args.role, config, args.index)
+        run_role(args.role, config, args.index, args.resume)
     except ModelNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,9 +8,7 @@ sees version k can always fetch it.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -21,6 +19,7 @@ import numpy as np
 import orjson
 import torch
 
+from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
 from learner.trainer import Trainer
 from learner.weights import TcpWeightServer
 from protocol import messages as m
@@ -64,10 +63,10 @@ def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, float]:
 class BatchSource:
     """Asks the broker for B complete groups, acknowledging the previous batch with each request."""
 
-    def __init__(self, client: Client, groups: int) -> None:
+    def __init__(self, client: Client, groups: int, last_batch: int | None = None) -> None:
         self.client = client
         self.groups = groups
-        self.last_batch: int | None = None
+        self.last_batch = last_batch
         self.waited_s = 0.0
 
     def next(self, version: int, stop: threading.Event) -> tuple[list[list[Sample]], dict[str, Any]] | None:
@@ -96,62 +95,59 @@ def _regroup(samples: list[Sample]) -> list[list[Sample]]:
     return list(groups.values())
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer: Trainer, model_dir: Path) -> Path:
-    """An HF folder (safetensors + tokenizer) plus optimizer state and the step, written atomically."""
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (model_dir / name).exists():
-            shutil.copy(model_dir / name, tmp / name)
-    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event) -> None:
+def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event, resume: bool = False) -> None:
+    """Train `train.steps` steps; with `resume`, continue from the latest checkpoint in `run_dir` exactly."""
     torch.manual_seed(config.run.seed)
     torch.set_num_threads(config.learner.threads)
-    model = load_model(model_dir)
-    trainer = Trainer(model, config)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir / "checkpoints")
+    model = load_model(checkpoint or model_dir)
+    reference = load_model(model_dir).eval().requires_grad_(False) if config.loss.kl_coef > 0 else None
+    trainer = Trainer(model, config, reference)
+    version, last_batch = restore_trainer(trainer, checkpoint) if checkpoint else (0, None)
     weights = make_weight_sender(config)
+    if version:
+        weights.publish(version, model.state_dict())
+        log.info("resumed from %s at policy version %d", checkpoint, version)
     client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}")
-    source = BatchSource(client, config.train.groups_per_step)
-    metrics_file = (run_dir / "metrics.jsonl").open("ab")
-    started, version = time.time(), 0
+    source = BatchSource(client, config.train.groups_per_step, last_batch)
     try:
-        for step in range(1, config.train.steps + 1):
-            got = source.next(version, stop)
-            if got is None:
-                break
-            groups, broker_stats = got
-            row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups)}
-            version = step
-            weights.publish(version, model.state_dict())
-            row.update(
-                policy_version=version,
-                wait_seconds=source.waited_s,
-                gen_tokens_per_s=broker_stats.get("gen_tokens_per_s", 0.0),
-                dropped_stale=broker_stats.get("dropped_stale", 0),
-                time=time.time() - started,
-            )
-            metrics_file.write(orjson.dumps(row) + b"\n")
-            metrics_file.flush()
-            log.info(
-                "step %d/%d reward %.3f acc %.3f loss %.4f lag %.1f gen %.0f tok/s train %.0f tok/s",
-                step, config.train.steps, row["reward_mean"], row["accuracy"], row["loss"],
-                row["lag_mean"], row["gen_tokens_per_s"], row["train_tokens_per_s"],
-            )  # fmt: skip
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-                save_checkpoint(run_dir, step, model, trainer, model_dir)
-        if version and not (config.train.checkpoint_every and version % config.train.checkpoint_every == 0):
-            save_checkpoint(run_dir, version, model, trainer, model_dir)
-        log.info("finished %d steps; checkpoints in %s", version, run_dir / "checkpoints")
+        with (run_dir / "metrics.jsonl").open("ab") as metrics:
+            version = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop)
+        log.info("finished at step %d; checkpoints in %s", version, run_dir / "checkpoints")
         client.request(m.FINISH, {"ack_batch": source.last_batch})
     finally:
-        metrics_file.close()
         weights.close()
         client.close()
+
+
+def train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop) -> int:
+    """Steps version+1 .. train.steps; returns the last version reached."""
+    started, every = time.time(), config.train.checkpoint_every
+    for step in range(version + 1, config.train.steps + 1):
+        got = source.next(version, stop)
+        if got is None:
+            break
+        groups, broker_stats = got
+        row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups)}
+        version = step
+        weights.publish(version, trainer.model.state_dict())
+        row.update(
+            policy_version=version,
+            lr=trainer.lr,
+            wait_seconds=source.waited_s,
+            gen_tokens_per_s=broker_stats.get("gen_tokens_per_s", 0.0),
+            dropped_stale=broker_stats.get("dropped_stale", 0),
+            time=time.time() - started,
+        )
+        metrics.write(orjson.dumps(row) + b"\n")
+        metrics.flush()
+        log.info(
+            "step %d/%d reward %.3f acc %.3f loss %.4f lag %.1f gen %.0f tok/s train %.0f tok/s",
+            step, config.train.steps, row["reward_mean"], row["accuracy"], row["loss"],
+            row["lag_mean"], row["gen_tokens_per_s"], row["train_tokens_per_s"],
+        )  # fmt: skip
+        if (every and step % every == 0) or step == config.train.steps:
+            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch)
+    return version

@@ -15,7 +15,9 @@ With `loss.filter_flat_groups` such groups leave the step entirely instead.
 from __future__ import annotations
 
 import copy
+import math
 import time
+from functools import partial
 
 import torch
 
@@ -29,19 +31,35 @@ from learner.loss import (
     token_entropy,
     token_logprobs,
 )
-from protocol.config import RunConfig
+from protocol.config import RunConfig, TrainSection
 from protocol.sample import Sample
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, config: RunConfig) -> None:
+    def __init__(self, model: torch.nn.Module, config: RunConfig, reference: torch.nn.Module | None = None) -> None:
+        """`reference` is the frozen policy for the KL term; by default a copy of `model` as it is now."""
         self.model = model
         self.train = config.train
         self.loss = config.loss
         self.temperature = config.sampling.temperature
         self.max_tokens = config.sampling.max_tokens
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay)
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.loss.kl_coef > 0 else None
+        total = self.train.steps * self.train.updates_per_step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, train=self.train, total=total))
+        if self.loss.kl_coef > 0 and reference is None:
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference = reference
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def step(self, groups: list[list[Sample]]) -> dict[str, float]:
         started = time.perf_counter()
@@ -126,8 +144,19 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"gradient norm is {float(grad_norm)}; refusing to apply the update")
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, totals, float(grad_norm)
+
+
+def lr_factor(update: int, train: TrainSection, total: int) -> float:
+    """Multiplier of train.lr at optimizer update `update` (0-based): linear warm-up, then constant or cosine."""
+    if update < train.warmup_steps:
+        return (update + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (update - train.warmup_steps) / max(1, total - train.warmup_steps))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:

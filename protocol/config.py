@@ -99,6 +99,11 @@ class TrainSection(Section):
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch; above 1 the proximal log-probs are recomputed before the first."""
     lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer updates of linear warm-up from lr / warmup_steps to lr."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """cosine: the final learning rate as a fraction of lr."""
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(0, ge=0)

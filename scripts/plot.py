@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import orjson  # noqa: E402
+import yaml  # noqa: E402
 
 
 def plot(run_dir: Path, out: Path) -> Path:
@@ -25,10 +26,19 @@ def plot(run_dir: Path, out: Path) -> Path:
         axis.grid(alpha=0.3)
     by_step.set_ylabel("per batch of samples")
     by_step.legend()
-    fig.suptitle(f"{run_dir.name}: {rows[-1]['samples']} samples per step")
+    fig.suptitle(f"{_describe(run_dir)}, {rows[-1]['samples']} samples per step")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
+
+
+def _describe(run_dir: Path) -> str:
+    """'model on task' from the run's resolved config, or the folder name."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return f"{config['model']['path'].removeprefix('builtin:')} on {config['task']['name']}"
+    except (OSError, KeyError, TypeError):
+        return run_dir.name
 
 
 def main() -> None:

@@ -126,14 +126,14 @@ def supervise(children: list[Child], learner: Child, run_dir: Path, steps: int) 
     return 0
 
 
-def run_all(config: RunConfig) -> int:
+def run_all(config: RunConfig, resume: bool = False) -> int:
     run_dir = prepare_run_dir(config)
     console.print(f"run directory: {run_dir}")
     console.print(f"preparing model {config.model.path} ...")
     resolve_model(config.model.path, config.model.cache_dir)
     children = [start("broker", ["--role", "broker"], run_dir, 1)]
     children += [start(f"actor-{i}", ["--role", "actor", "--index", str(i)], run_dir, config.actor.threads) for i in range(config.actor.count)]
-    learner = start("learner", ["--role", "learner"], run_dir, config.learner.threads)
+    learner = start("learner", ["--role", "learner", *(["--resume"] if resume else [])], run_dir, config.learner.threads)
     children.append(learner)
     try:
         code = supervise(children, learner, run_dir, config.train.steps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 
 import numpy as np
 import pytest
@@ -10,8 +10,8 @@ import torch
 
 from learner.batch import collate
 from learner.loss import Normalizer, group_advantages, policy_loss, token_logprobs
-from learner.main import batch_metrics, load_model, save_checkpoint
-from learner.trainer import Trainer
+from learner.main import batch_metrics, load_model
+from learner.trainer import Trainer, lr_factor
 from protocol.config import load_config
 from protocol.sample import Sample
 
@@ -102,18 +102,6 @@ def test_non_finite_gradients_refuse_the_update(tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_checkpoint_is_a_loadable_hf_folder(tiny_model_dir, tmp_path):
-    config = load_config(None, [])
-    model = load_model(tiny_model_dir)
-    trainer = Trainer(model, config)
-    path = save_checkpoint(tmp_path, 3, model, trainer, tiny_model_dir)
-    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 3, "policy_version": 3}
-    assert (path / "optimizer.pt").exists() and (path / "tokenizer.json").exists()
-    reloaded = load_model(path)
-    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
-        assert torch.equal(a, b)
-
-
 def test_batch_metrics():
     def s(reward, version, correct):
         return Sample(np.ones(2, np.int32), np.ones(3, np.int32), np.zeros(3, np.float32), reward, "g", 2, 0,
@@ -147,3 +135,20 @@ def test_kl_is_measured_against_the_initial_weights(tiny_model_dir):
     assert second["kl_mean"] > 1e-6
     assert first["entropy_mean"] > 0
     assert all(torch.equal(a, b) for a, b in zip(initial, trainer.reference.parameters()))
+
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("constant", 0, [1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("constant", 2, [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("cosine", 0, [1.0, 0.5 * (1 + math.cos(math.pi / 5)) * 0.9 + 0.1, None, None, None]),
+    ("cosine", 1, [1.0, 1.0, None, None, None]),
+])  # fmt: skip
+def test_lr_schedule(schedule, warmup, expected):
+    train = load_config(None, [f"train.lr_schedule={schedule}", f"train.warmup_steps={warmup}", "train.min_lr_ratio=0.1"]).train
+    factors = [lr_factor(u, train, total=5) for u in range(5)]
+    for got, want in zip(factors, expected):
+        if want is not None:
+            assert got == pytest.approx(want)
+    if schedule == "cosine":
+        assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))  # never rises after warm-up
+        assert lr_factor(5, train, total=5) == pytest.approx(0.1)

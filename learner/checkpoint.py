@@ -1,0 +1,56 @@
+"""Checkpoints: a loadable Hugging Face folder plus everything needed to resume exactly.
+
+`checkpoints/step_N/` holds the policy (safetensors, config, tokenizer) so that
+`from_pretrained` loads it as is, `trainer.pt` (optimizer, LR schedule and RNG
+state) and `trainer_state.json` (step and policy version). It is written into
+`step_N.tmp` and renamed, so a learner killed mid-save never leaves half a
+checkpoint that resume would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from learner.trainer import Trainer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def save_checkpoint(run_dir: Path, step: int, trainer: Trainer, model_dir: Path, batch_id: int | None = None) -> Path:
+    """`batch_id` is the broker batch trained at `step`: a resumed learner acknowledges it, so it is never re-served."""
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, tmp / name)
+    torch.save({**trainer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step, "batch_id": batch_id}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name))]
+    return max(found)[1] if found else None
+
+
+def restore_trainer(trainer: Trainer, checkpoint: Path) -> tuple[int, int | None]:
+    """Load optimizer, schedule and RNG state into `trainer` (whose model came from `checkpoint`).
+
+    Returns (step, broker batch id trained at that step).
+    """
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    torch.set_rng_state(state.pop("rng"))
+    trainer.load_state_dict(state)
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(meta["step"]), meta.get("batch_id")

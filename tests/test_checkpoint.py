@@ -1,0 +1,53 @@
+"""Checkpoints load as plain HF folders and resume training bit-exactly."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
+from learner.main import load_model
+from learner.trainer import Trainer
+from protocol.config import load_config
+from tests.test_trainer import make_groups
+
+OVERRIDES = ["train.lr=0.01", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.steps=4", "train.micro_batch_size=3"]
+
+
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    config = load_config(None, OVERRIDES)
+    torch.manual_seed(0)
+    batches = [make_groups(load_model(tiny_model_dir), seed=s) for s in range(4)]
+
+    straight = Trainer(load_model(tiny_model_dir), config)
+    straight_losses = [straight.step(b)["loss"] for b in batches]
+
+    first = Trainer(load_model(tiny_model_dir), config)
+    losses = [first.step(b)["loss"] for b in batches[:2]]
+    save_checkpoint(tmp_path, 2, first, tiny_model_dir, batch_id=7)
+    del first
+    checkpoint = latest_checkpoint(tmp_path)
+    resumed = Trainer(load_model(checkpoint), config)
+    assert restore_trainer(resumed, checkpoint) == (2, 7)
+    losses += [resumed.step(b)["loss"] for b in batches[2:]]
+
+    assert losses == straight_losses
+    assert resumed.lr == straight.lr
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_is_a_loadable_hf_folder_and_latest_ignores_partial_ones(tiny_model_dir, tmp_path):
+    config = load_config(None, [])
+    trainer = Trainer(load_model(tiny_model_dir), config)
+    save_checkpoint(tmp_path, 3, trainer, tiny_model_dir)
+    path = save_checkpoint(tmp_path, 12, trainer, tiny_model_dir)
+    (tmp_path / "checkpoints" / "step_000099.tmp").mkdir()  # a save that was killed half-way
+    assert latest_checkpoint(tmp_path) == path
+    assert json.loads((path / "trainer_state.json").read_text())["step"] == 12
+    assert (path / "tokenizer.json").exists() and (path / "trainer.pt").exists()
+    reloaded = load_model(path)
+    for a, b in zip(trainer.model.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert latest_checkpoint(tmp_path / "elsewhere") is None
