@@ -63,6 +63,10 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
         from actors.worker import run_actor
 
         run_actor(config, index, model_dir, stop)
+    elif role == "learner" and config.learner.world_size > 1 and "RANK" not in os.environ:
+        from learner.ranks import run_ranks
+
+        run_ranks(config, model_dir, run_dir, stop, resume)
     elif role == "learner":
         from learner.main import run_learner
 

@@ -1,4 +1,11 @@
-"""Turn samples into right-padded tensors aligned for next-token log-probs."""
+"""Turn samples into model inputs, padded or packed, and map the model's log-probs back per sequence.
+
+The loss always sees [B, T] tensors, one row per sequence (position t predicts
+token t+1; `mask` marks completion tokens). The forward pass may instead run on
+*packed* rows: several sequences concatenated with restarting position ids and a
+block-diagonal causal mask, so no compute is spent on padding. `gather` maps each
+[B, T] position to its place in the flattened forward output either way.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +19,69 @@ from protocol.sample import Sample
 
 @dataclass
 class MicroBatch:
-    """input_ids/attention_mask: [B, L]. targets, mask, behavior_logprobs: [B, L-1] (position t predicts token t+1)."""
+    input_ids: Tensor  # [R, L]
+    attention_mask: Tensor  # [R, L] (padded) or [R, 1, L, L] bool (packed)
+    position_ids: Tensor | None  # [R, L] when packed
+    gather: Tensor  # [B, T] indices into the flattened [R, L-1] next-token outputs
+    mask: Tensor  # [B, T]
+    behavior_logprobs: Tensor  # [B, T]
+    advantages: Tensor  # [B]
 
-    input_ids: Tensor
-    attention_mask: Tensor
-    targets: Tensor
-    mask: Tensor
-    behavior_logprobs: Tensor
-    advantages: Tensor
+    def to(self, device: torch.device) -> MicroBatch:
+        return MicroBatch(*(t.to(device) if isinstance(t, Tensor) else t for t in vars(self).values()))
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def per_sequence(self, flat_outputs: Tensor) -> Tensor:
+        """[R, L-1] next-token outputs of the forward -> [B, T] aligned with `mask`."""
+        return flat_outputs.reshape(-1)[self.gather]
 
 
-def collate(samples: list[Sample], advantages: Tensor, pad_id: int = 0) -> MicroBatch:
-    length = max(s.num_tokens for s in samples)
-    batch = len(samples)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, length), dtype=torch.long)
-    mask = torch.zeros((batch, length - 1), dtype=torch.bool)
-    behavior = torch.zeros((batch, length - 1), dtype=torch.float32)
+def _per_sequence_targets(samples: list[Sample]) -> tuple[Tensor, Tensor, int]:
+    length = max(s.num_tokens for s in samples) - 1
+    mask = torch.zeros((len(samples), length), dtype=torch.bool)
+    behavior = torch.zeros((len(samples), length), dtype=torch.float32)
     for row, s in enumerate(samples):
         p, c = len(s.prompt_ids), len(s.completion_ids)
-        input_ids[row, :p] = torch.from_numpy(s.prompt_ids.astype("int64"))
-        input_ids[row, p : p + c] = torch.from_numpy(s.completion_ids.astype("int64"))
-        attention[row, : p + c] = 1
         mask[row, p - 1 : p + c - 1] = True
         behavior[row, p - 1 : p + c - 1] = torch.from_numpy(s.behavior_logprobs.copy())
-    return MicroBatch(input_ids, attention, input_ids[:, 1:], mask, behavior, advantages)
+    return mask, behavior, length
+
+
+def _ids(s: Sample) -> Tensor:
+    return torch.cat([torch.from_numpy(s.prompt_ids.astype("int64")), torch.from_numpy(s.completion_ids.astype("int64"))])
+
+
+def collate(samples: list[Sample], advantages: Tensor, pack: bool = False, pad_id: int = 0) -> MicroBatch:
+    mask, behavior, length = _per_sequence_targets(samples)
+    return (_packed if pack else _padded)(samples, advantages, mask, behavior, length, pad_id)
+
+
+def _padded(samples, advantages, mask, behavior, length, pad_id) -> MicroBatch:
+    input_ids = torch.full((len(samples), length + 1), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(samples), length + 1), dtype=torch.long)
+    for row, s in enumerate(samples):
+        ids = _ids(s)
+        input_ids[row, : len(ids)] = ids
+        attention[row, : len(ids)] = 1
+    gather = torch.arange(len(samples) * length).reshape(len(samples), length)
+    return MicroBatch(input_ids, attention, None, gather, mask, behavior, advantages)
+
+
+def _packed(samples, advantages, mask, behavior, length, pad_id) -> MicroBatch:
+    pieces = [_ids(s) for s in samples]
+    starts = torch.tensor([0, *[len(p) for p in pieces]]).cumsum(0)
+    total = int(starts[-1])
+    segment = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([len(p) for p in pieces]))
+    causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
+    attention = (causal & (segment[:, None] == segment[None, :]))[None, None]
+    positions = torch.cat([torch.arange(len(p)) for p in pieces])[None]
+    # Sequence b's position t (predicting its token t+1) sits at packed output starts[b] + t.
+    gather = (starts[:-1, None] + torch.arange(length)[None]).clamp(max=total - 2)
+    return MicroBatch(torch.cat(pieces)[None], attention, positions, gather, mask, behavior, advantages)
+
+
+def regroup(samples: list[Sample]) -> list[list[Sample]]:
+    """Samples back into their GRPO groups, in first-seen order."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group_id, []).append(s)
+    return list(groups.values())

@@ -15,23 +15,43 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from learner.trainer import Trainer
+from protocol.weights import unique_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
-def save_checkpoint(run_dir: Path, step: int, trainer: Trainer, model_dir: Path, batch_id: int | None = None) -> Path:
-    """`batch_id` is the broker batch trained at `step`: a resumed learner acknowledges it, so it is never re-served."""
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    trainer: Trainer,
+    model_dir: Path,
+    batch_id: int | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Every rank calls this (gathering sharded state is collective); the main rank writes.
+
+    `weights` is the full state dict if the caller already gathered it. `batch_id` is
+    the broker batch trained at `step`: a resumed learner acknowledges it, so it is
+    never re-served.
+    """
     final = run_dir / "checkpoints" / f"step_{step:06d}"
+    weights = weights if weights is not None else trainer.backend.full_state_dict(trainer.model)
+    state = {**trainer.state_dict(), "rng": torch.get_rng_state()}
+    if not trainer.backend.is_main:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
+    tmp.mkdir(parents=True)
+    save_file(unique_tensors(weights), tmp / "model.safetensors", metadata={"format": "pt"})
+    trainer.model.config.save_pretrained(tmp)
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, tmp / name)
-    torch.save({**trainer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    torch.save(state, tmp / "trainer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step, "batch_id": batch_id}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

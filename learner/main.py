@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 import torch
 
+from learner.backend import Backend, make_backend
+from learner.batch import regroup
 from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
 from learner.trainer import Trainer
 from learner.weights import TcpWeightServer
@@ -83,36 +85,47 @@ class BatchSource:
                 self.last_batch = body["batch_id"]
                 self.waited_s = time.perf_counter() - started
                 samples = [s for s in samples_from(body, arrays, None) if isinstance(s, Sample)]
-                return _regroup(samples), body["stats"]
+                return regroup(samples), body["stats"]
             time.sleep(POLL_S)
         return None
 
 
-def _regroup(samples: list[Sample]) -> list[list[Sample]]:
-    groups: dict[str, list[Sample]] = {}
-    for s in samples:
-        groups.setdefault(s.group_id, []).append(s)
-    return list(groups.values())
-
-
 def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event, resume: bool = False) -> None:
-    """Train `train.steps` steps; with `resume`, continue from the latest checkpoint in `run_dir` exactly."""
+    """Train `train.steps` steps; with `resume`, continue from the latest checkpoint in `run_dir` exactly.
+
+    Under FSDP every rank runs this; only the main rank talks to the broker, publishes
+    weights and writes metrics and checkpoints.
+    """
+    backend = make_backend(config.learner)
+    try:
+        _run(config, model_dir, run_dir, stop, resume, backend)
+    finally:
+        backend.close()
+
+
+def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event, resume: bool, backend: Backend) -> None:
     torch.manual_seed(config.run.seed)
     torch.set_num_threads(config.learner.threads)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir / "checkpoints")
-    model = load_model(checkpoint or model_dir)
-    reference = load_model(model_dir).eval().requires_grad_(False) if config.loss.kl_coef > 0 else None
-    trainer = Trainer(model, config, reference)
+    model = backend.wrap(load_model(checkpoint or model_dir))
+    reference = None
+    if config.loss.kl_coef > 0:
+        reference = load_model(model_dir).eval().requires_grad_(False).to(backend.device)
+    trainer = Trainer(model, config, reference, backend)
     version, last_batch = restore_trainer(trainer, checkpoint) if checkpoint else (0, None)
+    resumed_weights = backend.full_state_dict(model) if version else None  # collective: every rank gathers
+    if not backend.is_main:
+        train_loop(config, trainer, None, None, None, run_dir, model_dir, version, stop)
+        return
     weights = make_weight_sender(config)
-    if version:
-        weights.publish(version, model.state_dict())
-        log.info("resumed from %s at policy version %d", checkpoint, version)
     client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}")
-    source = BatchSource(client, config.train.groups_per_step, last_batch)
     try:
+        if version:
+            weights.publish(version, resumed_weights)
+            log.info("resumed from %s at policy version %d", checkpoint, version)
+        source = BatchSource(client, config.train.groups_per_step, last_batch)
         with (run_dir / "metrics.jsonl").open("ab") as metrics:
             version = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop)
         log.info("finished at step %d; checkpoints in %s", version, run_dir / "checkpoints")
@@ -123,22 +136,27 @@ def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threadi
 
 
 def train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop) -> int:
-    """Steps version+1 .. train.steps; returns the last version reached."""
-    started, every = time.time(), config.train.checkpoint_every
+    """Steps version+1 .. train.steps; returns the last version reached. `source` etc. are None off the main rank."""
+    started, every, backend = time.time(), config.train.checkpoint_every, trainer.backend
     for step in range(version + 1, config.train.steps + 1):
-        got = source.next(version, stop)
-        if got is None:
+        got = source.next(version, stop) if source else None
+        groups = backend.share(got[0] if got else None)
+        if groups is None:
             break
-        groups, broker_stats = got
         row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups)}
         version = step
-        weights.publish(version, trainer.model.state_dict())
+        state = backend.full_state_dict(trainer.model)
+        if (every and step % every == 0) or step == config.train.steps:
+            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state)
+        if not backend.is_main:
+            continue
+        weights.publish(version, state)
         row.update(
             policy_version=version,
             lr=trainer.lr,
             wait_seconds=source.waited_s,
-            gen_tokens_per_s=broker_stats.get("gen_tokens_per_s", 0.0),
-            dropped_stale=broker_stats.get("dropped_stale", 0),
+            gen_tokens_per_s=got[1].get("gen_tokens_per_s", 0.0),
+            dropped_stale=got[1].get("dropped_stale", 0),
             time=time.time() - started,
         )
         metrics.write(orjson.dumps(row) + b"\n")
@@ -148,6 +166,4 @@ def train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, ve
             step, config.train.steps, row["reward_mean"], row["accuracy"], row["loss"],
             row["lag_mean"], row["gen_tokens_per_s"], row["train_tokens_per_s"],
         )  # fmt: skip
-        if (every and step % every == 0) or step == config.train.steps:
-            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch)
     return version

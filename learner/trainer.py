@@ -10,6 +10,12 @@ reward) add nothing to the gradient unless a KL or entropy term is on, so they a
 not run through the model at all; their tokens still count in the aggregate's
 normaliser, which keeps the update identical. On CPU this often halves a step.
 With `loss.filter_flat_groups` such groups leave the step entirely instead.
+
+Micro-batches hold `train.micro_batch_size` padded sequences, or with
+`train.micro_batch_tokens` as many sequences as fit that token budget, packed into
+one row (no padding at all). Under FSDP every rank trains its share of each
+mini-batch; ranks with fewer micro-batches run zero-weighted ones, because every
+rank must take part in every forward and backward.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import fields
 from functools import partial
 
 import torch
 
+from learner.backend import Backend
 from learner.batch import MicroBatch, collate
 from learner.loss import (
     LossStats,
@@ -36,9 +44,16 @@ from protocol.sample import Sample
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, config: RunConfig, reference: torch.nn.Module | None = None) -> None:
-        """`reference` is the frozen policy for the KL term; by default a copy of `model` as it is now."""
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: RunConfig,
+        reference: torch.nn.Module | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        """`model` is already wrapped by `backend`; `reference` is the frozen KL policy (default: a copy of `model`)."""
         self.model = model
+        self.backend = backend or Backend()
         self.train = config.train
         self.loss = config.loss
         self.temperature = config.sampling.temperature
@@ -55,10 +70,11 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer (unsharded) and schedule; every rank must call it."""
+        return {"optimizer": self.backend.optimizer_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.backend.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def step(self, groups: list[list[Sample]]) -> dict[str, float]:
@@ -83,6 +99,8 @@ class Trainer:
             chunk_loss, stats, chunk_norm = self._update(samples, advantages, trained, proximal, norm)
             loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, chunk_norm), updates + 1
             totals += stats
+        loss, *sums = self.backend.sum([loss, *(getattr(totals, f.name) for f in fields(LossStats))])
+        totals = LossStats(*sums)
         elapsed = time.perf_counter() - started
         per_token = max(totals.tokens, 1)
         return {
@@ -103,42 +121,69 @@ class Trainer:
             "train_tokens_per_s": sum(samples[i].num_tokens for i in active) / elapsed,
         }
 
+    def _plan(self, samples: list[Sample], indices: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of `indices`, padded with [] to the most any rank has."""
+        def split(mine: list[int]) -> list[list[int]]:
+            if not self.train.micro_batch_tokens:
+                size = self.train.micro_batch_size
+                return [mine[i : i + size] for i in range(0, len(mine), size)]
+            parts, current, used = [], [], 0
+            for i in mine:
+                if current and used + samples[i].num_tokens > self.train.micro_batch_tokens:
+                    parts, current, used = [*parts, current], [], 0
+                current, used = [*current, i], used + samples[i].num_tokens
+            return [*parts, current] if current else parts
+
+        world = self.backend.world_size
+        per_rank = [split(indices[r::world]) for r in range(world)]
+        longest = max(len(p) for p in per_rank)
+        return per_rank[self.backend.rank] + [[]] * (longest - len(per_rank[self.backend.rank]))
+
     def _micro_batches(self, samples: list[Sample], advantages: torch.Tensor, indices: list[int]):
-        """Yield (the sample indices, their collated micro-batch)."""
-        size = self.train.micro_batch_size
-        for start in range(0, len(indices), size):
-            part = indices[start : start + size]
-            yield part, collate([samples[i] for i in part], advantages[part])
+        """Yield (the sample indices, their collated micro-batch, weight 0.0 for a filler or 1.0)."""
+        pack = bool(self.train.micro_batch_tokens)
+        device = self.backend.device
+        for part in self._plan(samples, indices):
+            used = part or indices[:1]  # a filler keeps this rank in step with the others' collectives
+            batch = collate([samples[i] for i in used], advantages[used], pack=pack).to(device)
+            yield part, batch, 1.0 if part else 0.0
 
     def _forward(self, model: torch.nn.Module, batch: MicroBatch, entropy: bool = False):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logprobs = token_logprobs(logits, batch.targets, self.temperature)
-        return logprobs, token_entropy(logits, self.temperature) if entropy else None
+        """Per-sequence [B, T] log-probs of the next tokens (and entropies), whatever the row layout."""
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        logits = out.logits[:, :-1]
+        logprobs = batch.per_sequence(token_logprobs(logits, batch.input_ids[:, 1:], self.temperature))
+        return logprobs, batch.per_sequence(token_entropy(logits, self.temperature)) if entropy else None
 
     @torch.no_grad()
     def _proximal(self, samples: list[Sample], indices: list[int]) -> dict[int, torch.Tensor]:
         """Log-probs under the weights as they are before this step's first update."""
         out = {}
-        for part, batch in self._micro_batches(samples, torch.zeros(len(samples)), indices):
+        for part, batch, _ in self._micro_batches(samples, torch.zeros(len(samples)), indices):
             logprobs, _ = self._forward(self.model, batch)
-            out.update({i: logprobs[row] for row, i in enumerate(part)})
+            out.update({i: logprobs[row].cpu() for row, i in enumerate(part)})
         return out
 
     def _update(self, samples, advantages, indices, proximal, norm: Normalizer) -> tuple[float, LossStats, float]:
         """Accumulate gradients over micro-batches of `indices`, then take one clipped optimizer step."""
         total_loss, totals = 0.0, LossStats()
-        for part, batch in self._micro_batches(samples, advantages, indices):
+        for part, batch, weight in self._micro_batches(samples, advantages, indices):
             logprobs, entropy = self._forward(self.model, batch, entropy=self.loss.entropy_coef > 0)
-            prox = _stack_rows([proximal[i] for i in part], logprobs.shape[1]) if proximal else logprobs.detach()
+            if proximal and part:
+                prox = _stack_rows([proximal[i] for i in part], logprobs.shape[1]).to(logprobs.device)
+            else:
+                prox = logprobs.detach()
             reference = None
             if self.reference is not None:
                 with torch.no_grad():
                     reference, _ = self._forward(self.reference, batch)
             loss, stats = policy_loss(logprobs, prox, batch.behavior_logprobs, batch.advantages, batch.mask, norm,
                                       self.loss, reference, entropy)  # fmt: skip
-            loss.backward()
-            total_loss += loss.item()
-            totals += stats
+            # FSDP averages gradients over ranks; scaling by the world size makes them the batch's sum.
+            (loss * weight * self.backend.world_size).backward()
+            if part:
+                total_loss += loss.item()
+                totals += stats
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)

@@ -88,6 +88,13 @@ class ActorSection(Section):
 
 class LearnerSection(Section):
     threads: int = Field(1, ge=1)
+    world_size: int = Field(1, ge=1)
+    """Ranks of FSDP2 data parallelism (gloo on CPU, NCCL on GPU); launch.py starts them."""
+    master_port: int = Field(29500, gt=0, lt=65536)
+    """torch.distributed rendezvous port on the learner's host (world_size > 1)."""
+    mixed_precision: bool = True
+    """GPU only: bf16 parameters and activations, fp32 gradient reduction."""
+    activation_checkpointing: bool = False
     weight_transport: Literal["tcp"] = "tcp"
     """How new weights reach actors; `tcp` is the CPU channel (NCCL lands in a later issue)."""
 
@@ -96,6 +103,8 @@ class TrainSection(Section):
     steps: int = Field(20, ge=1)
     groups_per_step: int = Field(8, ge=1)
     micro_batch_size: int = Field(8, ge=1)
+    micro_batch_tokens: int = Field(0, ge=0)
+    """Above 0: micro-batches hold as many sequences as fit this many tokens, packed without padding."""
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch; above 1 the proximal log-probs are recomputed before the first."""
     lr: float = Field(1e-5, gt=0)

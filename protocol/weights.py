@@ -13,18 +13,22 @@ import torch
 from safetensors.torch import load, save
 
 
-def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
-    """Serialise to a uint8 array that can be sent as one raw frame.
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, tied ones (e.g. lm_head sharing the embedding) once under their first name.
 
-    Tied tensors (e.g. lm_head sharing the embedding) are sent once, under their first name;
-    engines that tie them rebuild the alias themselves.
+    Loaders that tie them (vLLM, HF `from_pretrained`) rebuild the alias themselves.
     """
     unique, seen = {}, set()
     for name, tensor in state_dict.items():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             unique[name] = tensor.detach().contiguous().cpu()
-    blob = save(unique)
+    return unique
+
+
+def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
+    """Serialise to a uint8 array that can be sent as one raw frame."""
+    blob = save(unique_tensors(state_dict))
     return np.frombuffer(blob, dtype=np.uint8)
 
 

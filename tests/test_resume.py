@@ -40,24 +40,25 @@ def feed(endpoint: str, groups: range) -> None:
     client.close()
 
 
-def run(run_dir, endpoints, interrupt: bool):
+def run(run_dir, endpoints, interrupt: bool, *extra: str):
     run_dir.mkdir()
-    broker = start_role("broker", run_dir, endpoints, *SETTINGS)
+    settings = [*SETTINGS, *extra]
+    broker = start_role("broker", run_dir, endpoints, *settings)
     processes = [broker]
     try:
         if not interrupt:
             feed(endpoints["broker"], range(GROUPS))
-            processes.append(learner := start_role("learner", run_dir, endpoints, *SETTINGS))
+            processes.append(learner := start_role("learner", run_dir, endpoints, *settings))
             assert learner.wait(timeout=300) == 0
         else:
             feed(endpoints["broker"], range(GROUPS // 2))
-            processes.append(learner := start_role("learner", run_dir, endpoints, *SETTINGS))
+            processes.append(learner := start_role("learner", run_dir, endpoints, *settings))
             wait_for(lambda: (run_dir / "checkpoints" / "step_000003").exists(), 300, "the third checkpoint")
             time.sleep(1)  # the learner now waits for batch 4, which does not exist yet
             learner.send_signal(signal.SIGKILL)
             learner.wait()
             feed(endpoints["broker"], range(GROUPS // 2, GROUPS))
-            processes.append(resumed := start_role("learner", run_dir, endpoints, *SETTINGS, "--resume"))
+            processes.append(resumed := start_role("learner", run_dir, endpoints, *settings, "--resume"))
             assert resumed.wait(timeout=300) == 0, (run_dir / "learner.log").read_text()[-3000:]
         assert broker.wait(timeout=60) == 0
     finally:
@@ -68,9 +69,11 @@ def run(run_dir, endpoints, interrupt: bool):
     return rows, load_file(str(run_dir / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
 
 
-def test_resumed_learner_matches_an_uninterrupted_run(tmp_path, endpoints):
-    straight, straight_weights = run(tmp_path / "straight", endpoints, interrupt=False)
-    resumed, resumed_weights = run(tmp_path / "resumed", endpoints, interrupt=True)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_resumed_learner_matches_an_uninterrupted_run(tmp_path, endpoints, ranks):
+    extra = [f"learner.world_size={ranks}", f"learner.master_port={29300 + ranks}"]
+    straight, straight_weights = run(tmp_path / "straight", endpoints, False, *extra)
+    resumed, resumed_weights = run(tmp_path / "resumed", endpoints, True, *extra)
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r["reward_mean"] for r in resumed] == [r["reward_mean"] for r in straight]

@@ -78,7 +78,7 @@ def test_zero_advantage_groups_are_skipped_without_changing_the_update(tiny_mode
     rewards = torch.tensor([[s.reward for s in g] for g in batch])
     mb = collate(samples, group_advantages(rewards).flatten())
     logits = model_b(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-    logprobs = token_logprobs(logits, mb.targets)
+    logprobs = mb.per_sequence(token_logprobs(logits, mb.input_ids[:, 1:]))
     norm = Normalizer(sum(len(s.completion_ids) for s in samples), len(samples), config.sampling.max_tokens)
     loss, _ = policy_loss(logprobs, logprobs.detach(), mb.behavior_logprobs, mb.advantages, mb.mask, norm, config.loss)
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)  # same token-mean normaliser
@@ -152,3 +152,32 @@ def test_lr_schedule(schedule, warmup, expected):
     if schedule == "cosine":
         assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))  # never rises after warm-up
         assert lr_factor(5, train, total=5) == pytest.approx(0.1)
+
+
+def test_packed_rows_give_the_padded_logprobs(tiny_model_dir):
+    """Packing sequences into one row (block-diagonal attention, restarting positions) changes no log-prob."""
+    model = load_model(tiny_model_dir)
+    samples = [s for g in make_groups(model, num_groups=2) for s in g]
+    samples[1].completion_ids = samples[1].completion_ids[:2]
+    samples[1].behavior_logprobs = samples[1].behavior_logprobs[:2]
+    trainer = Trainer(model, load_config(None, []))
+    advantages = torch.zeros(len(samples))
+    padded, packed = collate(samples, advantages), collate(samples, advantages, pack=True)
+    assert packed.input_ids.shape == (1, sum(s.num_tokens for s in samples))  # no padding at all
+    with torch.no_grad():
+        lp_padded, ent_padded = trainer._forward(model, padded, entropy=True)
+        lp_packed, ent_packed = trainer._forward(model, packed, entropy=True)
+    assert torch.equal(padded.mask, packed.mask)
+    torch.testing.assert_close(lp_packed[packed.mask], lp_padded[padded.mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_packed[packed.mask], ent_padded[padded.mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [40, 1000])
+def test_token_budget_micro_batches_give_the_same_step(tiny_model_dir, budget):
+    padded_model, packed_model = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    groups = make_groups(padded_model, num_groups=3)
+    padded = Trainer(padded_model, load_config(None, ["train.lr=0.01", "train.micro_batch_size=5"])).step(groups)
+    packed = Trainer(packed_model, load_config(None, ["train.lr=0.01", f"train.micro_batch_tokens={budget}"])).step(groups)
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-6)
+    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    assert packed["tokens"] == padded["tokens"]

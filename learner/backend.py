@@ -1,0 +1,151 @@
+"""Training backends: what the learner loop needs from "one process" versus "FSDP2 over N ranks".
+
+The loop calls the same methods either way: `wrap` the model, `share` each batch
+from rank 0 (the only rank that talks to the broker) with the others, `sum` loss
+statistics across ranks, and gather the full state dict for publishing and
+checkpoints. A Megatron-core backend would implement the same class.
+
+FSDP2 shards every transformer block and then the root (`fully_shard`), on gloo
+for CPU or NCCL for GPUs, with bf16 parameters and fp32 gradient reduction on GPU.
+Gradients are averaged across ranks by FSDP, so each rank scales its loss by the
+world size to keep the step equal to a single-process one over the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from learner.batch import regroup
+from protocol.config import LearnerSection
+from protocol.sample import Sample
+from protocol.wire import decode, encode_samples, samples_from
+
+
+class Backend:
+    """One process: nothing to shard, share or reduce."""
+
+    rank = 0
+    world_size = 1
+    device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def share(self, groups: list[list[Sample]] | None) -> list[list[Sample]] | None:
+        """Rank 0's batch on every rank (None means stop)."""
+        return groups
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Unsharded CPU tensors on the main rank (empty elsewhere); every rank must call it."""
+        return model.state_dict()
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
+
+
+class FSDPBackend(Backend):
+    def __init__(self, config: LearnerSection) -> None:
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=self.rank, world_size=self.world_size)
+        self.config = config
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = MixedPrecisionPolicy()
+        if self.device.type == "cuda" and self.config.mixed_precision:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model.to(self.device)
+        if self.config.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model
+
+    def share(self, groups: list[list[Sample]] | None) -> list[list[Sample]] | None:
+        """Send the batch as our own wire frames (no pickle), lengths first, then the bytes."""
+        frames = [bytes(f) for f in encode_samples("batch", [s for g in groups for s in g])] if groups else []
+        count = torch.tensor([len(frames)] + [len(f) for f in frames] if self.is_main else [0], dtype=torch.int64)
+        size = torch.tensor([count.numel()], dtype=torch.int64)
+        dist.broadcast(size, 0)
+        count = count if self.is_main else torch.zeros(int(size), dtype=torch.int64)
+        dist.broadcast(count, 0)
+        if int(count[0]) == 0:
+            return None
+        blob = torch.from_numpy(np.frombuffer(b"".join(frames), dtype=np.uint8).copy()) if self.is_main else torch.empty(int(count[1:].sum()), dtype=torch.uint8)
+        dist.broadcast(blob, 0)
+        if self.is_main:
+            return groups
+        raw, cuts = blob.numpy().tobytes(), np.cumsum([0, *count[1:].tolist()])
+        _, body, arrays = decode([raw[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+        return regroup(samples_from(body, arrays, None))
+
+    def sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Gather one parameter at a time to CPU, so no rank ever holds two full copies on the device."""
+        out: dict[str, torch.Tensor] = {}
+        gathered: dict[int, torch.Tensor] = {}  # tied parameters stay one tensor, as in the unsharded model
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, tensor in model.state_dict().items():
+            key = id(params.get(name, tensor))
+            if key not in gathered:
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                gathered[key] = full.detach().to("cpu", torch.float32) if self.is_main else full.new_empty(0)
+                del full
+            if self.is_main:
+                out[name] = gathered[key]
+        return out
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def close(self) -> None:
+        dist.destroy_process_group()
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of an HF causal LM (model.model.layers for Llama-style models)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard")
+    return list(layers)
+
+
+def make_backend(config: LearnerSection) -> Backend:
+    return FSDPBackend(config) if config.world_size > 1 else Backend()
