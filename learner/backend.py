@@ -33,11 +33,18 @@ class Backend:
     world_size = 1
     device = torch.device("cpu")
 
+    def __init__(self, config: LearnerSection | None = None) -> None:
+        self.config = config or LearnerSection()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device and apply the memory switches; FSDP also shards."""
+        model.to(self.device)
+        if self.config.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def share(self, groups: list[list[Sample]] | None) -> list[list[Sample]] | None:
@@ -63,12 +70,12 @@ class Backend:
 
 class FSDPBackend(Backend):
     def __init__(self, config: LearnerSection) -> None:
+        super().__init__(config)
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=self.rank, world_size=self.world_size)
-        self.config = config
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -78,9 +85,7 @@ class FSDPBackend(Backend):
         policy = MixedPrecisionPolicy()
         if self.device.type == "cuda" and self.config.mixed_precision:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        model.to(self.device)
-        if self.config.activation_checkpointing:
-            model.gradient_checkpointing_enable()
+        model = super().wrap(model)
         for block in _blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -148,4 +153,5 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def make_backend(config: LearnerSection) -> Backend:
-    return FSDPBackend(config) if config.world_size > 1 else Backend()
+    """FSDP when more than one rank is asked for or a launcher (torchrun, srun) set RANK; else one process."""
+    return FSDPBackend(config) if config.world_size > 1 or "RANK" in os.environ else Backend(config)

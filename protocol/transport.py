@@ -8,6 +8,7 @@ discarded. That is what lets a client survive a restarted peer: it asks again.
 from __future__ import annotations
 
 import itertools
+import socket
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,13 @@ def send_frames(socket: zmq.Socket, identity: bytes, frames: list) -> bool:
         return True
     except (zmq.Again, zmq.ZMQError):
         return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (for tests and benchmarks that start their own endpoints)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def bind_router(endpoint: str, max_bytes: int) -> zmq.Socket:

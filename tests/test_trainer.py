@@ -181,3 +181,19 @@ def test_token_budget_micro_batches_give_the_same_step(tiny_model_dir, budget):
     assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-6)
     assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
     assert packed["tokens"] == padded["tokens"]
+
+
+def test_activation_checkpointing_changes_memory_not_results(tiny_model_dir):
+    from learner.backend import Backend
+
+    plain_model, ckpt_model = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    groups = make_groups(plain_model)
+    config = load_config(None, ["train.lr=0.01"])
+    checkpointed = load_config(None, ["train.lr=0.01", "learner.activation_checkpointing=true"])
+    backend = Backend(checkpointed.learner)
+    plain = Trainer(plain_model, config).step(groups)
+    ckpt = Trainer(backend.wrap(ckpt_model), checkpointed, backend=backend).step(groups)
+    assert ckpt_model.is_gradient_checkpointing
+    assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    for a, b in zip(plain_model.parameters(), ckpt_model.parameters()):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,108 @@
+"""Learner step throughput: our Trainer vs a plain Hugging Face forward/backward/AdamW loop.
+
+Both train the same model on the same batches (random token sequences with
+distinct rewards, so no sample is skipped for a zero advantage), same
+micro-batch size, one thread. The plain loop computes the same token-level
+policy-gradient loss with no off-policy machinery. Prints trained tokens/s and
+the ratio; writes JSON.
+
+    .venv/bin/python -m bench.learner [--model builtin:smollm2-135m-instruct] [--steps 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+from learner.batch import collate
+from learner.loss import group_advantages, token_logprobs
+from learner.main import load_model
+from learner.trainer import Trainer
+from protocol.config import load_config
+from protocol.models import resolve_model
+from protocol.sample import Sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_batches(steps: int, groups: int, n: int, prompt: int, completion: int, seed: int = 0) -> list[list[list[Sample]]]:
+    rng = np.random.default_rng(seed)
+
+    def sample(g: int, i: int) -> Sample:
+        return Sample(
+            prompt_ids=rng.integers(0, 2000, prompt, dtype=np.int32), completion_ids=rng.integers(0, 2000, completion, dtype=np.int32),
+            behavior_logprobs=-rng.random(completion, dtype=np.float32) * 5, reward=float(rng.random()), group_id=f"g{g}",
+            group_size=n, index=i, version_start=0, version_end=0, actor_id="a", incarnation="0", seq=g * n + i,
+        )  # fmt: skip
+
+    return [[[sample(g, i) for i in range(n)] for g in range(groups)] for _ in range(steps)]
+
+
+def plain_hf_step(model, optimizer, groups: list[list[Sample]], micro: int) -> None:
+    """What a user writes by hand: forward, token log-probs, advantage-weighted loss, backward, AdamW."""
+    rewards = torch.tensor([[s.reward for s in g] for g in groups])
+    advantages = group_advantages(rewards).flatten()
+    samples = [s for g in groups for s in g]
+    total = sum(len(s.completion_ids) for s in samples)
+    for start in range(0, len(samples), micro):
+        batch = collate(samples[start : start + micro], advantages[start : start + micro])
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logprobs = batch.per_sequence(token_logprobs(logits, batch.input_ids[:, 1:]))
+        loss = -(batch.advantages[:, None] * logprobs * batch.mask).sum() / total
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed(step, batches) -> float:
+    step(batches[0])  # warm-up, not timed
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        step(batch)
+    tokens = sum(s.num_tokens for b in batches[1:] for g in b for s in g)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the tiny model, 2 timed steps")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.steps = "builtin:tiny-random", 2
+    torch.set_num_threads(1)
+    model_dir = resolve_model(args.model)
+    batches = make_batches(args.steps + 1, groups=4, n=8, prompt=48, completion=16)
+    config = load_config(None, ["train.lr=1e-5", "train.micro_batch_size=8", "loss.clip_high=0.2"])
+    torch.manual_seed(0)
+    ours_model = load_model(model_dir)
+    trainer = Trainer(ours_model, config)
+    ours = timed(trainer.step, batches)
+    del trainer, ours_model
+    torch.manual_seed(0)
+    plain_model = load_model(model_dir)
+    optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-5)
+    plain = timed(lambda b: plain_hf_step(plain_model, optimizer, b, 8), batches)
+    rows = [{"loop": "streamrl Trainer.step", "tokens_per_s": ours}, {"loop": "plain HF loop", "tokens_per_s": plain}]
+    print(f"model {args.model}, {args.steps} timed steps of 32 sequences x 64 tokens, 1 thread\n")
+    print("| loop | trained tokens/s | vs plain |\n| --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['loop']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / plain:.2f}x |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": {"platform": platform.platform(), "threads": 1}, "versions": {"torch": torch.__version__},
+              "model": args.model, "steps": args.steps, "quick": args.quick, "results": rows, "ratio": ours / plain}  # fmt: skip
+    (args.out / "learner.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {args.out / 'learner.json'}")
+
+
+if __name__ == "__main__":
+    main()
