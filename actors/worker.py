@@ -5,7 +5,9 @@ version the engine holds. Finished samples are scored and sent at once; the brok
 acknowledges each one, and anything not acknowledged is sent again (the broker
 drops duplicates by (actor id, incarnation, seq)). When the broker reports a newer
 policy version the actor stops admitting, lets running requests finish, fetches the
-new weights and applies them before generating again.
+new weights and applies them before generating again. With `broker.max_policy_lag: 0`
+the run is synchronous: each actor generates exactly its share of one learner step
+per policy version, so generation and training strictly alternate.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from protocol.transport import Client
 from protocol.weights import WeightReceiver
 
 log = logging.getLogger("actor")
-IDLE_POLL_S = 0.2
+IDLE_POLL_S = 0.05
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Actor:
         self.group_ids = itertools.count()
         self.meter = RateMeter()
         self.weight_updates = 0
+        self.started_at_version = 0
+        self.quota = _sync_quota(config, index)
 
     def run(self, stop: threading.Event) -> None:
         self._call(m.HELLO, {})
@@ -98,7 +102,9 @@ class Actor:
             self.broker_version <= self.version
             and len(self.groups) < self.config.actor.groups_in_flight
             and self.credits - self.in_flight_samples - len(self.unacked) >= n
+            and (self.quota is None or self.started_at_version < self.quota)
         ):
+            self.started_at_version += 1
             group_id = f"{self.actor_id}-{self.incarnation}-{next(self.group_ids)}"
             problem = self.task.next_problem()
             self.groups[group_id] = OpenGroup(problem, self.version, n)
@@ -182,8 +188,17 @@ class Actor:
         version, state_dict = fetched
         self.engine.load_weights(state_dict)
         self.version = version
+        self.started_at_version = 0
         self.weight_updates += 1
         log.info("%s applied weights v%d in %.2f s", self.actor_id, version, time.monotonic() - started)
+
+
+def _sync_quota(config: RunConfig, index: int) -> int | None:
+    """With max_policy_lag 0 (synchronous RL) each actor generates its share of one step per version, then waits."""
+    if config.broker.max_policy_lag > 0:
+        return None
+    groups, actors = config.train.groups_per_step, config.actor.count
+    return groups // actors + (index < groups % actors)
 
 
 def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Event) -> None:

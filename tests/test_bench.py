@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_all_quick_writes_valid_json(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--only", "protocol", "learner", "actor",
+    result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--only", "protocol", "learner", "actor", "e2e",
                              "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     protocol = json.loads((tmp_path / "protocol.json").read_text())
@@ -26,6 +26,10 @@ def test_run_all_quick_writes_valid_json(tmp_path):
     actor = json.loads((tmp_path / "actor.json").read_text())
     assert set(actor["median_tokens_per_s"]) == {"vLLM generate", "streamrl actor loop"}
     assert all(r["tokens"] > 0 for r in actor["runs"])
+    e2e = json.loads((tmp_path / "e2e.json").read_text())
+    assert set(e2e["medians"]) == {"async (max_policy_lag 2)", "sync (max_policy_lag 0)"}
+    assert e2e["medians"]["sync (max_policy_lag 0)"]["lag_mean"] == 0  # synchronous really waited for each version
+    assert e2e["async_speedup"] > 0
 
 
 def test_staleness_ablation_quick(tmp_path):
