@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
@@ -135,7 +135,17 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
         client.close()
 
 
-def train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop) -> int:
+def train_loop(
+    config: RunConfig,
+    trainer: Trainer,
+    source: BatchSource | None,
+    weights: WeightSender | None,
+    metrics: BinaryIO | None,
+    run_dir: Path,
+    model_dir: Path,
+    version: int,
+    stop: threading.Event,
+) -> int:
     """Steps version+1 .. train.steps; returns the last version reached. `source` etc. are None off the main rank."""
     started, every, backend = time.time(), config.train.checkpoint_every, trainer.backend
     for step in range(version + 1, config.train.steps + 1):
