@@ -128,8 +128,9 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
         source = BatchSource(client, config.train.groups_per_step, last_batch)
         with (run_dir / "metrics.jsonl").open("ab") as metrics:
             version = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop)
-        log.info("finished at step %d; checkpoints in %s", version, run_dir / "checkpoints")
-        client.request(m.FINISH, {"ack_batch": source.last_batch})
+        log.info("stopped at step %d; checkpoints in %s", version, run_dir / "checkpoints")
+        if version >= config.train.steps:  # a learner stopped early may be resumed: actors keep waiting for it
+            client.request(m.FINISH, {"ack_batch": source.last_batch})
     finally:
         weights.close()
         client.close()
