@@ -34,10 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_logging(level: str, log_file: Path | None = None) -> None:
+def setup_logging(level: str) -> None:
+    """Roles log to stdout; the supervisor (or the user's shell) decides where that goes."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
