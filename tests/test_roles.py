@@ -62,3 +62,26 @@ def test_separate_roles_survive_a_broker_crash(tmp_path, endpoints):
     stats = json.loads((tmp_path / "broker_stats.json").read_text())  # the restarted broker's
     assert stats["policy_version"] >= 9 and stats["rejected"] == 0
     assert stats["accepted"] == stats["served"] + stats["dropped_stale"] + stats["buffered"]
+
+
+def test_a_learner_stopped_early_can_resume_without_ending_the_actors(tmp_path, endpoints):
+    every = "train.checkpoint_every=1"
+    broker = start_role("broker", tmp_path, endpoints)
+    learner = start_role("learner", tmp_path, endpoints, every)
+    actor = start_role("actor", tmp_path, endpoints)
+    processes = [broker, learner, actor]
+    try:
+        wait_for(lambda: steps_done(tmp_path) >= 2, 300, "two learner steps")
+        learner.send_signal(signal.SIGTERM)
+        assert learner.wait(timeout=60) == 0
+        time.sleep(3)
+        assert actor.poll() is None and broker.poll() is None  # no FINISH: they wait for the learner
+        processes.append(resumed := start_role("learner", tmp_path, endpoints, every, "--resume"))
+        assert resumed.wait(timeout=300) == 0, (tmp_path / "learner.log").read_text()[-3000:]
+        assert actor.wait(timeout=60) == 0 and broker.wait(timeout=60) == 0
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
