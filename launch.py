@@ -21,7 +21,7 @@ from protocol.config import RunConfig, load_config
 from protocol.errors import ConfigError, ModelNotFoundError
 from protocol.models import resolve_model, vocab_size
 
-ROLES = ("all", "broker", "actor", "learner")
+ROLES = ("all", "broker", "actor", "learner", "parity")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,6 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="YAML run config (defaults apply to missing keys)")
     parser.add_argument("--index", type=int, default=0, help="actor index (actor role only)")
     parser.add_argument("--resume", action="store_true", help="learner: continue from the run directory's latest checkpoint")
+    parser.add_argument("--prompts", type=int, default=4, help="parity: groups to generate and compare")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="parity: largest acceptable mean |logprob difference|")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_all(config, args.resume)
         setup_logging(config.run.log_level)
+        if args.role == "parity":
+            from scripts.parity import run_parity
+
+            return run_parity(config, resolve_model(config.model.path, config.model.cache_dir), args.prompts, args.tolerance)
         run_role(args.role, config, args.index, args.resume)
     except ModelNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)

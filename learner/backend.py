@@ -54,6 +54,9 @@ class Backend:
     def sum(self, values: list[float]) -> list[float]:
         return values
 
+    def max(self, values: list[float]) -> list[float]:
+        return values
+
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Unsharded CPU tensors on the main rank (empty elsewhere); every rank must call it."""
         return model.state_dict()
@@ -112,6 +115,11 @@ class FSDPBackend(Backend):
     def sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def max(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -154,7 +154,7 @@ def train_loop(
         groups = backend.share(got[0] if got else None)
         if groups is None:
             break
-        row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups)}
+        row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups, version)}
         version = step
         state = backend.full_state_dict(trainer.model)
         if (every and step % every == 0) or step == config.train.steps:

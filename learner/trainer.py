@@ -39,6 +39,7 @@ from learner.loss import (
     token_entropy,
     token_logprobs,
 )
+from learner.parity import ParityStats, parity_stats
 from protocol.config import RunConfig, TrainSection
 from protocol.sample import Sample
 
@@ -77,7 +78,8 @@ class Trainer:
         self.backend.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def step(self, groups: list[list[Sample]]) -> dict[str, float]:
+    def step(self, groups: list[list[Sample]], version: int | None = None) -> dict[str, float]:
+        """One training step on complete groups; `version` (the policy version the weights are at) turns on parity stats."""
         started = time.perf_counter()
         rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float32)
         flat = flat_groups(rewards)
@@ -89,18 +91,22 @@ class Trainer:
         active = [i for i in range(len(samples)) if regularised or advantages[i] != 0]
         chunks = _split(list(range(len(samples))), self.train.updates_per_step)
         proximal = self._proximal(samples, active) if len(chunks) > 1 and self.loss.correction != "none" else {}
-        totals, loss, grad_norm, updates = LossStats(), 0.0, 0.0, 0
+        on_policy = {i for i, s in enumerate(samples) if s.version_start == s.version_end == version}
+        totals, parity, loss, grad_norm, updates = LossStats(), ParityStats(), 0.0, 0.0, 0
         active_set = set(active)
         for chunk in chunks:
             trained = [i for i in chunk if i in active_set]
             if not trained:
                 continue
             norm = Normalizer(sum(len(samples[i].completion_ids) for i in chunk), len(chunk), self.max_tokens)
-            chunk_loss, stats, chunk_norm = self._update(samples, advantages, trained, proximal, norm)
+            # Parity needs log-probs under the pre-step weights: the first update's forward, or the proximal ones.
+            compare = on_policy if updates == 0 or proximal else set()
+            chunk_loss, stats, chunk_parity, chunk_norm = self._update(samples, advantages, trained, proximal, norm, compare)
             loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, chunk_norm), updates + 1
-            totals += stats
+            totals, parity = totals + stats, parity + chunk_parity
         loss, *sums = self.backend.sum([loss, *(getattr(totals, f.name) for f in fields(LossStats))])
         totals = LossStats(*sums)
+        parity = self._reduce_parity(parity)
         elapsed = time.perf_counter() - started
         per_token = max(totals.tokens, 1)
         return {
@@ -119,7 +125,14 @@ class Trainer:
             "trained_samples": len(active),
             "train_seconds": elapsed,
             "train_tokens_per_s": sum(samples[i].num_tokens for i in active) / elapsed,
+            **parity.metrics(),
         }
+
+    def _reduce_parity(self, parity: ParityStats) -> ParityStats:
+        """Every rank's parity stats combined (sums, and the largest difference)."""
+        tokens, abs_sum, kl_sum, outside = self.backend.sum([parity.tokens, parity.abs_diff_sum, parity.kl_sum, parity.outside_band])
+        (abs_max,) = self.backend.max([parity.abs_diff_max])
+        return ParityStats(int(tokens), abs_sum, abs_max, kl_sum, int(outside))
 
     def _plan(self, samples: list[Sample], indices: list[int]) -> list[list[int]]:
         """This rank's micro-batches of `indices`, padded with [] to the most any rank has."""
@@ -148,27 +161,23 @@ class Trainer:
             batch = collate([samples[i] for i in used], advantages[used], pack=pack).to(device)
             yield part, batch, 1.0 if part else 0.0
 
-    def _forward(self, model: torch.nn.Module, batch: MicroBatch, entropy: bool = False):
-        """Per-sequence [B, T] log-probs of the next tokens (and entropies), whatever the row layout."""
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-        logits = out.logits[:, :-1]
-        logprobs = batch.per_sequence(token_logprobs(logits, batch.input_ids[:, 1:], self.temperature))
-        return logprobs, batch.per_sequence(token_entropy(logits, self.temperature)) if entropy else None
-
     @torch.no_grad()
     def _proximal(self, samples: list[Sample], indices: list[int]) -> dict[int, torch.Tensor]:
         """Log-probs under the weights as they are before this step's first update."""
         out = {}
         for part, batch, _ in self._micro_batches(samples, torch.zeros(len(samples)), indices):
-            logprobs, _ = self._forward(self.model, batch)
+            logprobs, _ = forward_logprobs(self.model, batch, self.temperature)
             out.update({i: logprobs[row].cpu() for row, i in enumerate(part)})
         return out
 
-    def _update(self, samples, advantages, indices, proximal, norm: Normalizer) -> tuple[float, LossStats, float]:
-        """Accumulate gradients over micro-batches of `indices`, then take one clipped optimizer step."""
-        total_loss, totals = 0.0, LossStats()
+    def _update(self, samples, advantages, indices, proximal, norm: Normalizer, compare: set[int]) -> tuple[float, LossStats, ParityStats, float]:
+        """Accumulate gradients over micro-batches of `indices`, then take one clipped optimizer step.
+
+        Samples in `compare` also have their behavior log-probs compared with the pre-step ones (parity).
+        """
+        total_loss, totals, parity = 0.0, LossStats(), ParityStats()
         for part, batch, weight in self._micro_batches(samples, advantages, indices):
-            logprobs, entropy = self._forward(self.model, batch, entropy=self.loss.entropy_coef > 0)
+            logprobs, entropy = forward_logprobs(self.model, batch, self.temperature, entropy=self.loss.entropy_coef > 0)
             if proximal and part:
                 prox = _stack_rows([proximal[i] for i in part], logprobs.shape[1]).to(logprobs.device)
             else:
@@ -176,7 +185,7 @@ class Trainer:
             reference = None
             if self.reference is not None:
                 with torch.no_grad():
-                    reference, _ = self._forward(self.reference, batch)
+                    reference, _ = forward_logprobs(self.reference, batch, self.temperature)
             loss, stats = policy_loss(logprobs, prox, batch.behavior_logprobs, batch.advantages, batch.mask, norm,
                                       self.loss, reference, entropy)  # fmt: skip
             # FSDP averages gradients over ranks; scaling by the world size makes them the batch's sum.
@@ -184,6 +193,8 @@ class Trainer:
             if part:
                 total_loss += loss.item()
                 totals += stats
+                rows = [r for r, i in enumerate(part) if i in compare]
+                parity += parity_stats(prox[rows], batch.behavior_logprobs[rows], batch.mask[rows])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -191,7 +202,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss, totals, float(grad_norm)
+        return total_loss, totals, parity, float(grad_norm)
+
+
+def forward_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float, entropy: bool = False):
+    """Per-sequence [B, T] log-probs of the next tokens (and entropies), whatever the row layout."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    logits = out.logits[:, :-1]
+    logprobs = batch.per_sequence(token_logprobs(logits, batch.input_ids[:, 1:], temperature))
+    return logprobs, batch.per_sequence(token_entropy(logits, temperature)) if entropy else None
 
 
 def lr_factor(update: int, train: TrainSection, total: int) -> float:

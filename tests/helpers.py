@@ -1,8 +1,9 @@
-"""Sample builders shared by the tests."""
+"""Sample and group builders shared by the tests."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from protocol.sample import Sample
 
@@ -27,3 +28,25 @@ def make_sample(**overrides) -> Sample:
     )
     fields.update(overrides)
     return Sample(**fields)
+
+
+def make_groups(model, num_groups: int = 2, n: int = 4, length: int = 6, seed: int = 0):
+    """Samples drawn from the model itself, rewarded by whether their first token is even."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for g in range(num_groups):
+        prompt = torch.randint(0, 1000, (5,), generator=gen)
+        group = []
+        for i in range(n):
+            completion = torch.randint(0, 1000, (length,), generator=gen)
+            ids = torch.cat([prompt, completion])[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, 4:-1], -1).gather(-1, completion[:, None])[:, 0]
+            group.append(Sample(
+                prompt_ids=prompt.numpy().astype(np.int32), completion_ids=completion.numpy().astype(np.int32),
+                behavior_logprobs=logp.numpy().astype(np.float32), reward=float(completion[0] % 2 == 0),
+                group_id=f"g{g}", group_size=n, index=i, version_start=0, version_end=0,
+                actor_id="a", incarnation="x", seq=g * n + i, metadata={"correct": bool(completion[0] % 2 == 0)},
+            ))  # fmt: skip
+        groups.append(group)
+    return groups

@@ -10,7 +10,7 @@ from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoi
 from learner.main import load_model
 from learner.trainer import Trainer
 from protocol.config import load_config
-from tests.test_trainer import make_groups
+from tests.helpers import make_groups
 
 OVERRIDES = ["train.lr=0.01", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.steps=4", "train.micro_batch_size=3"]
 

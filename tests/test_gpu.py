@@ -10,7 +10,7 @@ from learner.main import load_model
 from learner.trainer import Trainer
 from protocol.config import load_config
 from tests.conftest import free_port
-from tests.test_trainer import make_groups
+from tests.helpers import make_groups
 
 pytestmark = pytest.mark.gpu
 

@@ -11,31 +11,10 @@ import torch
 from learner.batch import collate
 from learner.loss import Normalizer, group_advantages, policy_loss, token_logprobs
 from learner.main import batch_metrics, load_model
-from learner.trainer import Trainer, lr_factor
+from learner.trainer import Trainer, forward_logprobs, lr_factor
 from protocol.config import load_config
 from protocol.sample import Sample
-
-
-def make_groups(model, num_groups: int = 2, n: int = 4, length: int = 6, seed: int = 0):
-    """Samples drawn from the model itself, rewarded by whether their first token is even."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for g in range(num_groups):
-        prompt = torch.randint(0, 1000, (5,), generator=gen)
-        group = []
-        for i in range(n):
-            completion = torch.randint(0, 1000, (length,), generator=gen)
-            ids = torch.cat([prompt, completion])[None]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0, 4:-1], -1).gather(-1, completion[:, None])[:, 0]
-            group.append(Sample(
-                prompt_ids=prompt.numpy().astype(np.int32), completion_ids=completion.numpy().astype(np.int32),
-                behavior_logprobs=logp.numpy().astype(np.float32), reward=float(completion[0] % 2 == 0),
-                group_id=f"g{g}", group_size=n, index=i, version_start=0, version_end=0,
-                actor_id="a", incarnation="x", seq=g * n + i, metadata={"correct": bool(completion[0] % 2 == 0)},
-            ))  # fmt: skip
-        groups.append(group)
-    return groups
+from tests.helpers import make_groups
 
 
 def sequence_logprob(model, s: Sample) -> float:
@@ -160,13 +139,12 @@ def test_packed_rows_give_the_padded_logprobs(tiny_model_dir):
     samples = [s for g in make_groups(model, num_groups=2) for s in g]
     samples[1].completion_ids = samples[1].completion_ids[:2]
     samples[1].behavior_logprobs = samples[1].behavior_logprobs[:2]
-    trainer = Trainer(model, load_config(None, []))
     advantages = torch.zeros(len(samples))
     padded, packed = collate(samples, advantages), collate(samples, advantages, pack=True)
     assert packed.input_ids.shape == (1, sum(s.num_tokens for s in samples))  # no padding at all
     with torch.no_grad():
-        lp_padded, ent_padded = trainer._forward(model, padded, entropy=True)
-        lp_packed, ent_packed = trainer._forward(model, packed, entropy=True)
+        lp_padded, ent_padded = forward_logprobs(model, padded, 1.0, entropy=True)
+        lp_packed, ent_packed = forward_logprobs(model, packed, 1.0, entropy=True)
     assert torch.equal(padded.mask, packed.mask)
     torch.testing.assert_close(lp_packed[packed.mask], lp_padded[padded.mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(ent_packed[packed.mask], ent_padded[padded.mask], atol=1e-5, rtol=0)
