@@ -1,4 +1,4 @@
-"""The one entry point: `python launch.py --role actor|learner|broker|all --config FILE [key.sub=value ...]`.
+"""The one entry point: `python launch.py --role actor|learner|broker|all|eval --config FILE [key.sub=value ...]`.
 
 A single role runs in this process (for running roles on different hosts; endpoints
 come from the config). `--role all` validates the config, prepares the run
@@ -18,10 +18,10 @@ import threading
 from pathlib import Path
 
 from protocol.config import RunConfig, load_config
-from protocol.errors import ConfigError, ModelNotFoundError
+from protocol.errors import ConfigError, ModelNotFoundError, TaskError
 from protocol.models import resolve_model, vocab_size
 
-ROLES = ("all", "broker", "actor", "learner")
+ROLES = ("all", "broker", "actor", "learner", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,6 +49,11 @@ def stop_on_signals() -> threading.Event:
 
 
 def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> None:
+    if role == "eval":  # loads eval.model itself; no sockets
+        from actors.evaluate import run_eval
+
+        run_eval(config)
+        return
     run_dir = config.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(config.model.path, config.model.cache_dir)
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_all(config, args.resume)
         setup_logging(config.run.log_level)
         run_role(args.role, config, args.index, args.resume)
-    except ModelNotFoundError as err:
+    except (ModelNotFoundError, TaskError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
