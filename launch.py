@@ -78,7 +78,13 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:  # `launch.py plot RUN_DIR`: PNGs from a run's metrics
+        from scripts.plot import main as plot_main
+
+        plot_main(argv[1:])
+        return 0
+    args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
