@@ -52,7 +52,7 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
     if role == "eval":  # loads eval.model itself; no sockets
         from actors.evaluate import run_eval
 
-        run_eval(config)
+        run_eval(config, stop_on_signals())
         return
     run_dir = config.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)

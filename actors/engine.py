@@ -80,9 +80,7 @@ class VLLMEngine(Engine):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """On CPU vLLM's own reload keeps stale packed weights (see vllm_cpu_weights); repack ourselves."""
-        worker = self.engine.engine_core.engine_core.model_executor.driver_worker.worker
-        load_into_vllm_cpu(worker.model_runner.get_model(), state_dict)
-        self.llm.reset_prefix_cache()
+        load_llm_weights(self.llm, state_dict)
 
 
 def make_llm(model_dir: Path, config: RunConfig, seed: int, max_model_len: int | None = None):
@@ -99,6 +97,13 @@ def make_llm(model_dir: Path, config: RunConfig, seed: int, max_model_len: int |
         max_model_len=max_model_len or config.model.max_model_len,
         seed=seed,
     )
+
+
+def load_llm_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
+    """Replace an in-process vLLM-CPU engine's weights (vLLM's own reload keeps stale packed weights)."""
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    load_into_vllm_cpu(worker.model_runner.get_model(), state_dict)
+    llm.reset_prefix_cache()
 
 
 def _set_cpu_environment(kv_cache_gb: int, threads: int) -> None:

@@ -236,6 +236,9 @@ class EvalSection(Section):
     max_tokens: int = Field(512, ge=1)
     out: Path | None = None
     """Folder for results.jsonl and summary.json (default: run.dir/eval)."""
+    watch: bool = False
+    """Evaluate run.dir's checkpoints as the learner writes them (the newest first), appending one row per
+    checkpoint to run.dir/eval_metrics.jsonl, until the one of step train.steps (periodic held-out eval)."""
 
     @model_validator(mode="after")
     def _k_fits(self) -> EvalSection:

@@ -5,7 +5,8 @@ Writes into RUN_DIR (or --out DIR):
 - reward.png: reward and accuracy against steps and against samples trained on,
 - lag.png: how many policy versions old the trained samples were (histogram),
 - off_policy.png: mean importance weight, truncated / masked / clipped token fractions,
-- throughput.png: generated and trained tokens per second, and the learner's wait for data.
+- throughput.png: generated and trained tokens per second, and the learner's wait for data,
+- eval.png: pass@k of each checkpoint, when an `eval.watch` evaluator wrote eval_metrics.jsonl.
 Panels whose metrics a run does not have are left out. Offline (matplotlib Agg).
 """
 
@@ -40,7 +41,7 @@ def plot_all(run_dir: Path, out: Path | None = None) -> list[Path]:
     title = _describe(run_dir)
     figures = [plot_curve(rows, title, out / "curve.png"), plot_reward(rows, title, out / "reward.png"),
                plot_lag(rows, title, out / "lag.png"), plot_off_policy(rows, title, out / "off_policy.png"),
-               plot_throughput(rows, title, out / "throughput.png")]  # fmt: skip
+               plot_throughput(rows, title, out / "throughput.png"), plot_eval(run_dir, title, out / "eval.png")]  # fmt: skip
     return [f for f in figures if f is not None]
 
 
@@ -110,6 +111,22 @@ def plot_throughput(rows: list[dict], title: str, out: Path) -> Path | None:
     for axis in (rates, wait):
         axis.grid(alpha=0.3)
     return _save(fig, f"{title}: throughput", out)
+
+
+def plot_eval(run_dir: Path, title: str, out: Path) -> Path | None:
+    """pass@k of each checkpoint scored by `launch.py --role eval eval.watch=true` (run.dir/eval_metrics.jsonl)."""
+    path = run_dir / "eval_metrics.jsonl"
+    rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()] if path.is_file() else []
+    if not rows:
+        return None
+    fig, axis = plt.subplots(figsize=(5, 3.4))
+    for key in sorted({k for r in rows for k in r if k.startswith("pass@")}):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        axis.plot(*zip(*points), marker="o", ms=4, label=key.replace("_", " "))
+    axis.set(xlabel="learner step (checkpoint)", ylabel=f"held-out score ({rows[-1]['problems']} problems)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(fig, f"{title}: evaluation", out)
 
 
 def _accuracy_pair(rows: list[dict], title: str, out: Path, x, x_label: str) -> Path:

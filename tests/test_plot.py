@@ -29,8 +29,10 @@ def write_run(run_dir, rows):
 
 def test_launch_plot_writes_every_figure(tmp_path, capsys):
     write_run(tmp_path / "run", [row(s) for s in range(1, 7)])
+    evals = [{"step": s, "problems": 50, "pass@1_greedy": 0.1 * s, "pass@1": 0.08 * s, "pass@8": 0.15 * s} for s in (2, 4, 6)]
+    (tmp_path / "run" / "eval_metrics.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in evals))
     assert launch.main(["plot", str(tmp_path / "run")]) == 0
-    names = ["curve.png", "reward.png", "lag.png", "off_policy.png", "throughput.png"]
+    names = ["curve.png", "reward.png", "lag.png", "off_policy.png", "throughput.png", "eval.png"]
     assert capsys.readouterr().out.split() == [str(tmp_path / "run" / n) for n in names]
     for name in names:
         data = (tmp_path / "run" / name).read_bytes()
