@@ -38,12 +38,12 @@ class GuardedReward:
         self.calls += 1
         if self.process is None:
             self._start()
-        self.conn.send((completion, gold))
-        if not self.conn.poll(self.timeout_s):
-            return self._fail("timeout", f"no result within {self.timeout_s:g} s", restart=True)
         try:
+            self.conn.send((completion, gold))
+            if not self.conn.poll(self.timeout_s):
+                return self._fail("timeout", f"no result within {self.timeout_s:g} s", restart=True)
             status, value = self.conn.recv()
-        except (EOFError, OSError) as err:
+        except (EOFError, OSError) as err:  # the child died (between calls too: a broken pipe on send)
             return self._fail("error", f"the reward process died: {err!r}", restart=True)
         if status == "error":
             return self._fail("error", value, restart=False)

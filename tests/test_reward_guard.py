@@ -56,6 +56,19 @@ def test_raise_timeout_and_crash_score_zero_and_are_counted(plugin, caplog):
     assert messages[-1].endswith("[2 error, 1 timeout of 6 calls so far]")
 
 
+def test_a_child_killed_between_calls_is_replaced(plugin):
+    reward = guard(plugin)
+    try:
+        assert reward("1", "1") == (1.0, True)
+        reward.process.kill()
+        reward.process.join(5)
+        assert reward("2", "2") == (0.0, False)  # the call that finds it dead scores 0 ...
+        assert reward("3", "3") == (1.0, True)  # ... and the next one has a new child
+        assert reward.failures == {"error": 1}
+    finally:
+        reward.close()
+
+
 def test_math_verify_through_the_guard():
     reward = guard("math_verify", "task.reward.format_weight=0.1")
     try:
