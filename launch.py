@@ -1,4 +1,4 @@
-"""The one entry point: `python launch.py --role actor|learner|broker|all --config FILE [key.sub=value ...]`.
+"""The one entry point: `python launch.py --role actor|learner|broker|all|eval|parity --config FILE [key.sub=value ...]`.
 
 A single role runs in this process (for running roles on different hosts; endpoints
 come from the config). `--role all` validates the config, prepares the run
@@ -18,10 +18,10 @@ import threading
 from pathlib import Path
 
 from protocol.config import RunConfig, load_config
-from protocol.errors import ConfigError, ModelNotFoundError
+from protocol.errors import ConfigError, ModelNotFoundError, TaskError
 from protocol.models import resolve_model, vocab_size
 
-ROLES = ("all", "broker", "actor", "learner", "parity")
+ROLES = ("all", "broker", "actor", "learner", "eval", "parity")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,6 +51,11 @@ def stop_on_signals() -> threading.Event:
 
 
 def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> None:
+    if role == "eval":  # loads eval.model itself; no sockets
+        from actors.evaluate import run_eval
+
+        run_eval(config, stop_on_signals())
+        return
     run_dir = config.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(config.model.path, config.model.cache_dir)
@@ -75,7 +80,13 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:  # `launch.py plot RUN_DIR`: PNGs from a run's metrics
+        from scripts.plot import main as plot_main
+
+        plot_main(argv[1:])
+        return 0
+    args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_parity(config, resolve_model(config.model.path, config.model.cache_dir), args.prompts, args.tolerance)
         run_role(args.role, config, args.index, args.resume)
-    except ModelNotFoundError as err:
+    except (ModelNotFoundError, TaskError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

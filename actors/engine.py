@@ -48,18 +48,9 @@ class Engine:
 
 class VLLMEngine(Engine):
     def __init__(self, model_dir: Path, config: RunConfig, seed: int) -> None:
-        _set_cpu_environment(config.actor.kv_cache_gb, config.actor.threads)
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        self.llm = LLM(
-            model=str(model_dir),
-            dtype="float32",
-            enforce_eager=True,
-            distributed_executor_backend="uni",
-            logprobs_mode="processed_logprobs",
-            max_model_len=config.model.max_model_len,
-            seed=seed,
-        )
+        self.llm = make_llm(model_dir, config, seed)
         self.engine = self.llm.llm_engine
         self.params = SamplingParams(
             max_tokens=config.sampling.max_tokens,
@@ -89,9 +80,30 @@ class VLLMEngine(Engine):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """On CPU vLLM's own reload keeps stale packed weights (see vllm_cpu_weights); repack ourselves."""
-        worker = self.engine.engine_core.engine_core.model_executor.driver_worker.worker
-        load_into_vllm_cpu(worker.model_runner.get_model(), state_dict)
-        self.llm.reset_prefix_cache()
+        load_llm_weights(self.llm, state_dict)
+
+
+def make_llm(model_dir: Path, config: RunConfig, seed: int, max_model_len: int | None = None):
+    """An in-process vLLM with the settings the actors use (also what the eval role generates with)."""
+    _set_cpu_environment(config.actor.kv_cache_gb, config.actor.threads)
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        logprobs_mode="processed_logprobs",
+        max_model_len=max_model_len or config.model.max_model_len,
+        seed=seed,
+    )
+
+
+def load_llm_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
+    """Replace an in-process vLLM-CPU engine's weights (vLLM's own reload keeps stale packed weights)."""
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    load_into_vllm_cpu(worker.model_runner.get_model(), state_dict)
+    llm.reset_prefix_cache()
 
 
 def _set_cpu_environment(kv_cache_gb: int, threads: int) -> None:

@@ -1,7 +1,10 @@
 """Prompt sources with their reward: a task yields problems and scores completions.
 
 `arithmetic` asks "What is a + b?" with operands drawn from a seeded generator, so a
-run is reproducible. `token_range` is a toy task on which a random-init model
+run is reproducible. `dataset` and `reasoning_gym` draw question/answer records from
+actors/datasets.py (files, GSM8K / MATH, generated problems), put them in
+`task.template`, and score replies with `task.reward` through a time-limited child
+process (actors/reward_guard.py). `token_range` is a toy task on which a random-init model
 measurably learns within minutes; it exists so integration tests can check that
 learning happens end to end without a real model.
 """
@@ -15,6 +18,7 @@ import numpy as np
 
 from actors import rewards
 from protocol.config import TaskSection
+from protocol.errors import TaskError
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -22,7 +26,7 @@ _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * 
 @dataclass
 class Problem:
     prompt_ids: list[int]
-    answer: int | None = None
+    answer: int | str | None = None
 
 
 class Task:
@@ -73,5 +77,38 @@ class TokenRangeTask(Task):
         return rewards.token_range(completion_ids, limit)
 
 
+class ProblemTask(Task):
+    """Records from a source, in a seeded order per actor, skipping the last `task.holdout` (kept for eval)."""
+
+    name = "problems"
+
+    def __init__(self, config: TaskSection, tokenizer, seed: int) -> None:
+        from actors.datasets import open_source
+        from actors.reward_guard import GuardedReward
+
+        super().__init__(config, tokenizer, seed)
+        self.name = config.name
+        self.records = open_source(config)
+        self.train_count = len(self.records) - config.holdout
+        if self.train_count <= 0:
+            raise TaskError(f"task.holdout {config.holdout} leaves no training problems out of {len(self.records)}")
+        self.order: list[int] = []
+        self.reward = GuardedReward(config)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.encode_chat(self.config.template.replace("{question}", question))
+
+    def next_problem(self) -> Problem:
+        if not self.order:  # a new pass over the training problems, in this actor's own order
+            self.order = list(range(self.train_count))
+            self.rng.shuffle(self.order)
+        record = self.records[self.order.pop()]
+        return Problem(self.prompt_ids(record.question), record.answer)
+
+    def score(self, problem: Problem, completion_ids: np.ndarray) -> tuple[float, bool]:
+        return self.reward(self.tokenizer.decode(completion_ids, skip_special_tokens=True), problem.answer)
+
+
 def make_task(config: TaskSection, tokenizer, seed: int) -> Task:
-    return {"arithmetic": ArithmeticTask, "token_range": TokenRangeTask}[config.name](config, tokenizer, seed)
+    kinds = {"arithmetic": ArithmeticTask, "token_range": TokenRangeTask, "dataset": ProblemTask, "reasoning_gym": ProblemTask}
+    return kinds[config.name](config, tokenizer, seed)

@@ -13,15 +13,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-import orjson
 import torch
 
 from learner.backend import Backend, make_backend
 from learner.batch import regroup
 from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
+from learner.metrics_log import MetricsLog
 from learner.trainer import Trainer
 from learner.weights import TcpWeightServer
 from protocol import messages as m
@@ -48,7 +48,7 @@ def make_weight_sender(config: RunConfig) -> WeightSender:
     return {"tcp": TcpWeightServer}[config.learner.weight_transport](config.endpoints.weights)
 
 
-def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, float]:
+def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, Any]:
     """What the batch says about the actors: reward, accuracy, and how stale the samples were."""
     samples = [s for g in groups for s in g]
     lags = np.array([version - s.version_start for s in samples])
@@ -59,6 +59,7 @@ def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, float]:
         "samples": len(samples),
         "lag_mean": float(lags.mean()),
         "lag_max": int(lags.max()),
+        "lag_counts": np.bincount(np.maximum(lags, 0)).tolist(),  # samples at lag 0, 1, ... (the plot's histogram)
     }
 
 
@@ -126,7 +127,7 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
             weights.publish(version, resumed_weights)
             log.info("resumed from %s at policy version %d", checkpoint, version)
         source = BatchSource(client, config.train.groups_per_step, last_batch)
-        with (run_dir / "metrics.jsonl").open("ab") as metrics:
+        with MetricsLog(run_dir, config.run.tensorboard) as metrics:
             version = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop)
         log.info("stopped at step %d; checkpoints in %s", version, run_dir / "checkpoints")
         if version >= config.train.steps:  # a learner stopped early may be resumed: actors keep waiting for it
@@ -141,7 +142,7 @@ def train_loop(
     trainer: Trainer,
     source: BatchSource | None,
     weights: WeightSender | None,
-    metrics: BinaryIO | None,
+    metrics: MetricsLog | None,
     run_dir: Path,
     model_dir: Path,
     version: int,
@@ -170,8 +171,7 @@ def train_loop(
             dropped_stale=got[1].get("dropped_stale", 0),
             time=time.time() - started,
         )
-        metrics.write(orjson.dumps(row) + b"\n")
-        metrics.flush()
+        metrics.write(row)
         log.info(
             "step %d/%d reward %.3f acc %.3f loss %.4f lag %.1f gen %.0f tok/s train %.0f tok/s",
             step, config.train.steps, row["reward_mean"], row["accuracy"], row["loss"],

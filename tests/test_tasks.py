@@ -57,3 +57,27 @@ def test_token_range_task_scores_by_vocabulary_fraction(tiny_model_dir):
     problem = task.next_problem()
     half = len(tokenizer) // 2
     assert task.score(problem, np.array([0, half - 1, half, half + 1], dtype=np.int32)) == (0.5, False)
+
+
+def test_dataset_task_orders_by_seed_skips_holdout_and_scores_with_the_guard(tiny_model_dir, tmp_path):
+    import json
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(10)))
+    config = load_config(None, ["task.name=dataset", "task.dataset.source=jsonl", f"task.dataset.path={path}",
+                                "task.holdout=3", "task.template='Q: {question} Box it: \\boxed{}.'"]).task  # fmt: skip
+    task, again, other = (make_task(config, tokenizer, seed) for seed in (5, 5, 6))
+    try:
+        problems = [task.next_problem() for _ in range(14)]  # two passes over the 7 training problems
+        assert [p.prompt_ids for p in problems] == [again.next_problem().prompt_ids for _ in range(14)]
+        assert [p.answer for p in problems] != [other.next_problem().answer for _ in range(14)]
+        assert sorted(p.answer for p in problems[:7]) == sorted(p.answer for p in problems[7:]) == [str(i) for i in range(1, 8)]
+        text = tokenizer.decode(problems[0].prompt_ids)
+        assert f"Q: What is {int(problems[0].answer) - 1} + 1? Box it: \\boxed{{}}.<|im_end|>" in text
+        reply = np.asarray(tokenizer(f"\\boxed{{{problems[0].answer}}}", add_special_tokens=False)["input_ids"], dtype=np.int32)
+        assert task.score(problems[0], reply) == (1.0, True)
+        assert task.score(problems[1], reply) == (0.0, False)
+    finally:
+        for t in (task, again, other):
+            t.reward.close()

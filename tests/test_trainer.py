@@ -88,7 +88,7 @@ def test_batch_metrics():
 
     metrics = batch_metrics([[s(1.0, 3, True), s(0.0, 1, False)]], version=4)
     assert metrics == {"reward_mean": 0.5, "accuracy": 0.5, "completion_len_mean": 3.0, "samples": 2,
-                       "lag_mean": 2.0, "lag_max": 3}  # fmt: skip
+                       "lag_mean": 2.0, "lag_max": 3, "lag_counts": [0, 1, 0, 1]}  # fmt: skip
 
 
 def test_filter_flat_groups_drops_them_from_the_step_and_counts_them(tiny_model_dir):

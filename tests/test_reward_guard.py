@@ -1,0 +1,84 @@
+"""The reward guard: a reward that raises, hangs or kills its process scores a counted 0; the caller lives on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from actors.reward_guard import GuardedReward
+from protocol.config import load_config
+from protocol.errors import TaskError
+
+PLUGIN = """
+import os, time
+
+def moody(completion, answer):
+    if completion == "raise":
+        raise ZeroDivisionError("bad luck")
+    if completion == "hang":
+        time.sleep(60)
+    if completion == "exit":
+        os._exit(3)
+    return (1.0, True) if completion == answer else (0.0, False)
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "moody_rewards.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "moody_rewards:moody"
+
+
+def guard(function: str, *overrides: str) -> GuardedReward:
+    return GuardedReward(load_config(None, [f"task.reward.function={function}", *overrides]).task)
+
+
+def test_raise_timeout_and_crash_score_zero_and_are_counted(plugin, caplog):
+    reward = guard(plugin, "task.reward.timeout_s=1.0")
+    try:
+        assert reward("7", "7") == (1.0, True)
+        assert reward("raise", "7") == (0.0, False)
+        assert reward("8", "8") == (1.0, True)  # same child, still serving
+        started = time.monotonic()
+        assert reward("hang", "7") == (0.0, False)
+        assert time.monotonic() - started < 5
+        assert reward("9", "9") == (1.0, True)  # a fresh child replaced the hung one
+        assert reward("exit", "7") == (0.0, False)
+        assert reward("6", "6") == (1.0, True)
+        assert reward.failures == {"error": 2, "timeout": 1} and reward.calls == 7
+    finally:
+        reward.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "reward"]
+    assert any("ZeroDivisionError: bad luck" in m for m in messages)
+    assert any("(timeout): no result within 1 s" in m for m in messages)
+    assert messages[-1].endswith("[2 error, 1 timeout of 6 calls so far]")
+
+
+def test_a_child_killed_between_calls_is_replaced(plugin):
+    reward = guard(plugin)
+    try:
+        assert reward("1", "1") == (1.0, True)
+        reward.process.kill()
+        reward.process.join(5)
+        assert reward("2", "2") == (0.0, False)  # the call that finds it dead scores 0 ...
+        assert reward("3", "3") == (1.0, True)  # ... and the next one has a new child
+        assert reward.failures == {"error": 1}
+    finally:
+        reward.close()
+
+
+def test_math_verify_through_the_guard():
+    reward = guard("math_verify", "task.reward.format_weight=0.1")
+    try:
+        assert reward("The answer is $\\boxed{\\frac{1}{2}}$.", "0.5") == (1.1, True)
+        assert reward("The answer is 0.5", "0.5") == (0.0, False)  # no \\boxed{}: no answer in the asked format
+        assert reward.failures == {}
+    finally:
+        reward.close()
+
+
+def test_bad_plugin_is_named_before_any_call():
+    with pytest.raises(TaskError, match="cannot import nowhere_rewards"):
+        guard("nowhere_rewards:fn")
