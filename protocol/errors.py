@@ -17,3 +17,11 @@ class ConfigError(ValueError):
 
 class ModelNotFoundError(FileNotFoundError):
     """A model path or built-in model name does not resolve to a loadable folder."""
+
+
+class RoleFailed(RuntimeError):
+    """A role stopped itself for a named reason; launch.py prints it and exits non-zero."""
+
+
+class GenerationFailuresExceeded(RoleFailed):
+    """Too many generations failed within the configured window (actor.max_generation_failures)."""
