@@ -56,10 +56,13 @@ def group_ordinal(request_id: str) -> int:
 
 
 class FaultyEngine(Engine):
-    """A real engine whose chosen groups hang (their requests never finish) or make one step raise."""
+    """A real engine whose chosen groups hang (their requests never finish) or make one step raise.
 
-    def __init__(self, inner: Engine, faults: FaultInjectionSection) -> None:
-        self.inner, self.faults = inner, faults
+    With `slowdown` s > 1 every step also sleeps (s - 1) times its own duration: a straggler.
+    """
+
+    def __init__(self, inner: Engine, faults: FaultInjectionSection, slowdown: float = 1.0) -> None:
+        self.inner, self.faults, self.slowdown = inner, faults, slowdown
         self.hung: set[str] = set()
         self.raised: set[int] = set()
 
@@ -67,8 +70,11 @@ class FaultyEngine(Engine):
         self.inner.submit(request_id, prompt_ids)
 
     def step(self) -> list[Completion]:
+        started = time.perf_counter()
+        outputs = self.inner.step()
+        time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
         finished = []
-        for c in self.inner.step():
+        for c in outputs:
             group = group_ordinal(c.request_id)
             if group in self.faults.engine_hang:
                 self.hung.add(c.request_id)  # from the actor's side it simply never finishes

@@ -294,8 +294,9 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
     seed = config.run.seed + 1000 * index
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = make_engine(model_dir, config, seed)
-    if config.actor.inject_faults.enabled:
-        engine = FaultyEngine(engine, config.actor.inject_faults)
+    faults = config.actor.inject_faults
+    if faults.enabled:
+        engine = FaultyEngine(engine, faults, faults.slowdown if index in faults.slow_actors else 1.0)
     broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}")
     weights = TcpWeightReceiver(config.endpoints.weights, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
     actor = Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker)

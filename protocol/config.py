@@ -90,10 +90,13 @@ class FaultInjectionSection(Section):
     """The requests of these groups never finish (until actor.request_timeout_s aborts them)."""
     engine_raise: list[int] = []
     """The engine step that would finish one of these groups raises instead."""
+    slow_actors: list[int] = []
+    """Actors (by --index) whose every engine step takes `slowdown` times as long (a straggler)."""
+    slowdown: float = Field(10.0, ge=1.0)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.reward_raise or self.reward_nan or self.engine_hang or self.engine_raise)
+        return bool(self.reward_raise or self.reward_nan or self.engine_hang or self.engine_raise or self.slow_actors)
 
 
 class ActorSection(Section):
