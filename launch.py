@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from protocol.config import RunConfig, load_config
-from protocol.errors import ConfigError, ModelNotFoundError, TaskError
+from protocol.errors import ConfigError, ModelNotFoundError, RoleFailed, TaskError
 from protocol.models import resolve_model, vocab_size
 
 ROLES = ("all", "broker", "actor", "learner", "eval", "parity")
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFoundError, TaskError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RoleFailed as err:
+        print(f"error: {args.role} stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

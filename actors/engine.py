@@ -37,6 +37,10 @@ class Engine:
         """Advance generation a little; return the requests that finished."""
         raise NotImplementedError
 
+    def abort(self, request_ids: list[str]) -> None:
+        """Cancel running requests (unknown or finished ids are ignored); they never show up in step()."""
+        raise NotImplementedError
+
     @property
     def busy(self) -> bool:
         raise NotImplementedError
@@ -57,6 +61,13 @@ class VLLMEngine(Engine):
             temperature=config.sampling.temperature,
             logprobs=0,
         )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Generate once: the first step on CPU is seconds slower, and must not count against request time limits."""
+        self.submit("warm-up", [0, 1, 2, 3])
+        while self.busy:
+            self.step()
 
     def submit(self, request_id: str, prompt_ids: list[int]) -> None:
         from vllm.inputs import TokensPrompt
@@ -73,6 +84,9 @@ class VLLMEngine(Engine):
             logprobs = np.asarray([lp[t].logprob for t, lp in zip(ids.tolist(), completion.logprobs)], dtype=np.float32)
             finished.append(Completion(output.request_id, ids, logprobs, str(completion.finish_reason)))
         return finished
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.engine.abort_request(list(request_ids))
 
     @property
     def busy(self) -> bool:

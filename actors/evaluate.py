@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from actors.datasets import Record
+from actors.reward_guard import RewardFailed
 from protocol.config import RunConfig
 from protocol.errors import TaskError
 from protocol.models import resolve_model
@@ -162,8 +163,8 @@ def _generate(config: RunConfig, llm, prompts: list[list[int]]) -> tuple[list, l
 
 
 def _score(task, record: Record, greedy, sampled: list) -> dict[str, Any]:
-    reward, correct = task.reward(greedy.text, record.answer)
-    sampled_correct = [task.reward(s.text, record.answer)[1] for s in sampled]
+    reward, correct = _judge(task, greedy.text, record.answer)
+    sampled_correct = [_judge(task, s.text, record.answer)[1] for s in sampled]
     return {
         "id": record.id,
         "question": record.question,
@@ -176,6 +177,14 @@ def _score(task, record: Record, greedy, sampled: list) -> dict[str, Any]:
         "samples": len(sampled),
         "samples_correct": int(sum(sampled_correct)),
     }
+
+
+def _judge(task, reply: str, answer: str) -> tuple[float, bool]:
+    """The task's reward of one reply; one that cannot be scored (counted by the guard) is wrong."""
+    try:
+        return task.reward(reply, answer)
+    except RewardFailed:
+        return 0.0, False
 
 
 def _summary(config: RunConfig, model: str, rows: list[dict[str, Any]], failures: int, seconds: float) -> dict[str, Any]:

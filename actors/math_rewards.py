@@ -7,7 +7,7 @@ plug-in named `package.module:callable`.
 Plug-in interface: `fn(completion: str, answer: str) -> float | tuple[float, bool]`,
 called with the decoded completion and the record's gold answer (a string). A bare
 float counts as correct when it is at least 1.0. It may raise or hang: the guard
-turns both into a counted, logged 0.
+counts and logs both, and the actor drops that group (never a made-up reward).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 math-verify (sympy) and user plug-ins can hang or raise on odd model output. A thread
 cannot be stopped and math-verify's own `signal.alarm` timeouts only work on the main
 thread, so every call goes to one spawned child over a pipe: an exception there, a
-call past `timeout_s`, or a dead child scores 0, is counted by kind and logged, and the
-child is replaced. The actor never dies of its reward function.
+call past `timeout_s`, or a dead child is counted by kind, logged, and raised as
+`RewardFailed` (the child is replaced). The actor then drops the group rather than
+train on a made-up reward; the eval counts the reply as wrong. Neither ever dies of
+its reward function.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ log = logging.getLogger("reward")
 START_TIMEOUT_S = 120.0  # a cold child imports sympy and math-verify; on a loaded 2-core machine that can take a while
 
 
+class RewardFailed(RuntimeError):
+    """The reward could not be computed; `kind` is 'error' or 'timeout'."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
 class GuardedReward:
-    """`guard(completion, gold) -> (reward, correct)`; `failures` counts 'timeout' and 'error' calls."""
+    """`guard(completion, gold) -> (reward, correct)` or RewardFailed; `failures` counts 'timeout' and 'error' calls."""
 
     def __init__(self, task: TaskSection) -> None:
         self.process: mp.process.BaseProcess | None = None
@@ -69,11 +79,11 @@ class GuardedReward:
 
     def _fail(self, kind: str, detail: str, restart: bool) -> tuple[float, bool]:
         self.failures[kind] += 1
-        log.warning("reward %s scored 0 (%s): %s [%s of %d calls so far]", self.args[0], kind, detail,
+        log.warning("reward %s failed (%s): %s [%s of %d calls so far]", self.args[0], kind, detail,
                     ", ".join(f"{n} {k}" for k, n in sorted(self.failures.items())), self.calls)  # fmt: skip
         if restart:
             self.close()
-        return 0.0, False
+        raise RewardFailed(kind, detail)
 
     def __del__(self) -> None:
         self.close()

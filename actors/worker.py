@@ -1,9 +1,12 @@
-"""The actor loop: admit prompts while credits allow, step the engine, stream finished samples.
+"""The actor loop: admit prompts while credits allow, step the engine, send scored groups.
 
-Each prompt becomes a group of `group_size` requests stamped with the policy
-version the engine holds. Finished samples are scored and sent at once; the broker
-acknowledges each one, and anything not acknowledged is sent again (the broker
-drops duplicates by (actor id, incarnation, seq)). When the broker reports a newer
+Each prompt becomes a group of `group_size` requests (plus `sampling.oversample`
+spares: the first `group_size` to finish win, the rest are cancelled) stamped with
+the policy version the engine holds. A group is scored and sent once complete; the
+broker acknowledges each sample, and anything not acknowledged is sent again (the
+broker drops duplicates by (actor id, incarnation, seq)). A group whose generation
+or scoring fails, or that became too stale to be trained on, is aborted and dropped,
+never sent with a made-up reward (see actors/faults.py). When the broker reports a newer
 policy version the actor stops admitting, lets running requests finish, fetches the
 new weights and applies them before generating again. With `broker.max_policy_lag: 0`
 the run is synchronous: each actor generates exactly its share of one learner step
@@ -14,15 +17,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from actors.engine import Completion, Engine
+from actors.faults import FailureBudget, FaultyEngine, group_ordinal, injected_reward_fault
+from actors.reward_guard import RewardFailed
 from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import RunConfig
@@ -32,13 +40,15 @@ from protocol.weights import WeightReceiver
 
 log = logging.getLogger("actor")
 IDLE_POLL_S = 0.05
+ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
 
 
 @dataclass
 class OpenGroup:
     problem: Problem
     version_start: int
-    remaining: int
+    running: dict[str, float]  # request id -> monotonic time it was submitted
+    done: list[Completion]
 
 
 class RateMeter:
@@ -73,6 +83,8 @@ class Actor:
         self.weight_updates = 0
         self.started_at_version = 0
         self.quota = _sync_quota(config, index)
+        self.failures = FailureBudget(config.actor.max_generation_failures, config.actor.failure_window_s)
+        self.counters: Counter[str] = Counter({name: 0 for name in ACTOR_COUNTERS})
 
     def run(self, stop: threading.Event) -> None:
         self._call(m.HELLO, {})
@@ -81,19 +93,38 @@ class Actor:
                 self._update_weights()
             self._admit()
             if self.engine.busy:
-                started = time.perf_counter()
-                finished = self.engine.step()
-                self.meter.add(sum(len(c.token_ids) for c in finished), time.perf_counter() - started)
-                self._send(self._finish(finished))
+                self._step_engine()
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
+            self._abort_overdue()
             self._resend_overdue()
-        log.info("%s stopping: %d weight updates, %d unacked", self.actor_id, self.weight_updates, len(self.unacked))
+        log.info("%s stopping: %d weight updates, %d unacked, %s", self.actor_id, self.weight_updates, len(self.unacked),
+                 dict(self.stats()))  # fmt: skip
+
+    def stats(self) -> dict[str, int]:
+        """Every counter of this actor: generation failures by cause, drops, cancellations, what was sent."""
+        return {**self.counters, **self.failures.counts, "groups_open": len(self.groups), "version": self.version,
+                "weight_updates": self.weight_updates}  # fmt: skip
 
     @property
     def in_flight_samples(self) -> int:
-        return sum(g.remaining for g in self.groups.values())
+        n = self.config.sampling.group_size
+        return sum(n - len(g.done) for g in self.groups.values())
+
+    def _step_engine(self) -> None:
+        started = time.perf_counter()
+        try:
+            finished = self.engine.step()
+        except Exception as err:  # an engine error costs the groups in flight, never the actor
+            log.error("%s: engine step failed, dropping %d groups in flight: %r", self.actor_id, len(self.groups), err)
+            self.counters["dropped_groups"] += len(self.groups)
+            self._abort(list(self.groups))
+            self.failures.record("engine_error", repr(err))
+            return
+        self.meter.add(sum(len(c.token_ids) for c in finished), time.perf_counter() - started)
+        for c in finished:
+            self._finish(c)
 
     def _admit(self) -> None:
         """Start new groups while the broker has room for them and the weights are current."""
@@ -107,20 +138,47 @@ class Actor:
             self.started_at_version += 1
             group_id = f"{self.actor_id}-{self.incarnation}-{next(self.group_ids)}"
             problem = self.task.next_problem()
-            self.groups[group_id] = OpenGroup(problem, self.version, n)
-            for i in range(n):
-                self.engine.submit(f"{group_id}/{i}", problem.prompt_ids)
+            now = time.monotonic()
+            requests = [f"{group_id}/{i}" for i in range(n + self.config.sampling.oversample)]
+            self.groups[group_id] = OpenGroup(problem, self.version, dict.fromkeys(requests, now), [])
+            for request_id in requests:
+                self.engine.submit(request_id, problem.prompt_ids)
+            self.counters["groups_started"] += 1
 
-    def _finish(self, completions: list[Completion]) -> list[Sample]:
+    def _finish(self, c: Completion) -> None:
+        """File a finished request; when its group has group_size of them, cancel the spares and send the group."""
+        group_id = c.request_id.rpartition("/")[0]
+        group = self.groups.get(group_id)
+        if group is None or group.running.pop(c.request_id, None) is None:
+            return  # its group was dropped meanwhile
+        group.done.append(c)
+        if len(group.done) < self.config.sampling.group_size:
+            return
+        if group.running:
+            self.engine.abort(list(group.running))
+            self.counters["oversample_cancelled"] += len(group.running)
+        del self.groups[group_id]
+        samples = self._score(group_id, group)
+        if samples:
+            self._send(samples)
+            self.counters["groups_sent"] += 1
+            self.counters["samples_sent"] += len(samples)
+
+    def _score(self, group_id: str, group: OpenGroup) -> list[Sample] | None:
+        """The group's samples with their rewards, or None (dropped, counted) if any reward could not be computed."""
         samples = []
-        for c in completions:
-            group_id, _, index = c.request_id.rpartition("/")
-            group = self.groups[group_id]
-            group.remaining -= 1
-            if group.remaining == 0:
-                del self.groups[group_id]
-            reward, correct = self.task.score(group.problem, c.token_ids)
-            if index == "0" and group_id.endswith("0"):  # every tenth group: show what the model writes
+        for index, c in enumerate(group.done):
+            try:
+                reward, correct = self.task.score(group.problem, c.token_ids)
+                injected = injected_reward_fault(self.config.actor.inject_faults, group_ordinal(c.request_id))
+                reward = reward if injected is None else injected
+            except RewardFailed as err:  # raised, hung or crashed in the guarded child (counted there too)
+                return self._fail(group_id, f"reward_{err.kind}", str(err))
+            except Exception as err:  # a reward function run in-process may fail in any way
+                return self._fail(group_id, "reward_error", repr(err))
+            if not math.isfinite(reward):
+                return self._fail(group_id, "reward_nan", f"reward {reward!r}")
+            if index == 0 and group_id.endswith("0"):  # every tenth group: show what the model writes
                 text = self.task.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                 log.info("%s v%d sample: %r -> reward %.2f", self.actor_id, self.version, text, reward)
             samples.append(
@@ -131,7 +189,7 @@ class Actor:
                     reward=reward,
                     group_id=group_id,
                     group_size=self.config.sampling.group_size,
-                    index=int(index),
+                    index=index,
                     version_start=group.version_start,
                     version_end=self.version,
                     actor_id=self.actor_id,
@@ -142,6 +200,32 @@ class Actor:
                 )
             )
         return samples
+
+    def _fail(self, group_id: str, cause: str, detail: str) -> None:
+        """A dropped group counts against the failure budget, with its cause in the log."""
+        log.error("%s: dropping group %s: %s: %s", self.actor_id, group_id, cause, detail)
+        self.counters["dropped_groups"] += 1
+        self.failures.record(cause, detail)
+
+    def _abort(self, group_ids: list[str]) -> None:
+        """Cancel every running request of these groups in the engine and forget the groups."""
+        for group_id in group_ids:
+            self.engine.abort(list(self.groups.pop(group_id).running))
+
+    def _abort_overdue(self) -> None:
+        """Abort groups with a request past its time limit (failures), and groups too stale to be trained on."""
+        now, limit = time.monotonic(), self.config.actor.request_timeout_s
+        for group_id, group in list(self.groups.items()):
+            late = sum(now - submitted > limit for submitted in group.running.values())
+            if late:
+                self._abort([group_id])
+                self._fail(group_id, "generation_timeout", f"{late} requests ran over {limit:g} s")
+        lag = self.config.broker.max_policy_lag
+        stale = [g for g, group in self.groups.items() if self.broker_version - group.version_start > lag]
+        if stale:
+            log.info("%s: aborting %d groups the broker would drop as stale", self.actor_id, len(stale))
+            self._abort(stale)
+            self.counters["aborted_stale_groups"] += len(stale)
 
     def _send(self, samples: list[Sample]) -> None:
         if not samples:
@@ -160,7 +244,8 @@ class Actor:
 
     def _call(self, kind: str, body: dict[str, Any], samples: list[Sample] = ()) -> None:
         """One request to the broker; a timeout is logged and retried later, never fatal."""
-        body = {**body, "actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate()}
+        body = {**body, "actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate(),
+                "counters": self.stats()}  # fmt: skip
         try:
             _, reply, _ = self.broker.request(kind, body, samples=samples)
         except TimeoutError as err:
@@ -212,10 +297,16 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
     seed = config.run.seed + 1000 * index
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = make_engine(model_dir, config, seed)
+    faults = config.actor.inject_faults
+    if faults.enabled:
+        engine = FaultyEngine(engine, faults, faults.slowdown if index in faults.slow_actors else 1.0)
     broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}")
     weights = TcpWeightReceiver(config.endpoints.weights, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
+    actor = Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker)
     try:
-        Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker).run(stop)
+        actor.run(stop)
     finally:
+        stats_path = config.run.dir / f"actor-{index}_stats.json"
+        stats_path.write_bytes(orjson.dumps(actor.stats(), option=orjson.OPT_INDENT_2))
         broker.close()
         weights.close()

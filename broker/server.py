@@ -43,6 +43,7 @@ class Broker:
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.actor_seen: dict[str, float] = {}  # actor -> monotonic time of its last message
         self.actor_rates: dict[str, float] = {}  # actor -> the generation tokens/s it last reported
+        self.actor_counters: dict[str, dict] = {}  # actor -> the counters it last reported (failures, drops, ...)
         self.inflight: tuple[int, list[list[Sample]]] | None = None
         self.next_batch_id = 1
         self.finished_at: float | None = None
@@ -157,6 +158,8 @@ class Broker:
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)
+        if isinstance(body.get("counters"), dict):
+            self.actor_counters[actor] = body["counters"]
         return actor
 
     def _live_actors(self) -> set[str]:
@@ -182,6 +185,8 @@ class Broker:
             "rejected_by_reason": dict(self.rejected),
             "actors": len(live),
             "gen_tokens_per_s": sum(self.actor_rates.get(a, 0.0) for a in live),
+            "actor_gen_tokens_per_s": {a: self.actor_rates.get(a, 0.0) for a in sorted(live)},
+            "actor_counters": self.actor_counters,
         }
 
     def write_stats(self) -> None:

@@ -168,6 +168,7 @@ def train_loop(
             lr=trainer.lr,
             wait_seconds=source.waited_s,
             gen_tokens_per_s=got[1].get("gen_tokens_per_s", 0.0),
+            actor_gen_tokens_per_s=got[1].get("actor_gen_tokens_per_s", {}),
             dropped_stale=got[1].get("dropped_stale", 0),
             time=time.time() - started,
         )

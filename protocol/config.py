@@ -82,7 +82,7 @@ class RewardSection(Section):
     format_weight: float = Field(0.0, ge=0.0)
     """Added to the reward when the reply gives its answer in `task.answer_format` (built-in functions)."""
     timeout_s: float = Field(5.0, gt=0)
-    """Per call; a call that runs longer, or raises, scores 0 and is counted and logged."""
+    """Per call; a call that runs longer, or raises, is counted and logged, and the actor drops its group."""
 
 
 class TaskSection(Section):
@@ -120,6 +120,8 @@ class SamplingSection(Section):
     group_size: int = Field(4, ge=2)
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0.0)
+    oversample: int = Field(0, ge=0)
+    """Extra requests per prompt: the first group_size to finish form the group, the rest are cancelled (stragglers)."""
 
 
 class EndpointsSection(Section):
@@ -146,6 +148,26 @@ class BrokerSection(Section):
     """Larger messages are refused (ZeroMQ drops the peer's message, decode rejects it)."""
 
 
+class FaultInjectionSection(Section):
+    """For tests only: make chosen groups (the actor's own group numbers, from 0) fail on purpose."""
+
+    reward_raise: list[int] = []
+    """The reward function raises on these groups."""
+    reward_nan: list[int] = []
+    """The reward function returns NaN on these groups."""
+    engine_hang: list[int] = []
+    """The requests of these groups never finish (until actor.request_timeout_s aborts them)."""
+    engine_raise: list[int] = []
+    """The engine step that would finish one of these groups raises instead."""
+    slow_actors: list[int] = []
+    """Actors (by --index) whose every engine step takes `slowdown` times as long (a straggler)."""
+    slowdown: float = Field(10.0, ge=1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.reward_raise or self.reward_nan or self.engine_hang or self.engine_raise or self.slow_actors)
+
+
 class ActorSection(Section):
     count: int = Field(1, ge=1)
     engine: Literal["vllm"] = "vllm"
@@ -153,6 +175,12 @@ class ActorSection(Section):
     groups_in_flight: int = Field(4, ge=1)
     kv_cache_gb: int = Field(1, ge=1)
     resend_after_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    """A request running longer is aborted and its group dropped (counted as generation_timeout)."""
+    max_generation_failures: int = Field(20, ge=0)
+    """More failed generations (engine errors, timeouts, reward errors) than this within failure_window_s stop the actor."""
+    failure_window_s: float = Field(300.0, gt=0)
+    inject_faults: FaultInjectionSection = FaultInjectionSection()
 
 
 class LearnerSection(Section):

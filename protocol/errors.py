@@ -21,3 +21,11 @@ class ModelNotFoundError(FileNotFoundError):
 
 class TaskError(ValueError):
     """A task's problems or reward function cannot be loaded (missing file or field, unknown generator, bad plug-in)."""
+
+
+class RoleFailed(RuntimeError):
+    """A role stopped itself for a named reason; launch.py prints it and exits non-zero."""
+
+
+class GenerationFailuresExceeded(RoleFailed):
+    """Too many generations failed within the configured window (actor.max_generation_failures)."""

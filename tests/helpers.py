@@ -1,11 +1,18 @@
-"""Sample and group builders shared by the tests."""
+"""Sample and group builders, and role processes, shared by the tests."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from protocol.sample import Sample
+from tests.conftest import ROOT
 
 
 def make_sample(**overrides) -> Sample:
@@ -50,3 +57,26 @@ def make_groups(model, num_groups: int = 2, n: int = 4, length: int = 6, seed: i
             ))  # fmt: skip
         groups.append(group)
     return groups
+
+
+def start_role(role: str, run_dir: Path, endpoints: dict[str, str], *extra: str, name: str = "") -> subprocess.Popen:
+    """`launch.py --role role` on configs/tiny.yaml (10 steps) with `extra` arguments; output in <run_dir>/<name or role>.log."""
+    log = (run_dir / f"{name or role}.log").open("ab")
+    cmd = [
+        sys.executable, str(ROOT / "launch.py"), "--role", role, "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
+        "train.steps=10", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(run_dir)})
+
+
+def steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)

@@ -1,4 +1,4 @@
-"""The reward guard: a reward that raises, hangs or kills its process scores a counted 0; the caller lives on."""
+"""The reward guard: a reward that raises, hangs or kills its process is a named, counted RewardFailed; the caller lives on."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from actors.reward_guard import GuardedReward
+from actors.reward_guard import GuardedReward, RewardFailed
 from protocol.config import load_config
 from protocol.errors import TaskError
 
@@ -35,17 +35,20 @@ def guard(function: str, *overrides: str) -> GuardedReward:
     return GuardedReward(load_config(None, [f"task.reward.function={function}", *overrides]).task)
 
 
-def test_raise_timeout_and_crash_score_zero_and_are_counted(plugin, caplog):
+def test_raise_timeout_and_crash_are_named_and_counted(plugin, caplog):
     reward = guard(plugin, "task.reward.timeout_s=1.0")
     try:
         assert reward("7", "7") == (1.0, True)
-        assert reward("raise", "7") == (0.0, False)
+        with pytest.raises(RewardFailed, match="error: ZeroDivisionError: bad luck"):
+            reward("raise", "7")
         assert reward("8", "8") == (1.0, True)  # same child, still serving
         started = time.monotonic()
-        assert reward("hang", "7") == (0.0, False)
-        assert time.monotonic() - started < 5
+        with pytest.raises(RewardFailed, match="timeout: no result within 1 s") as hung:
+            reward("hang", "7")
+        assert hung.value.kind == "timeout" and time.monotonic() - started < 5
         assert reward("9", "9") == (1.0, True)  # a fresh child replaced the hung one
-        assert reward("exit", "7") == (0.0, False)
+        with pytest.raises(RewardFailed, match="the reward process died"):
+            reward("exit", "7")
         assert reward("6", "6") == (1.0, True)
         assert reward.failures == {"error": 2, "timeout": 1} and reward.calls == 7
     finally:
@@ -62,7 +65,8 @@ def test_a_child_killed_between_calls_is_replaced(plugin):
         assert reward("1", "1") == (1.0, True)
         reward.process.kill()
         reward.process.join(5)
-        assert reward("2", "2") == (0.0, False)  # the call that finds it dead scores 0 ...
+        with pytest.raises(RewardFailed, match="died"):  # the call that finds it dead fails ...
+            reward("2", "2")
         assert reward("3", "3") == (1.0, True)  # ... and the next one has a new child
         assert reward.failures == {"error": 1}
     finally:

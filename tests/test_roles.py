@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import start_role, steps_done, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def start_role(role: str, run_dir: Path, endpoints: dict[str, str], *extra: str) -> subprocess.Popen:
-    log = (run_dir / f"{role}.log").open("ab")
-    cmd = [
-        sys.executable, str(ROOT / "launch.py"), "--role", role, "--config", str(ROOT / "configs" / "tiny.yaml"),
-        f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
-        "train.steps=10", *extra,
-    ]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(run_dir)})
-
-
-def steps_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_separate_roles_survive_a_broker_crash(tmp_path, endpoints):

@@ -1,5 +1,5 @@
 """A real run (all roles, tiny model) on a reasoning-gym task with a plug-in reward that sometimes raises:
-the actor survives, counts and logs the zeros; TensorBoard and the plot command work on the run directory."""
+the actor survives and drops those groups, named and counted; TensorBoard and the plot command work on the run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 PLUGIN = """
 def flaky(completion, answer):
-    if len(completion) % 3 == 0:
+    if answer.endswith("7"):  # about one problem in ten
         raise ValueError("cannot judge this one")
     return float(len(completion) % 2)
 """
@@ -30,7 +30,8 @@ def test_reasoning_gym_run_with_a_flaky_plugin_reward(tmp_path, endpoints, monke
     assert all(sum(r["lag_counts"]) == r["samples"] for r in rows)
     assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
     actor_log = (run_dir / "logs" / "actor-0.log").read_text()
-    assert "reward flaky_rewards:flaky scored 0 (error): ValueError: cannot judge this one" in actor_log
+    assert "reward flaky_rewards:flaky failed (error): ValueError: cannot judge this one" in actor_log
+    assert "reward_error: error: ValueError: cannot judge this one" in actor_log  # its group was dropped
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert launch_py.main(["plot", str(run_dir)]) == 0
     assert all((run_dir / name).stat().st_size > 10_000 for name in ("reward.png", "lag.png", "off_policy.png", "throughput.png"))
