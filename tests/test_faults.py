@@ -28,7 +28,7 @@ def test_failure_budget_stops_only_on_a_flood():
     budget.record("reward_nan", "w")
     with pytest.raises(GenerationFailuresExceeded, match=r"3 generation failures within 0.3 s \(limit 2\); last: reward_error: v"):
         budget.record("reward_error", "v")
-    assert dict(budget.counts) == {"engine_error": 1, "generation_timeout": 1, "reward_error": 2, "reward_nan": 1}
+    assert dict(budget.counts) == {"engine_error": 1, "generation_timeout": 1, "reward_error": 2, "reward_timeout": 0, "reward_nan": 1}
 
 
 def test_group_ordinal_reads_request_ids():
