@@ -42,7 +42,7 @@ class Engine:
         raise NotImplementedError
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Replace the weights in place; callers only do so while the engine is idle."""
+        """Replace the weights in place, between steps; running requests go on with the new weights."""
         raise NotImplementedError
 
 
@@ -91,7 +91,9 @@ class VLLMEngine(Engine):
         """On CPU vLLM's own reload keeps stale packed weights (see vllm_cpu_weights); repack ourselves."""
         worker = self.engine.engine_core.engine_core.model_executor.driver_worker.worker
         load_into_vllm_cpu(worker.model_runner.get_model(), state_dict)
-        self.llm.reset_prefix_cache()
+        # Running requests (in-flight updates) are preempted and their KV recomputed with the new weights;
+        # the tokens and log-probs they already produced stay as sampled.
+        self.llm.reset_prefix_cache(reset_running_requests=True)
 
 
 def _set_cpu_environment(kv_cache_gb: int, threads: int) -> None:

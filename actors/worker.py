@@ -5,7 +5,9 @@ version the engine holds. Finished samples are scored and sent at once; the brok
 acknowledges each one, and anything not acknowledged is sent again (the broker
 drops duplicates by (actor id, incarnation, seq)). When the broker reports a newer
 policy version the actor stops admitting, lets running requests finish, fetches the
-new weights and applies them before generating again. With `broker.max_policy_lag: 0`
+new weights and applies them before generating again; with `actor.weight_update:
+in_flight` (PipelineRL) it applies them between engine steps instead, and each sample
+records the versions it spanned (version_start..version_end). With `broker.max_policy_lag: 0`
 the run is synchronous: each actor generates exactly its share of one learner step
 per policy version, so generation and training strictly alternate.
 """
@@ -26,6 +28,7 @@ from actors.engine import Completion, Engine
 from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import RunConfig
+from protocol.errors import WeightTransferError
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightReceiver
@@ -73,11 +76,13 @@ class Actor:
         self.weight_updates = 0
         self.started_at_version = 0
         self.quota = _sync_quota(config, index)
+        self.in_flight = config.actor.weight_update == "in_flight"
+        self.last_heard = 0.0
 
     def run(self, stop: threading.Event) -> None:
         self._call(m.HELLO, {})
         while not stop.is_set() and not self.stop_requested:
-            if self.broker_version > self.version and not self.engine.busy:
+            if self.broker_version > self.version and (self.in_flight or not self.engine.busy):
                 self._update_weights()
             self._admit()
             if self.engine.busy:
@@ -85,6 +90,8 @@ class Actor:
                 finished = self.engine.step()
                 self.meter.add(sum(len(c.token_ids) for c in finished), time.perf_counter() - started)
                 self._send(self._finish(finished))
+                if self.in_flight and time.monotonic() - self.last_heard > IDLE_POLL_S:
+                    self._call(m.PING, {})  # hear of new versions while requests run
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
@@ -99,7 +106,7 @@ class Actor:
         """Start new groups while the broker has room for them and the weights are current."""
         n = self.config.sampling.group_size
         while (
-            self.broker_version <= self.version
+            (self.in_flight or self.broker_version <= self.version)
             and len(self.groups) < self.config.actor.groups_in_flight
             and self.credits - self.in_flight_samples - len(self.unacked) >= n
             and (self.quota is None or self.started_at_version < self.quota)
@@ -163,6 +170,7 @@ class Actor:
         body = {**body, "actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate()}
         try:
             _, reply, _ = self.broker.request(kind, body, samples=samples)
+            self.last_heard = time.monotonic()
         except TimeoutError as err:
             log.warning("%s: %s", self.actor_id, err)
             return
@@ -179,8 +187,8 @@ class Actor:
         started = time.monotonic()
         try:
             fetched = self.weights.fetch(self.version)
-        except TimeoutError as err:
-            log.warning("%s: weights not reachable yet: %s", self.actor_id, err)
+        except WeightTransferError as err:  # counted by the receiver; the old weights stay in place
+            log.warning("%s: weight transfer failed, keeping v%d: %s", self.actor_id, self.version, err)
             time.sleep(IDLE_POLL_S)
             return
         if fetched is None:
@@ -207,13 +215,13 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
 
     from actors.engine import make_engine
     from actors.tasks import make_task
-    from actors.weights import TcpWeightReceiver
+    from actors.weights import make_weight_receiver
 
     seed = config.run.seed + 1000 * index
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = make_engine(model_dir, config, seed)
     broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}")
-    weights = TcpWeightReceiver(config.endpoints.weights, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
+    weights = make_weight_receiver(config, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
     try:
         Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker).run(stop)
     finally:

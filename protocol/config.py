@@ -84,6 +84,9 @@ class ActorSection(Section):
     groups_in_flight: int = Field(4, ge=1)
     kv_cache_gb: int = Field(1, ge=1)
     resend_after_s: float = Field(5.0, gt=0)
+    weight_update: Literal["between_batches", "in_flight"] = "between_batches"
+    """between_batches: stop admitting, drain, then load new weights. in_flight (PipelineRL): load them
+    between engine steps while requests run; samples record the versions they spanned."""
 
 
 class LearnerSection(Section):
@@ -95,8 +98,13 @@ class LearnerSection(Section):
     mixed_precision: bool = True
     """GPU only: bf16 parameters and activations, fp32 gradient reduction."""
     activation_checkpointing: bool = False
-    weight_transport: Literal["tcp"] = "tcp"
-    """How new weights reach actors; `tcp` is the CPU channel (NCCL lands in a later issue)."""
+    weight_transport: Literal["auto", "tcp", "shm", "nccl", "cuda_ipc"] = "auto"
+    """How new weights reach actors (docs/weights.md): `auto` takes `shm` when the weight endpoint is on
+    loopback (every actor shares the learner's host), else `tcp`; `nccl`/`cuda_ipc` need CUDA."""
+    weight_bucket_mb: int = Field(64, gt=0)
+    """Weights travel as flat buckets of about this size, each with its own checksum."""
+    nccl_actors: int = Field(1, ge=1)
+    """nccl: how many actor ranks join the broadcast group (the learner is rank 0)."""
 
 
 class TrainSection(Section):

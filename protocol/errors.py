@@ -17,3 +17,7 @@ class ConfigError(ValueError):
 
 class ModelNotFoundError(FileNotFoundError):
     """A model path or built-in model name does not resolve to a loadable folder."""
+
+
+class WeightTransferError(ProtocolError):
+    """A weight transfer failed (`reason`: bad_manifest, size, checksum, incomplete, timeout, ...); the old weights stay."""
