@@ -6,6 +6,9 @@ with an older version gets the manifest, then either the name of the segment (sa
 host, `shm`) or the buckets streamed as one ZeroMQ message each (everything else).
 Only the newest version is served, so a slow or late-joining actor catches up in one
 transfer; a superseded segment is unlinked at once (readers that mapped it keep it).
+`tcp` stages into two reused buffers (fresh memory costs ~10x a warm copy here): a
+stream of version v-1 still in flight when v+1 is written carries torn bytes, which
+the receiver's checksums reject, and it asks again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ log = logging.getLogger("learner.weights")
 @dataclass
 class Published:
     manifest: Manifest
+    flat: torch.Tensor
     buckets: list[torch.Tensor]
     segment: Segment | None = None
 
@@ -43,6 +47,7 @@ class WeightServer(WeightSender):
         self.host = host_id()
         self.served = {"shm": 0, "stream": 0}
         self._latest: Published | None = None
+        self._spare: torch.Tensor | None = None  # tcp: the buffer of the version before the latest, reused
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -54,13 +59,19 @@ class WeightServer(WeightSender):
         tensors = unique_tensors(state_dict)
         manifest = plan(tensors, self.bucket_bytes, version)
         segment = Segment(version, manifest.total_bytes) if self.shm else None
-        flat = as_bytes(segment.map)[: manifest.total_bytes] if segment else torch.empty(manifest.total_bytes, dtype=torch.uint8)
+        flat = as_bytes(segment.map)[: manifest.total_bytes] if segment else self._heap(manifest.total_bytes)
         buckets = bucket_views(flat, manifest)
         pack(tensors, manifest, buckets)
         with self._lock:
-            old, self._latest = self._latest, Published(manifest, buckets, segment)
+            old, self._latest = self._latest, Published(manifest, flat, buckets, segment)
         if old and old.segment:
             old.segment.unlink()
+        elif old:
+            self._spare = old.flat
+
+    def _heap(self, nbytes: int) -> torch.Tensor:
+        spare, self._spare = self._spare, None
+        return spare[:nbytes] if spare is not None and spare.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
 
     def _serve(self) -> None:
         socket = bind_router(self.endpoint, 1 << 20)

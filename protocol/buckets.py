@@ -7,7 +7,8 @@ A receiver checks every bucket against the manifest as it arrives and rebuilds t
 state dict only when all of them arrived and verified, so a torn or corrupted
 transfer is a `WeightTransferError` and never a half-applied model.
 
-Checksums: `crc32` (zlib, on CPU bytes) for the CPU transports; `sum64` (a
+Checksums: `xxh3` (64-bit xxHash, ~6 GB/s on CPU bytes here, where zlib's CRC-32
+runs at 0.6-2.3 GB/s and would cost more than the transfer) for the CPU transports; `sum64` (a
 position-weighted sum of 64-bit words, modulo 2**64, so any summation order gives
 the same value) for GPU buckets, where it runs on the device.
 """
@@ -15,18 +16,18 @@ the same value) for GPU buckets, where it runs on the device.
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from protocol.errors import WeightTransferError
 
 ALIGN = 64  # tensor offsets and bucket sizes are multiples of this: any dtype view is aligned
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")}
-CHECKSUMS = ("crc32", "sum64")
+CHECKSUMS = ("xxh3", "sum64")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Manifest:
     tensors: list[TensorEntry]
     bucket_sizes: list[int]
     checksums: list[int] = field(default_factory=list)
-    checksum: str = "crc32"
+    checksum: str = "xxh3"
 
     @property
     def total_bytes(self) -> int:
@@ -93,7 +94,7 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def plan(state_dict: dict[str, torch.Tensor], bucket_bytes: int, version: int, checksum: str = "crc32") -> Manifest:
+def plan(state_dict: dict[str, torch.Tensor], bucket_bytes: int, version: int, checksum: str = "xxh3") -> Manifest:
     """Lay tensors out into buckets in state-dict order (checksums are filled in by `pack`)."""
     tensors, sizes, used = [], [], 0
     for name, tensor in state_dict.items():
@@ -122,8 +123,8 @@ def pack(state_dict: dict[str, torch.Tensor], manifest: Manifest, buckets: list[
 
 
 def checksum(kind: str, bucket: torch.Tensor) -> int:
-    if kind == "crc32":
-        return zlib.crc32(bucket.cpu().numpy()) if bucket.numel() else 0
+    if kind == "xxh3":
+        return xxhash.xxh3_64_intdigest(bucket.cpu().numpy()) if bucket.numel() else 0
     words = bucket.view(torch.int64)
     weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=bucket.device)
     return int((words * weights).sum()) & 0xFFFFFFFFFFFFFFFF

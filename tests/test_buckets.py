@@ -24,7 +24,7 @@ def mixed_state() -> dict[str, torch.Tensor]:
     }
 
 
-def packed(state: dict[str, torch.Tensor], bucket_bytes: int, kind: str = "crc32") -> tuple[Manifest, list[torch.Tensor]]:
+def packed(state: dict[str, torch.Tensor], bucket_bytes: int, kind: str = "xxh3") -> tuple[Manifest, list[torch.Tensor]]:
     manifest = plan(state, bucket_bytes, version=3, checksum=kind)
     flat = torch.zeros(manifest.total_bytes, dtype=torch.uint8)
     buckets = bucket_views(flat, manifest)
@@ -46,7 +46,7 @@ def test_layout_keeps_tensors_whole_aligned_and_within_their_bucket():
     assert manifest.bucket_offsets == [0, 19200]
 
 
-@pytest.mark.parametrize("kind", ["crc32", "sum64"])
+@pytest.mark.parametrize("kind", ["xxh3", "sum64"])
 @pytest.mark.parametrize("bucket_bytes", [64, 4096, 1 << 20])
 def test_round_trip_is_bit_exact_for_every_dtype(kind, bucket_bytes):
     state = mixed_state()

@@ -122,7 +122,7 @@ def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
 
 
 def test_sender_killed_mid_stream_leaves_old_weights_and_the_actor_catches_up_later(endpoints):
-    endpoint, width = endpoints["weights"], 512  # ~1.6 MB of weights in 64 KiB buckets
+    endpoint, width = endpoints["weights"], 2048  # ~67 MB in 64 KiB buckets: far more than socket buffers hold
     client = WeightClient(endpoint, "actor-test", timeout_s=2)
     current = (0, {k: v.clone() for k, v in state(0, width).items()})
     sender = start_sender(endpoint, "tcp", 1, width)
