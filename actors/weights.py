@@ -49,11 +49,15 @@ class WeightClient(WeightReceiver):
         if kind != m.WEIGHTS:
             raise WeightTransferError("refused", f"{self.endpoint} answered {kind}: {body.get('reason')} {body.get('detail', '')}")
         assembler = Assembler(Manifest.from_wire(body.get("manifest")))
+        self._receive(assembler, body, rid, progress)
+        return assembler.manifest.version, assembler.state_dict()
+
+    def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
+        """Fill `assembler` from where the reply says the buckets are (GPU transports override this)."""
         if body.get("mode") == "shm":
             self._from_segment(assembler, str(body.get("segment")), progress)
         else:
             self._from_stream(assembler, rid, progress)
-        return assembler.manifest.version, assembler.state_dict()
 
     def _from_stream(self, assembler: Assembler, rid: int, progress: Progress | None) -> None:
         total = len(assembler.manifest.bucket_sizes)

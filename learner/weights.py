@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import zmq
@@ -37,6 +38,7 @@ class Published:
     flat: torch.Tensor
     buckets: list[torch.Tensor]
     segment: Segment | None = None
+    reply: dict[str, Any] = field(default_factory=dict)  # GPU transports: mode and where the buckets are
 
 
 class WeightServer(WeightSender):
@@ -98,6 +100,13 @@ class WeightServer(WeightSender):
             send_reply(socket, identity, rid, m.ERROR, {"reason": "bad_request", "detail": "expected get_weights with have"})
         elif latest is None or latest.manifest.version <= have:
             send_reply(socket, identity, rid, m.NO_UPDATE)
+        else:
+            self._reply(socket, identity, rid, body, latest)
+
+    def _reply(self, socket: zmq.Socket, identity: bytes, rid: int, body: dict[str, Any], latest: Published) -> None:
+        """Tell an actor that asked with an older version where the newest one is."""
+        if latest.reply:
+            send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), **latest.reply})
         elif latest.segment and body.get("shm") and body.get("host") == self.host:
             self.served["shm"] += 1
             send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "shm", "segment": latest.segment.name})
