@@ -96,17 +96,22 @@ class Actor:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
             self._resend_overdue()
-        log.info("%s stopping: %d weight updates, %d unacked", self.actor_id, self.weight_updates, len(self.unacked))
+        log.info("%s stopping: %d weight updates (failed: %s), %d unacked",
+                 self.actor_id, self.weight_updates, dict(self.weights.failures), len(self.unacked))  # fmt: skip
 
     @property
     def in_flight_samples(self) -> int:
         return sum(g.remaining for g in self.groups.values())
 
     def _admit(self) -> None:
-        """Start new groups while the broker has room for them and the weights are current."""
+        """Start new groups while the broker has room for them and the weights are current.
+
+        In-flight updates keep admitting while a newer version is on its way, but only after
+        this actor has loaded one: a late-joining actor starts from the current weights.
+        """
         n = self.config.sampling.group_size
         while (
-            (self.in_flight or self.broker_version <= self.version)
+            (self.broker_version <= self.version or (self.in_flight and self.weight_updates > 0))
             and len(self.groups) < self.config.actor.groups_in_flight
             and self.credits - self.in_flight_samples - len(self.unacked) >= n
             and (self.quota is None or self.started_at_version < self.quota)

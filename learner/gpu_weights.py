@@ -27,6 +27,7 @@ from protocol.buckets import bucket_views, pack, plan
 from protocol.gpu import broadcast_buckets
 from protocol.transport import send_reply
 from protocol.weights import unique_tensors
+from protocol.wire import decode
 
 log = logging.getLogger("learner.gpu_weights")
 
@@ -42,6 +43,8 @@ def stage_on_gpu(version: int, state_dict: dict[str, torch.Tensor], bucket_bytes
 
 
 class CudaIpcWeightServer(WeightServer):
+    _previous: Published | None = None
+
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
         staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
         device, handle, size, offset, ref_handle, ref_offset, event, event_sync = staged.flat.untyped_storage()._share_cuda_()
@@ -77,9 +80,10 @@ class NcclWeightServer(WeightServer):
             self._latest = staged
 
     def _answer(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
-        from protocol.wire import decode
-
-        kind, body, _ = decode(frames, 1 << 20)
+        try:
+            kind, body, _ = decode(frames, 1 << 20)
+        except ValueError:  # the base class logs it
+            kind, body = None, {}
         if kind == m.GET_WEIGHTS and body.get("nccl_join"):
             rank = self.ranks.setdefault(identity, len(self.ranks) + 1)
             send_reply(socket, identity, body.get("rid"), m.WEIGHTS, {"mode": "nccl_join", "uid": self.uid, "rank": rank, "world": self.world})

@@ -6,9 +6,11 @@ with an older version gets the manifest, then either the name of the segment (sa
 host, `shm`) or the buckets streamed as one ZeroMQ message each (everything else).
 Only the newest version is served, so a slow or late-joining actor catches up in one
 transfer; a superseded segment is unlinked at once (readers that mapped it keep it).
-`tcp` stages into two reused buffers (fresh memory costs ~10x a warm copy here): a
-stream of version v-1 still in flight when v+1 is written carries torn bytes, which
-the receiver's checksums reject, and it asks again.
+Fresh memory costs ~10x a warm copy here, so `publish` writes into memory made ready
+earlier: `shm` prepares the next segment in the background right after a publish;
+`tcp` reuses the buffer of the version before (a stream of version v-1 still in
+flight when v+1 is written carries torn bytes, which the receiver's checksums reject,
+and it asks again).
 """
 
 from __future__ import annotations
@@ -42,14 +44,15 @@ class Published:
 
 
 class WeightServer(WeightSender):
-    def __init__(self, endpoint: str, bucket_bytes: int = 64 << 20, shm: bool = False) -> None:
+    def __init__(self, endpoint: str, bucket_bytes: int = 16 << 20, shm: bool = False) -> None:
         self.endpoint = endpoint
         self.bucket_bytes = bucket_bytes
         self.shm = shm
         self.host = host_id()
         self.served = {"shm": 0, "stream": 0}
         self._latest: Published | None = None
-        self._spare: torch.Tensor | None = None  # tcp: the buffer of the version before the latest, reused
+        self._spare: torch.Tensor | Segment | None = None  # where the next version will be written
+        self._preparing: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -60,8 +63,7 @@ class WeightServer(WeightSender):
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
         tensors = unique_tensors(state_dict)
         manifest = plan(tensors, self.bucket_bytes, version)
-        segment = Segment(version, manifest.total_bytes) if self.shm else None
-        flat = as_bytes(segment.map)[: manifest.total_bytes] if segment else self._heap(manifest.total_bytes)
+        flat, segment = self._staging(manifest.total_bytes)
         buckets = bucket_views(flat, manifest)
         pack(tensors, manifest, buckets)
         with self._lock:
@@ -70,10 +72,27 @@ class WeightServer(WeightSender):
             old.segment.unlink()
         elif old:
             self._spare = old.flat
+        if self.shm:
+            self._preparing = threading.Thread(target=self._prepare_segment, args=(manifest.total_bytes,), daemon=True)
+            self._preparing.start()
 
-    def _heap(self, nbytes: int) -> torch.Tensor:
+    def _staging(self, nbytes: int) -> tuple[torch.Tensor, Segment | None]:
+        """Where the next version is written: the spare if it is big enough, else fresh memory."""
+        if self._preparing:
+            self._preparing.join()
         spare, self._spare = self._spare, None
-        return spare[:nbytes] if spare is not None and spare.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+        if isinstance(spare, Segment) and spare.size < nbytes:
+            spare.unlink()
+            spare = None
+        if self.shm:
+            segment = spare or Segment(nbytes)
+            return as_bytes(segment.map)[:nbytes], segment
+        if spare is not None and spare.numel() >= nbytes:
+            return spare[:nbytes], None
+        return torch.empty(nbytes, dtype=torch.uint8), None
+
+    def _prepare_segment(self, nbytes: int) -> None:
+        self._spare = Segment(nbytes)
 
     def _serve(self) -> None:
         socket = bind_router(self.endpoint, 1 << 20)
@@ -126,10 +145,13 @@ class WeightServer(WeightSender):
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._preparing:
+            self._preparing.join()
         with self._lock:
             latest, self._latest = self._latest, None
-        if latest and latest.segment:
-            latest.segment.unlink()
+        for published in (latest.segment if latest else None, self._spare):
+            if isinstance(published, Segment):
+                published.unlink()
 
 
 def make_weight_sender(config: RunConfig) -> WeightSender:

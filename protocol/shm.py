@@ -1,4 +1,4 @@
-"""Same-host weight segments in POSIX shared memory (/dev/shm), one per published version.
+"""Same-host weight segments in POSIX shared memory (/dev/shm), a fresh name for every published version.
 
 The sender writes a version's buckets into a fresh segment and only then announces
 it, and never writes to it again, so a reader can never see a half-written version.
@@ -40,13 +40,14 @@ def shm_available() -> bool:
 class Segment:
     """A sender-owned segment of `size` bytes, writable, unlinked by `unlink()` (or the tracker on a crash)."""
 
-    def __init__(self, version: int, size: int) -> None:
-        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}-v{version}"
+    def __init__(self, size: int) -> None:
+        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self.size = size
         fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, max(size, 1))
-            os.posix_fallocate(fd, 0, max(size, 1))  # one allocation up front: ~2x faster than a fault per page
-            self.map = mmap.mmap(fd, max(size, 1))
+            os.posix_fallocate(fd, 0, max(size, 1))  # allocate and map every page up front, not a fault per page
+            self.map = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
             os.close(fd)
         resource_tracker.register(f"/{self.name}", "shared_memory")
@@ -70,6 +71,6 @@ def attach(name: str, size: int) -> mmap.mmap:
     try:
         if os.fstat(fd).st_size < size:
             raise WeightTransferError("size", f"segment {name} is smaller than the manifest's {size} bytes")
-        return mmap.mmap(fd, max(size, 1), prot=mmap.PROT_READ)
+        return mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
