@@ -53,7 +53,8 @@ class NcclWeightClient(WeightClient):
 
         rid = next(self._ids)
         self.socket.send_multipart(encode(m.GET_WEIGHTS, {"rid": rid, "have": -1, "nccl_join": True}))
-        _, body, _ = self._next(rid)
+        _, body, _ = self._next_header(rid)
+        self._drain()
         cupy.cuda.Device(torch.cuda.current_device()).use()
         return nccl.NcclCommunicator(int(body["world"]), tuple(body["uid"]), int(body["rank"]))
 

@@ -6,10 +6,11 @@ from a sender process to a receiver process. For our channels the clock runs fro
 verified state dict; the baseline is `torch.distributed.broadcast` (gloo, 2 local
 processes) of one flat tensor of the same bytes, with no checks. Both clocks are
 CLOCK_MONOTONIC, which every process on the machine shares. Steady state: one
-untimed warm-up transfer first (as a learner publishes every step), then the median
-of the repeats. `publish` (snapshot copy + checksums, paid once per version however
-many actors there are) is also shown on its own, and "rest" is the remaining
-per-actor delivery time compared with the broadcast.
+untimed warm-up transfer first (as a learner publishes every step) and a pause of
+`--gap` seconds between versions (the training step), then the median of the
+repeats. `publish` (snapshot copy + checksums, paid once per version however many
+actors there are) is also shown on its own, and "rest" is the remaining per-actor
+delivery time compared with the broadcast.
 
     .venv/bin/python -m bench.weights [--quick] [--sizes 24 135 500]
 """
@@ -65,7 +66,7 @@ def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> N
     client.close()
 
 
-def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repeats: int) -> dict:
+def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repeats: int, gap: float) -> dict:
     nbytes = plan(state, bucket_bytes, 0).total_bytes
     endpoint = f"127.0.0.1:{free_port()}"
     ours, theirs = mp.Pipe()
@@ -81,6 +82,7 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
             start = time.monotonic()
             torch.distributed.broadcast(flat, src=0)
             times.append(ours.recv() - start)
+            time.sleep(gap)
         torch.distributed.destroy_process_group()
     else:
         from learner.weights import WeightServer
@@ -92,11 +94,14 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
             server.publish(version, state)
             publish.append(time.monotonic() - start)
             times.append(ours.recv() - start)
+            time.sleep(gap)
         server.close()
     proc.join(60)
     seconds = statistics.median(times[1:])
+    delivery = statistics.median(t - p for t, p in zip(times[1:], publish[1:])) if publish else seconds
     return {"transport": transport, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
-            "publish_seconds": statistics.median(publish[1:]) if publish else None, "all_seconds": times[1:]}  # fmt: skip
+            "publish_seconds": statistics.median(publish[1:]) if publish else None, "delivery_seconds": delivery,
+            "all_seconds": times[1:]}  # fmt: skip
 
 
 def main() -> None:
@@ -105,20 +110,19 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[24, 135, 500], help="millions of fp32 parameters")
     parser.add_argument("--bucket-mb", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between versions (the training step)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.repeats = [24], 2
+        args.sizes, args.repeats, args.gap = [24], 2, 0.2
     rows = []
     for size in args.sizes:
         state = synthetic(size)
-        results = [run(t, state, args.bucket_mb << 20, args.repeats) for t in TRANSPORTS]
+        results = [run(t, state, args.bucket_mb << 20, args.repeats, args.gap) for t in TRANSPORTS]
         base = results[0]["seconds"]
-        for r in results:
-            delivery = r["seconds"] - (r["publish_seconds"] or 0.0)  # per actor; publish is paid once per version
-            rows.append({"params_m": size, **r, "vs_baseline": r["seconds"] / base, "delivery_vs_baseline": delivery / base})
+        rows += [{"params_m": size, **r, "vs_baseline": r["seconds"] / base, "delivery_vs_baseline": r["delivery_seconds"] / base} for r in results]
         del state
-    print(f"fp32 synthetic state dicts, {args.bucket_mb} MB buckets, median of {args.repeats}, 2 local processes\n")
+    print(f"fp32 synthetic state dicts, {args.bucket_mb} MB buckets, median of {args.repeats}, {args.gap} s between versions, 2 local processes\n")
     print("| params | MB | transport | sync s | GB/s | vs gloo broadcast | of which publish s | rest vs gloo |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -127,7 +131,7 @@ def main() -> None:
               f"| {r['vs_baseline']:.2f}x | {pub} | {r['delivery_vs_baseline']:.2f}x |")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"platform": platform.platform(), "cpus": mp.cpu_count()}, "torch": torch.__version__,
-              "bucket_mb": args.bucket_mb, "quick": args.quick, "results": rows}  # fmt: skip
+              "bucket_mb": args.bucket_mb, "gap_s": args.gap, "quick": args.quick, "results": rows}  # fmt: skip
     (args.out / "weights.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {args.out / 'weights.json'}")
 

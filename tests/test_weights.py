@@ -124,6 +124,25 @@ def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
         server.close()
 
 
+def test_torn_bytes_are_rejected_and_the_next_version_arrives_clean(endpoints):
+    """What a stream overwritten by a later publish looks like: a bucket whose bytes no longer match."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=False)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
+    try:
+        server.publish(1, state(1))
+        server._latest.buckets[1][3] ^= 0xFF
+        with pytest.raises(WeightTransferError) as err:
+            client.fetch(have=0)
+        assert err.value.reason == "checksum" and client.failures == {"checksum": 1}
+        server.publish(2, state(2))  # the rest of the broken stream is still queued: it must be skipped
+        version, weights = client.fetch(have=0)
+        assert version == 2
+        assert_same(weights, state(2))
+    finally:
+        client.close()
+        server.close()
+
+
 def test_sender_killed_mid_stream_leaves_old_weights_and_the_actor_catches_up_later(endpoints):
     endpoint, width = endpoints["weights"], 2048  # ~67 MB in 64 KiB buckets: far more than socket buffers hold
     client = WeightClient(endpoint, "actor-test", timeout_s=2)
