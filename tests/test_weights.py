@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from actors.weights import WeightClient
-from learner.weights import WeightServer
+from actors.weights import WeightClient, make_weight_receiver
+from learner.weights import WeightServer, make_weight_sender
 from protocol.config import load_config
 from protocol.errors import WeightTransferError
 from protocol.shm import PREFIX, SHM_DIR
@@ -194,10 +194,16 @@ def test_shm_sender_killed_leaves_no_segment_and_readers_keep_their_copy(endpoin
         client.close()
 
 
-def test_auto_picks_shm_on_loopback_and_tcp_across_hosts():
+def test_auto_picks_shm_on_loopback_and_tcp_across_hosts(endpoints):
+    config = load_config(None, [f"endpoints.weights={endpoints['weights']}", "learner.weight_bucket_mb=2"])
+    sender, receiver = make_weight_sender(config), make_weight_receiver(config, "actor-test")
+    assert sender.shm and sender.bucket_bytes == 2 << 20 and receiver.shm
+    sender.close()
+    receiver.close()
     assert resolve_transport("auto", "127.0.0.1:5556") == "shm"
     assert resolve_transport("auto", "localhost:5556") == "shm"
     assert resolve_transport("auto", "10.0.0.7:5556") == "tcp"
+    assert resolve_transport("auto", "0.0.0.0:5556") == "tcp"  # bound on every interface: actors may be remote
     assert resolve_transport("tcp", "127.0.0.1:5556") == "tcp"
     assert load_config(None).learner.weight_transport == "auto"
 
