@@ -46,7 +46,7 @@ class Engine:
         raise NotImplementedError
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Replace the weights in place; callers only do so while the engine is idle."""
+        """Replace the weights in place, between steps; running requests go on with the new weights."""
         raise NotImplementedError
 
 
@@ -117,7 +117,9 @@ def load_llm_weights(llm, state_dict: dict[str, torch.Tensor]) -> None:
     """Replace an in-process vLLM-CPU engine's weights (vLLM's own reload keeps stale packed weights)."""
     worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
     load_into_vllm_cpu(worker.model_runner.get_model(), state_dict)
-    llm.reset_prefix_cache()
+    # Running requests (in-flight updates) are preempted and their KV recomputed with the new weights;
+    # the tokens and log-probs they already produced stay as sampled.
+    llm.reset_prefix_cache(reset_running_requests=True)
 
 
 def _set_cpu_environment(kv_cache_gb: int, threads: int) -> None:

@@ -1,24 +1,140 @@
-"""Receiving new weights over the CPU channel (TCP request/reply to the learner)."""
+"""Receiving new weights on the CPU channels (`tcp` stream or same-host `shm`) from the learner's weight server.
+
+One request names the version we hold, our host and whether we can map shared
+memory; the reply carries the manifest and tells us where the buckets are. Each
+bucket is checked as it arrives (streamed) or straight on the mapped segment
+(shm, no copy). A transfer that stalls, is cut off or fails a check raises
+`WeightTransferError`; the caller keeps its old weights and asks again later.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+from typing import Any
+
 import torch
+import zmq
 
 from protocol import messages as m
-from protocol.transport import Client
-from protocol.weights import WeightReceiver, unpack_state_dict
+from protocol.buckets import Assembler, Manifest, as_bytes, bucket_views
+from protocol.config import RunConfig
+from protocol.errors import ProtocolError, WeightTransferError
+from protocol.shm import attach, host_id, shm_available
+from protocol.weights import Progress, WeightReceiver, resolve_transport
+from protocol.wire import decode, encode
+
+log = logging.getLogger("actor.weights")
 
 
-class TcpWeightReceiver(WeightReceiver):
-    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0) -> None:
-        self.client = Client(endpoint, identity)
+class WeightClient(WeightReceiver):
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0, shm: bool = True) -> None:
+        super().__init__()
+        self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.shm = shm and shm_available()
+        self.host = host_id()
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt_string(zmq.IDENTITY, identity)
+        self.socket.connect(m.tcp(endpoint))
+        self._ids = itertools.count()
+        self._buffer = torch.empty(0, dtype=torch.uint8)
 
-    def fetch(self, have: int) -> tuple[int, dict[str, torch.Tensor]] | None:
-        kind, body, arrays = self.client.request(m.GET_WEIGHTS, {"have": have}, timeout_s=self.timeout_s)
-        if kind != m.WEIGHTS:
+    def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
+        rid = next(self._ids)
+        self.socket.send_multipart(encode(m.GET_WEIGHTS, {"rid": rid, "have": have, "host": self.host, "shm": self.shm}))
+        kind, body, _ = self._next_header(rid)
+        self._drain()
+        if kind == m.NO_UPDATE:
             return None
-        return int(body["version"]), unpack_state_dict(arrays[0])
+        if kind != m.WEIGHTS:
+            raise WeightTransferError("refused", f"{self.endpoint} answered {kind}: {body.get('reason')} {body.get('detail', '')}")
+        assembler = Assembler(Manifest.from_wire(body.get("manifest")))
+        self._receive(assembler, body, rid, progress)
+        return assembler.manifest.version, assembler.state_dict()
+
+    def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
+        """Fill `assembler` from where the reply says the buckets are (GPU transports override this)."""
+        if body.get("mode") == "shm":
+            self._from_segment(assembler, str(body.get("segment")), progress)
+        else:
+            self._from_stream(assembler, rid, progress)
+
+    def _from_stream(self, assembler: Assembler, rid: int, progress: Progress | None) -> None:
+        """Each bucket is received straight into its place in a buffer kept across versions.
+
+        Fresh memory costs ~10x a warm copy here, so the buffer is reused: the state dict
+        a fetch returns is valid until the next fetch.
+        """
+        manifest, total = assembler.manifest, len(assembler.manifest.bucket_sizes)
+        if self._buffer.numel() < manifest.total_bytes:
+            self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+        slots = bucket_views(self._buffer[: manifest.total_bytes], manifest)
+        while not assembler.complete:
+            try:
+                index = self._next_bucket(rid, slots)
+            except WeightTransferError as err:
+                if err.reason != "timeout":
+                    raise
+                raise WeightTransferError("incomplete", f"{len(assembler.buckets)} of {total} buckets, then silence: {err.detail}") from None
+            assembler.add(index, slots[index])
+            if progress:
+                progress(len(assembler.buckets), total)
+
+    def _next_bucket(self, rid: int, slots: list[torch.Tensor]) -> int:
+        """Receive the next bucket of request `rid` into its slot; returns its index."""
+        while True:
+            kind, body, more = self._next_header(rid)
+            index = body.get("index")
+            if kind != m.BUCKET or not more or not isinstance(index, int) or not 0 <= index < len(slots):
+                self._drain()
+                raise WeightTransferError("bad_bucket", f"expected a bucket message, got {kind} with index {index!r}")
+            received = self.socket.recv_into(memoryview(slots[index].numpy())) if slots[index].numel() else self.socket.recv_into(bytearray())
+            if received != slots[index].numel() or self.socket.getsockopt(zmq.RCVMORE):
+                self._drain()
+                raise WeightTransferError("size", f"bucket {index}: {received} bytes, manifest says {slots[index].numel()}")
+            return index
+
+    def _next_header(self, rid: int) -> tuple[str, dict[str, Any], bool]:
+        """The first frame of the next message of request `rid` (others are skipped), and whether frames follow."""
+        while self.socket.poll(int(self.timeout_s * 1000)):
+            frame = self.socket.recv(copy=False)
+            more = bool(self.socket.getsockopt(zmq.RCVMORE))
+            try:
+                kind, body, _ = decode([frame], 1 << 24)
+            except ProtocolError as err:
+                self._drain()
+                raise WeightTransferError("bad_header", str(err)) from None
+            if body.get("rid") == rid:
+                return kind, body, more
+            self._drain()  # a leftover of an abandoned transfer
+        raise WeightTransferError("timeout", f"no reply from {self.endpoint} within {self.timeout_s:.1f} s")
+
+    def _drain(self) -> None:
+        """Discard the rest of the current message."""
+        while self.socket.getsockopt(zmq.RCVMORE):
+            self.socket.recv_into(bytearray())
+
+    def _from_segment(self, assembler: Assembler, name: str, progress: Progress | None) -> None:
+        """Verify straight on the mapping: the sender never writes a segment after announcing it."""
+        manifest = assembler.manifest
+        flat = as_bytes(attach(name, manifest.total_bytes))[: manifest.total_bytes]
+        for index, bucket in enumerate(bucket_views(flat, manifest)):
+            assembler.add(index, bucket)
+            if progress:
+                progress(index + 1, len(manifest.bucket_sizes))
 
     def close(self) -> None:
-        self.client.close()
+        self.socket.close(linger=0)
+
+
+def make_weight_receiver(config: RunConfig, identity: str) -> WeightReceiver:
+    """The receiver matching the learner's sender (both resolve `learner.weight_transport` the same way)."""
+    transport = resolve_transport(config.learner.weight_transport, config.endpoints.weights)
+    if transport in ("tcp", "shm"):
+        return WeightClient(config.endpoints.weights, identity, shm=transport == "shm")
+    from actors.gpu_weights import CudaIpcWeightClient, NcclWeightClient
+
+    cls = CudaIpcWeightClient if transport == "cuda_ipc" else NcclWeightClient
+    return cls(config.endpoints.weights, identity)

@@ -8,7 +8,9 @@ broker drops duplicates by (actor id, incarnation, seq)). A group whose generati
 or scoring fails, or that became too stale to be trained on, is aborted and dropped,
 never sent with a made-up reward (see actors/faults.py). When the broker reports a newer
 policy version the actor stops admitting, lets running requests finish, fetches the
-new weights and applies them before generating again. With `broker.max_policy_lag: 0`
+new weights and applies them before generating again; with `actor.weight_update:
+in_flight` (PipelineRL) it applies them between engine steps instead, and each sample
+records the versions it spanned (version_start..version_end). With `broker.max_policy_lag: 0`
 the run is synchronous: each actor generates exactly its share of one learner step
 per policy version, so generation and training strictly alternate.
 """
@@ -34,6 +36,7 @@ from actors.reward_guard import RewardFailed
 from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import RunConfig
+from protocol.errors import WeightTransferError
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightReceiver
@@ -85,27 +88,31 @@ class Actor:
         self.quota = _sync_quota(config, index)
         self.failures = FailureBudget(config.actor.max_generation_failures, config.actor.failure_window_s)
         self.counters: Counter[str] = Counter({name: 0 for name in ACTOR_COUNTERS})
+        self.in_flight = config.actor.weight_update == "in_flight"
+        self.last_heard = 0.0
 
     def run(self, stop: threading.Event) -> None:
         self._call(m.HELLO, {})
         while not stop.is_set() and not self.stop_requested:
-            if self.broker_version > self.version and not self.engine.busy:
+            if self.broker_version > self.version and (self.in_flight or not self.engine.busy):
                 self._update_weights()
             self._admit()
             if self.engine.busy:
                 self._step_engine()
+                if self.in_flight and time.monotonic() - self.last_heard > IDLE_POLL_S:
+                    self._call(m.PING, {})  # hear of new versions while requests run
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
             self._abort_overdue()
             self._resend_overdue()
-        log.info("%s stopping: %d weight updates, %d unacked, %s", self.actor_id, self.weight_updates, len(self.unacked),
-                 dict(self.stats()))  # fmt: skip
+        log.info("%s stopping: %d unacked, %s (weight transfers failed: %s)", self.actor_id, len(self.unacked),
+                 self.stats(), dict(self.weights.failures))  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         """Every counter of this actor: generation failures by cause, drops, cancellations, what was sent."""
         return {**self.counters, **self.failures.counts, "groups_open": len(self.groups), "version": self.version,
-                "weight_updates": self.weight_updates}  # fmt: skip
+                "weight_updates": self.weight_updates, "weight_failures": sum(self.weights.failures.values())}  # fmt: skip
 
     @property
     def in_flight_samples(self) -> int:
@@ -127,10 +134,14 @@ class Actor:
             self._finish(c)
 
     def _admit(self) -> None:
-        """Start new groups while the broker has room for them and the weights are current."""
+        """Start new groups while the broker has room for them and the weights are current.
+
+        In-flight updates keep admitting while a newer version is on its way, but only after
+        this actor has loaded one: a late-joining actor starts from the current weights.
+        """
         n = self.config.sampling.group_size
         while (
-            self.broker_version <= self.version
+            (self.broker_version <= self.version or (self.in_flight and self.weight_updates > 0))
             and len(self.groups) < self.config.actor.groups_in_flight
             and self.credits - self.in_flight_samples - len(self.unacked) >= n
             and (self.quota is None or self.started_at_version < self.quota)
@@ -248,6 +259,7 @@ class Actor:
                 "counters": self.stats()}  # fmt: skip
         try:
             _, reply, _ = self.broker.request(kind, body, samples=samples)
+            self.last_heard = time.monotonic()
         except TimeoutError as err:
             log.warning("%s: %s", self.actor_id, err)
             return
@@ -264,8 +276,8 @@ class Actor:
         started = time.monotonic()
         try:
             fetched = self.weights.fetch(self.version)
-        except TimeoutError as err:
-            log.warning("%s: weights not reachable yet: %s", self.actor_id, err)
+        except WeightTransferError as err:  # counted by the receiver; the old weights stay in place
+            log.warning("%s: weight transfer failed, keeping v%d: %s", self.actor_id, self.version, err)
             time.sleep(IDLE_POLL_S)
             return
         if fetched is None:
@@ -292,7 +304,7 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
 
     from actors.engine import make_engine
     from actors.tasks import make_task
-    from actors.weights import TcpWeightReceiver
+    from actors.weights import make_weight_receiver
 
     seed = config.run.seed + 1000 * index
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -301,7 +313,7 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
     if faults.enabled:
         engine = FaultyEngine(engine, faults, faults.slowdown if index in faults.slow_actors else 1.0)
     broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}")
-    weights = TcpWeightReceiver(config.endpoints.weights, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
+    weights = make_weight_receiver(config, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
     actor = Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker)
     try:
         actor.run(stop)

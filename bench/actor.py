@@ -21,7 +21,7 @@ import orjson
 
 from actors.engine import VLLMEngine
 from actors.tasks import make_task
-from actors.weights import TcpWeightReceiver
+from actors.weights import WeightClient
 from actors.worker import Actor
 from broker.server import Broker
 from protocol.config import load_config
@@ -44,7 +44,7 @@ def through_actor(engine: VLLMEngine, config, tokenizer, groups: int) -> tuple[i
     stop_broker, stop_actor = threading.Event(), threading.Event()
     threading.Thread(target=broker.serve, args=(stop_broker,), daemon=True).start()
     client = Client(config.endpoints.broker, "bench-actor")
-    weights = TcpWeightReceiver(config.endpoints.weights, "bench-weights")
+    weights = WeightClient(config.endpoints.weights, "bench-weights")
     actor = Actor(config, 0, engine, make_task(config.task, tokenizer, config.run.seed), weights, client)
     target, finished = groups * config.sampling.group_size, []
 

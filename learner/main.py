@@ -23,7 +23,7 @@ from learner.batch import regroup
 from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
 from learner.metrics_log import MetricsLog
 from learner.trainer import Trainer
-from learner.weights import TcpWeightServer
+from learner.weights import make_weight_sender
 from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.sample import Sample
@@ -41,11 +41,6 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     return model
-
-
-def make_weight_sender(config: RunConfig) -> WeightSender:
-    """The transport named by `learner.weight_transport` (only the CPU channel `tcp` exists yet)."""
-    return {"tcp": TcpWeightServer}[config.learner.weight_transport](config.endpoints.weights)
 
 
 def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, Any]:

@@ -1,31 +1,58 @@
-"""Serving new weights over the CPU channel: a ROUTER thread answers actors' GET_WEIGHTS.
+"""Serving new weights on the CPU channels: a ROUTER thread answers actors' GET_WEIGHTS.
 
-The learner packs the state dict once per version; the server thread replies with
-the latest packed blob to whoever asks with an older version, so a slow or
-late-joining actor always catches up to the newest weights in one transfer.
+`publish` lays the state dict out into checksummed buckets once per version, in
+process memory (`tcp`) or in a shared-memory segment (`shm`). An actor that asks
+with an older version gets the manifest, then either the name of the segment (same
+host, `shm`) or the buckets streamed as one ZeroMQ message each (everything else).
+Only the newest version is served, so a slow or late-joining actor catches up in one
+transfer; a superseded segment is unlinked at once (readers that mapped it keep it).
+Fresh memory costs ~10x a warm copy here, so `publish` writes into memory made ready
+earlier: `shm` prepares the next segment in the background right after a publish;
+`tcp` reuses the buffer of the version before (a stream of version v-1 still in
+flight when v+1 is written carries torn bytes, which the receiver's checksums reject,
+and it asks again).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 import zmq
 
 from protocol import messages as m
-from protocol.transport import bind_router, send_reply
-from protocol.weights import WeightSender, pack_state_dict
-from protocol.wire import decode
+from protocol.buckets import Manifest, as_bytes, bucket_views, pack, plan
+from protocol.config import RunConfig
+from protocol.shm import Segment, host_id
+from protocol.transport import bind_router, send_frames, send_reply
+from protocol.weights import WeightSender, resolve_transport, unique_tensors
+from protocol.wire import decode, encode
 
 log = logging.getLogger("learner.weights")
 
 
-class TcpWeightServer(WeightSender):
-    def __init__(self, endpoint: str) -> None:
+@dataclass
+class Published:
+    manifest: Manifest
+    flat: torch.Tensor
+    buckets: list[torch.Tensor]
+    segment: Segment | None = None
+    reply: dict[str, Any] = field(default_factory=dict)  # GPU transports: mode and where the buckets are
+
+
+class WeightServer(WeightSender):
+    def __init__(self, endpoint: str, bucket_bytes: int = 16 << 20, shm: bool = False) -> None:
         self.endpoint = endpoint
-        self._latest: tuple[int, np.ndarray] | None = None
+        self.bucket_bytes = bucket_bytes
+        self.shm = shm
+        self.host = host_id()
+        self.served = {"shm": 0, "stream": 0}
+        self._latest: Published | None = None
+        self._spare: torch.Tensor | Segment | None = None  # where the next version will be written
+        self._preparing: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -34,12 +61,42 @@ class TcpWeightServer(WeightSender):
         self._ready.wait(10)
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        packed = pack_state_dict(state_dict)
+        tensors = unique_tensors(state_dict)
+        manifest = plan(tensors, self.bucket_bytes, version)
+        flat, segment = self._staging(manifest.total_bytes)
+        buckets = bucket_views(flat, manifest)
+        pack(tensors, manifest, buckets)
         with self._lock:
-            self._latest = (version, packed)
+            old, self._latest = self._latest, Published(manifest, flat, buckets, segment)
+        if old and old.segment:
+            old.segment.unlink()
+        elif old:
+            self._spare = old.flat
+        if self.shm:
+            self._preparing = threading.Thread(target=self._prepare_segment, args=(manifest.total_bytes,), daemon=True)
+            self._preparing.start()
+
+    def _staging(self, nbytes: int) -> tuple[torch.Tensor, Segment | None]:
+        """Where the next version is written: the spare if it is big enough, else fresh memory."""
+        if self._preparing:
+            self._preparing.join()
+        spare, self._spare = self._spare, None
+        if isinstance(spare, Segment) and spare.size < nbytes:
+            spare.unlink()
+            spare = None
+        if self.shm:
+            segment = spare or Segment(nbytes)
+            return as_bytes(segment.map)[:nbytes], segment
+        if spare is not None and spare.numel() >= nbytes:
+            return spare[:nbytes], None
+        return torch.empty(nbytes, dtype=torch.uint8), None
+
+    def _prepare_segment(self, nbytes: int) -> None:
+        self._spare = Segment(nbytes)
 
     def _serve(self) -> None:
         socket = bind_router(self.endpoint, 1 << 20)
+        socket.setsockopt(zmq.SNDHWM, 0)  # a stream of buckets must never be dropped at the high-water mark
         self._ready.set()
         try:
             while not self._stop.is_set():
@@ -57,14 +114,55 @@ class TcpWeightServer(WeightSender):
             return
         with self._lock:
             latest = self._latest
-        have = body.get("have")
+        rid, have = body.get("rid"), body.get("have")
         if kind != m.GET_WEIGHTS or not isinstance(have, int):
-            send_reply(socket, identity, body.get("rid"), m.ERROR, {"reason": "bad_request", "detail": "expected get_weights with have"})
-        elif latest is None or latest[0] <= have:
-            send_reply(socket, identity, body.get("rid"), m.NO_UPDATE)
+            send_reply(socket, identity, rid, m.ERROR, {"reason": "bad_request", "detail": "expected get_weights with have"})
+        elif latest is None or latest.manifest.version <= have:
+            send_reply(socket, identity, rid, m.NO_UPDATE)
         else:
-            send_reply(socket, identity, body.get("rid"), m.WEIGHTS, {"version": latest[0], "format": "safetensors"}, [latest[1]])
+            self._reply(socket, identity, rid, body, latest)
+
+    def _reply(self, socket: zmq.Socket, identity: bytes, rid: int, body: dict[str, Any], latest: Published) -> None:
+        """Tell an actor that asked with an older version where the newest one is."""
+        if latest.reply:
+            send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), **latest.reply})
+        elif latest.segment and body.get("shm") and body.get("host") == self.host:
+            self.served["shm"] += 1
+            send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "shm", "segment": latest.segment.name})
+        else:
+            self.served["stream"] += 1
+            self._stream(socket, identity, rid, latest)
+
+    def _stream(self, socket: zmq.Socket, identity: bytes, rid: int, latest: Published) -> None:
+        """The manifest, then one message per bucket (zero-copy; ZeroMQ's I/O thread does the sending)."""
+        if not send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "stream"}):
+            return
+        for index, bucket in enumerate(latest.buckets):
+            if not send_frames(socket, identity, [*encode(m.BUCKET, {"rid": rid, "index": index}), memoryview(bucket.numpy())]):
+                log.warning("weight stream to %r broke at bucket %d", identity, index)
+                return
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._preparing:
+            self._preparing.join()
+        with self._lock:
+            latest, self._latest = self._latest, None
+        for published in (latest.segment if latest else None, self._spare):
+            if isinstance(published, Segment):
+                published.unlink()
+
+
+def make_weight_sender(config: RunConfig) -> WeightSender:
+    """The sender for `learner.weight_transport` (resolved as in `protocol.weights.resolve_transport`), logged."""
+    transport = resolve_transport(config.learner.weight_transport, config.endpoints.weights)
+    log.info("weight transport: %s (learner.weight_transport=%s)", transport, config.learner.weight_transport)
+    bucket_bytes = config.learner.weight_bucket_mb << 20
+    if transport in ("tcp", "shm"):
+        return WeightServer(config.endpoints.weights, bucket_bytes, shm=transport == "shm")
+    from learner.gpu_weights import CudaIpcWeightServer, NcclWeightServer
+
+    if transport == "cuda_ipc":
+        return CudaIpcWeightServer(config.endpoints.weights, bucket_bytes)
+    return NcclWeightServer(config.endpoints.weights, bucket_bytes, actors=config.learner.nccl_actors)

@@ -181,6 +181,9 @@ class ActorSection(Section):
     """More failed generations (engine errors, timeouts, reward errors) than this within failure_window_s stop the actor."""
     failure_window_s: float = Field(300.0, gt=0)
     inject_faults: FaultInjectionSection = FaultInjectionSection()
+    weight_update: Literal["between_batches", "in_flight"] = "between_batches"
+    """between_batches: stop admitting, drain, then load new weights. in_flight (PipelineRL): load them
+    between engine steps while requests run; samples record the versions they spanned."""
 
 
 class LearnerSection(Section):
@@ -192,8 +195,14 @@ class LearnerSection(Section):
     mixed_precision: bool = True
     """GPU only: bf16 parameters and activations, fp32 gradient reduction."""
     activation_checkpointing: bool = False
-    weight_transport: Literal["tcp"] = "tcp"
-    """How new weights reach actors; `tcp` is the CPU channel (NCCL lands in a later issue)."""
+    weight_transport: Literal["auto", "tcp", "shm", "nccl", "cuda_ipc"] = "auto"
+    """How new weights reach actors (docs/weights.md): `auto` takes `shm` when the weight endpoint is on
+    loopback (every actor shares the learner's host), else `tcp`; `nccl`/`cuda_ipc` need CUDA."""
+    weight_bucket_mb: int = Field(16, gt=0)
+    """Weights travel as flat buckets of about this size, each with its own checksum. Below glibc's 32 MB
+    mmap threshold a tcp receiver reuses warm heap memory for each bucket: 2x faster than 64 MB here."""
+    nccl_actors: int = Field(1, ge=1)
+    """nccl: how many actor ranks join the broadcast group (the learner is rank 0)."""
 
 
 class TrainSection(Section):

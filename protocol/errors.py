@@ -29,3 +29,7 @@ class RoleFailed(RuntimeError):
 
 class GenerationFailuresExceeded(RoleFailed):
     """Too many generations failed within the configured window (actor.max_generation_failures)."""
+
+
+class WeightTransferError(ProtocolError):
+    """A weight transfer failed (`reason`: bad_manifest, size, checksum, incomplete, timeout, ...); the old weights stay."""

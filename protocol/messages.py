@@ -16,8 +16,9 @@ NOT_READY = "not_ready"  # broker -> learner: no full batch yet
 FINISH = "finish"  # learner -> broker: training is over, tell actors to stop; reply STATUS
 STATS = "stats"  # anyone -> broker: reply STATS with every counter
 
-GET_WEIGHTS = "get_weights"  # actor -> learner: {have: version}; reply WEIGHTS or NO_UPDATE
-WEIGHTS = "weights"  # learner -> actor: {version, format}, one frame of safetensors bytes
+GET_WEIGHTS = "get_weights"  # actor -> learner: {have: version, host, shm: bool}; reply WEIGHTS or NO_UPDATE
+WEIGHTS = "weights"  # learner -> actor: {manifest, mode: stream|shm|nccl|cuda_ipc, + where to find the buckets}
+BUCKET = "bucket"  # learner -> actor (mode stream): {index}, then the bucket's raw bytes as one frame
 NO_UPDATE = "no_update"
 
 ERROR = "error"  # reply to a malformed request: {reason, detail}

@@ -1,20 +1,28 @@
 """The weight data plane: how a state dict travels from the learner to the actors.
 
-Weights go as one safetensors blob (names, dtypes and shapes in its own header, no
-pickle) inside a WEIGHTS message, whose CRC covers every byte. The sender and
-receiver base classes are the seam where the GPU transports (NCCL buckets, CUDA
-IPC) plug in later; the CPU channel here is a ZeroMQ request/reply over TCP.
+Every transport moves the same thing: a `protocol.buckets.Manifest` and the flat
+buckets it describes (names, dtypes, shapes and a checksum per bucket, no pickle).
+The learner picks the transport (`learner.weight_transport`): `tcp` streams
+buckets over ZeroMQ, `shm` hands same-host actors a shared-memory segment, `nccl`
+broadcasts GPU buckets, `cuda_ipc` shares them on one GPU. Receivers apply a
+version only when every bucket arrived and verified; otherwise `fetch` raises
+`WeightTransferError`, the actor keeps its old weights, and asks again later.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections import Counter
+from collections.abc import Callable
+
 import torch
-from safetensors.torch import load, save
+
+from protocol.errors import WeightTransferError
+
+Progress = Callable[[int, int], None]  # (buckets verified so far, buckets in the version)
 
 
-def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, tied ones (e.g. lm_head sharing the embedding) once under their first name.
+def unique_tensors(state_dict: dict[str, torch.Tensor], device: str | None = "cpu") -> dict[str, torch.Tensor]:
+    """Contiguous tensors (moved to `device` unless None), tied ones (e.g. lm_head sharing the embedding) once under their first name.
 
     Loaders that tie them (vLLM, HF `from_pretrained`) rebuild the alias themselves.
     """
@@ -22,18 +30,9 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for name, tensor in state_dict.items():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
-            unique[name] = tensor.detach().contiguous().cpu()
+            tensor = tensor.detach().contiguous()
+            unique[name] = tensor.to(device) if device else tensor
     return unique
-
-
-def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
-    """Serialise to a uint8 array that can be sent as one raw frame."""
-    blob = save(unique_tensors(state_dict))
-    return np.frombuffer(blob, dtype=np.uint8)
-
-
-def unpack_state_dict(array: np.ndarray) -> dict[str, torch.Tensor]:
-    return load(array.tobytes())
 
 
 class WeightSender:
@@ -47,10 +46,40 @@ class WeightSender:
 
 
 class WeightReceiver:
-    """Actor side: fetch weights newer than `have`, or None if there are none yet."""
+    """Actor side: fetch weights newer than `have`, or None if there are none yet.
 
-    def fetch(self, have: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+    Returned tensors may view the transport's buffers (read-only for shm, reused by
+    the next fetch for tcp): use or copy them before fetching again, never write to
+    them. Failures raise `WeightTransferError` and are counted by reason in `failures`.
+    """
+
+    def __init__(self) -> None:
+        self.failures: Counter[str] = Counter()
+
+    def fetch(self, have: int, progress: Progress | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
+        try:
+            return self._fetch(have, progress)
+        except WeightTransferError as err:
+            self.failures[err.reason] += 1
+            raise
+
+    def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         raise NotImplementedError
 
     def close(self) -> None:
         pass
+
+
+def resolve_transport(transport: str, endpoint: str) -> str:
+    """What `learner.weight_transport` means here; the learner and every actor resolve it the same way.
+
+    `auto` takes `shm` when the weight endpoint is a loopback address (so every actor
+    runs on the learner's host) and `tcp` otherwise; the GPU transports are never
+    guessed: they must be named, and need CUDA.
+    """
+    if transport == "auto":
+        host = endpoint.rpartition(":")[0]
+        return "shm" if host in ("localhost", "::1", "[::1]") or host.startswith("127.") else "tcp"
+    if transport in ("nccl", "cuda_ipc") and not torch.cuda.is_available():
+        raise WeightTransferError("no_cuda", f"learner.weight_transport={transport} needs CUDA, and none is available")
+    return transport

@@ -1,46 +1,215 @@
-"""The CPU weight channel: bit-exact over a real TCP socket, tied weights sent once, newest version wins."""
+"""The CPU weight channels (tcp stream, same-host shm) between real processes and sockets.
+
+Bit-exact state dicts after every sync, the newest version for late joiners, no
+/dev/shm files left behind (also after kill -9), and a sender killed mid-stream
+leaves the receiver with its old weights, a counted failure, and a clean catch-up.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
-from actors.weights import TcpWeightReceiver
-from learner.weights import TcpWeightServer
-from protocol.weights import pack_state_dict, unpack_state_dict
+from actors.weights import WeightClient, make_weight_receiver
+from learner.weights import WeightServer, make_weight_sender
+from protocol.config import load_config
+from protocol.errors import WeightTransferError
+from protocol.shm import PREFIX, SHM_DIR
+from protocol.weights import resolve_transport
+from tests.conftest import ROOT
+
+SENDER = """
+import sys, time, torch
+from learner.weights import WeightServer
+from tests.test_weights import state
+server = WeightServer(sys.argv[1], bucket_bytes=int(sys.argv[2]), shm=sys.argv[3] == "shm")
+server.publish(int(sys.argv[4]), state(int(sys.argv[4]), int(sys.argv[5])))
+print("published", flush=True)
+time.sleep(600)
+"""
 
 
-def state(seed: int) -> dict[str, torch.Tensor]:
+def state(seed: int, width: int = 8) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    embed = torch.randn(50, 8, generator=gen)
+    embed = torch.randn(50, width, generator=gen)
     return {
         "model.embed_tokens.weight": embed,
-        "model.norm.weight": torch.randn(8, generator=gen),
-        "lm_head.weight": embed,  # tied: the same storage
+        "model.layers.0.mlp.weight": torch.randn(width * 4, width, generator=gen),
+        "model.norm.weight": torch.randn(width, generator=gen),
+        "lm_head.weight": embed,  # tied: the same storage, sent once
         "model.half": torch.randn(3, 4, generator=gen).bfloat16(),
     }
 
 
-def test_pack_round_trip_is_bit_exact_and_sends_tied_tensors_once():
-    original = state(0)
-    restored = unpack_state_dict(pack_state_dict(original))
-    assert set(restored) == {"model.embed_tokens.weight", "model.norm.weight", "model.half"}
-    for name, tensor in restored.items():
-        assert tensor.dtype == original[name].dtype
-        assert torch.equal(tensor, original[name])
+def assert_same(received: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(received) == set(expected) - {"lm_head.weight"}
+    for name, tensor in received.items():
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
 
 
-def test_tcp_channel_serves_the_newest_version_bit_exact(endpoints):
-    server = TcpWeightServer(endpoints["weights"])
-    receiver = TcpWeightReceiver(endpoints["weights"], "actor-test")
+def our_segments(pid: int) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*"))
+
+
+def start_sender(endpoint: str, mode: str, version: int, width: int, bucket_bytes: int = 1 << 16) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", SENDER, endpoint, str(bucket_bytes), mode, str(version), str(width)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "published"
+    return proc
+
+
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_sync_is_bit_exact_and_the_newest_version_wins(endpoints, mode):
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=mode == "shm")
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
     try:
-        assert receiver.fetch(have=0) is None  # nothing published yet
+        assert client.fetch(have=0) is None  # nothing published yet
         server.publish(1, state(1))
-        server.publish(2, state(2))  # an actor that was away catches up in one transfer
-        version, weights = receiver.fetch(have=0)
-        assert version == 2
-        for name, tensor in weights.items():
-            assert torch.equal(tensor, state(2)[name])
-        assert receiver.fetch(have=2) is None
+        version, weights = client.fetch(have=0)
+        assert version == 1
+        assert_same(weights, state(1))
+        server.publish(2, state(2))
+        server.publish(3, state(3))  # an actor that was away catches up in one transfer
+        version, weights = client.fetch(have=1)
+        assert version == 3
+        assert_same(weights, state(3))
+        assert client.fetch(have=3) is None
+        assert server.served == {"shm": 2 if mode == "shm" else 0, "stream": 0 if mode == "shm" else 2}
+        late = WeightClient(endpoints["weights"], "late-actor", timeout_s=10)
+        version, weights = late.fetch(have=0)  # a new actor gets the current version at once
+        late.close()
+        assert version == 3
+        assert_same(weights, state(3))
     finally:
-        receiver.close()
+        client.close()
         server.close()
+
+
+def test_shm_unlinks_superseded_segments_while_readers_keep_theirs(endpoints):
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
+    try:
+        server.publish(1, state(1))
+        server._preparing.join()
+        first = our_segments(os.getpid())
+        assert len(first) == 2  # version 1 and the spare being made ready for version 2
+        _, v1 = client.fetch(have=0)
+        server.publish(2, state(2))
+        server._preparing.join()
+        second = our_segments(os.getpid())
+        assert len(second) == 2 and len(set(first) & set(second)) == 1  # v1's segment is gone, v2 took the spare
+        assert_same(v1, state(1))  # the unlinked v1 mapping is still intact for the reader that holds it
+    finally:
+        client.close()
+        server.close()
+    assert our_segments(os.getpid()) == []
+
+
+def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    client = WeightClient(endpoints["weights"], "remote-actor", timeout_s=10)
+    client.host = "some-other-host/boot"
+    try:
+        server.publish(1, state(1))
+        assert_same(client.fetch(have=0)[1], state(1))
+        assert server.served == {"shm": 0, "stream": 1}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_torn_bytes_are_rejected_and_the_next_version_arrives_clean(endpoints):
+    """What a stream overwritten by a later publish looks like: a bucket whose bytes no longer match."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=False)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
+    try:
+        server.publish(1, state(1))
+        server._latest.buckets[1][3] ^= 0xFF
+        with pytest.raises(WeightTransferError) as err:
+            client.fetch(have=0)
+        assert err.value.reason == "checksum" and client.failures == {"checksum": 1}
+        server.publish(2, state(2))  # the rest of the broken stream is still queued: it must be skipped
+        version, weights = client.fetch(have=0)
+        assert version == 2
+        assert_same(weights, state(2))
+    finally:
+        client.close()
+        server.close()
+
+
+def test_sender_killed_mid_stream_leaves_old_weights_and_the_actor_catches_up_later(endpoints):
+    endpoint, width = endpoints["weights"], 2048  # ~67 MB in 64 KiB buckets: far more than socket buffers hold
+    client = WeightClient(endpoint, "actor-test", timeout_s=2)
+    current = (0, {k: v.clone() for k, v in state(0, width).items()})
+    sender = start_sender(endpoint, "tcp", 1, width)
+    seen: list[int] = []
+
+    def kill_after_first_bucket(done: int, total: int) -> None:
+        seen.append(total)
+        if done == 1:
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.wait()
+
+    try:
+        with pytest.raises(WeightTransferError) as err:
+            current = client.fetch(current[0], progress=kill_after_first_bucket) or current
+        assert err.value.reason == "incomplete"
+        assert client.failures == {"incomplete": 1}
+        assert len(seen) < seen[0]  # it really was cut off part-way
+        assert current[0] == 0
+        assert_same({k: v for k, v in current[1].items() if k != "lm_head.weight"}, state(0, width))
+        sender = start_sender(endpoint, "tcp", 2, width)  # a restarted learner publishes again
+        current = client.fetch(current[0])
+        assert current[0] == 2
+        assert_same(current[1], state(2, width))
+    finally:
+        sender.kill()
+        sender.wait()
+        client.close()
+
+
+def test_shm_sender_killed_leaves_no_segment_and_readers_keep_their_copy(endpoints):
+    sender = start_sender(endpoints["weights"], "shm", 1, 64)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
+    try:
+        assert our_segments(sender.pid)  # version 1 (and perhaps already the spare for version 2)
+        version, weights = client.fetch(have=0)
+        assert version == 1
+        os.kill(sender.pid, signal.SIGKILL)
+        sender.wait()
+        deadline = time.monotonic() + 10
+        while our_segments(sender.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the sender's resource tracker unlinks what its dead owner registered
+        assert our_segments(sender.pid) == []
+        assert_same(weights, state(1, 64))
+    finally:
+        sender.kill()
+        sender.wait()
+        client.close()
+
+
+def test_auto_picks_shm_on_loopback_and_tcp_across_hosts(endpoints):
+    config = load_config(None, [f"endpoints.weights={endpoints['weights']}", "learner.weight_bucket_mb=2"])
+    sender, receiver = make_weight_sender(config), make_weight_receiver(config, "actor-test")
+    assert sender.shm and sender.bucket_bytes == 2 << 20 and receiver.shm
+    sender.close()
+    receiver.close()
+    assert resolve_transport("auto", "127.0.0.1:5556") == "shm"
+    assert resolve_transport("auto", "localhost:5556") == "shm"
+    assert resolve_transport("auto", "10.0.0.7:5556") == "tcp"
+    assert resolve_transport("auto", "0.0.0.0:5556") == "tcp"  # bound on every interface: actors may be remote
+    assert resolve_transport("tcp", "127.0.0.1:5556") == "tcp"
+    assert load_config(None).learner.weight_transport == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_gpu_transports_are_refused_without_cuda():
+    with pytest.raises(WeightTransferError) as err:
+        resolve_transport("nccl", "127.0.0.1:5556")
+    assert err.value.reason == "no_cuda"

@@ -1,0 +1,69 @@
+"""GPU weight receivers (UNVERIFIED: written without a GPU; see docs/weights.md and learner/gpu_weights.py).
+
+Same control plane as `WeightClient`; only where the buckets come from differs.
+Buckets land in this actor's own GPU memory and are checked with `sum64` on the
+device before the state dict is returned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actors.weights import WeightClient
+from protocol import messages as m
+from protocol.buckets import Assembler, bucket_views
+from protocol.errors import WeightTransferError
+from protocol.gpu import broadcast_buckets, open_ipc
+from protocol.weights import Progress
+from protocol.wire import encode
+
+
+def _own_buckets(assembler: Assembler) -> list[torch.Tensor]:
+    flat = torch.empty(assembler.manifest.total_bytes, dtype=torch.uint8, device="cuda")
+    return bucket_views(flat, assembler.manifest)
+
+
+class CudaIpcWeightClient(WeightClient):
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0) -> None:
+        super().__init__(endpoint, identity, timeout_s, shm=False)
+
+    def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
+        if body.get("mode") != "cuda_ipc":
+            raise WeightTransferError("refused", f"expected cuda_ipc weights, got mode {body.get('mode')!r}")
+        shared = open_ipc(body["ipc"])[: assembler.manifest.total_bytes]
+        buckets = _own_buckets(assembler)
+        for index, (source, target) in enumerate(zip(bucket_views(shared, assembler.manifest), buckets)):
+            target.copy_(source)
+            assembler.add(index, target)
+            if progress:
+                progress(index + 1, len(buckets))
+
+
+class NcclWeightClient(WeightClient):
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = 600.0) -> None:
+        super().__init__(endpoint, identity, timeout_s, shm=False)
+        self.comm = self._join()
+
+    def _join(self) -> Any:
+        """Ask the learner for the NCCL unique id and our rank, then join (blocks until every rank has)."""
+        import cupy
+        from cupy.cuda import nccl
+
+        rid = next(self._ids)
+        self.socket.send_multipart(encode(m.GET_WEIGHTS, {"rid": rid, "have": -1, "nccl_join": True}))
+        _, body, _ = self._next_header(rid)
+        self._drain()
+        cupy.cuda.Device(torch.cuda.current_device()).use()
+        return nccl.NcclCommunicator(int(body["world"]), tuple(body["uid"]), int(body["rank"]))
+
+    def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
+        if body.get("mode") != "nccl":
+            raise WeightTransferError("refused", f"expected nccl weights, got mode {body.get('mode')!r}")
+        buckets = _own_buckets(assembler)
+        broadcast_buckets(self.comm, buckets)
+        for index, bucket in enumerate(buckets):
+            assembler.add(index, bucket)
+        if progress:
+            progress(len(buckets), len(buckets))

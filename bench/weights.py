@@ -1,0 +1,140 @@
+"""Weight sync time vs model size: our shm and tcp channels vs a plain gloo broadcast of the same bytes.
+
+A synthetic fp32 state dict (4M-parameter tensors, like transformer layers) goes
+from a sender process to a receiver process. For our channels the clock runs from
+`publish` (bucketing and checksumming included) until the receiver holds the
+verified state dict; the baseline is `torch.distributed.broadcast` (gloo, 2 local
+processes) of one flat tensor of the same bytes, with no checks. Both clocks are
+CLOCK_MONOTONIC, which every process on the machine shares. Steady state: one
+untimed warm-up transfer first (as a learner publishes every step) and a pause of
+`--gap` seconds between versions (the training step), then the median of the
+repeats. `publish` (snapshot copy + checksums, paid once per version however many
+actors there are) is also shown on its own, and "rest" is the remaining per-actor
+delivery time compared with the broadcast.
+
+    .venv/bin/python -m bench.weights [--quick] [--sizes 24 135 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import orjson
+import torch
+
+from protocol.buckets import plan
+from protocol.transport import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TENSOR = 4 << 20  # parameters per synthetic tensor
+TRANSPORTS = ("gloo broadcast (baseline)", "shm", "tcp")
+
+
+def synthetic(params_m: int) -> dict[str, torch.Tensor]:
+    total, out = params_m * 1_000_000, {}
+    for i in range(0, total, TENSOR):
+        out[f"layers.{i // TENSOR}.weight"] = torch.full((min(TENSOR, total - i),), float(i), dtype=torch.float32)
+    return out
+
+
+def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> None:
+    """The receiver process: report when each version (or broadcast) has fully arrived."""
+    if transport.startswith("gloo"):
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://{endpoint}", rank=1, world_size=2)
+        flat = torch.empty(nbytes, dtype=torch.uint8)
+        for _ in range(repeats):
+            torch.distributed.barrier()
+            torch.distributed.broadcast(flat, src=0)
+            conn.send(time.monotonic())
+        torch.distributed.destroy_process_group()
+        return
+    from actors.weights import WeightClient
+
+    client = WeightClient(endpoint, "bench-receiver", timeout_s=120, shm=transport == "shm")
+    conn.send("ready")
+    for version in range(1, repeats + 1):
+        got = None
+        while got is None:
+            got = client.fetch(version - 1)
+        conn.send(time.monotonic())
+        del got
+    client.close()
+
+
+def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repeats: int, gap: float) -> dict:
+    nbytes = plan(state, bucket_bytes, 0).total_bytes
+    endpoint = f"127.0.0.1:{free_port()}"
+    ours, theirs = mp.Pipe()
+    repeats += 1  # the first is the warm-up
+    proc = mp.get_context("spawn").Process(target=receive, args=(transport, endpoint, nbytes, repeats, theirs))
+    proc.start()
+    times, publish = [], []
+    if transport.startswith("gloo"):
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://{endpoint}", rank=0, world_size=2)
+        flat = torch.ones(nbytes, dtype=torch.uint8)
+        for _ in range(repeats):
+            torch.distributed.barrier()
+            start = time.monotonic()
+            torch.distributed.broadcast(flat, src=0)
+            times.append(ours.recv() - start)
+            time.sleep(gap)
+        torch.distributed.destroy_process_group()
+    else:
+        from learner.weights import WeightServer
+
+        server = WeightServer(endpoint, bucket_bytes, shm=transport == "shm")
+        assert ours.recv() == "ready"
+        for version in range(1, repeats + 1):
+            start = time.monotonic()
+            server.publish(version, state)
+            publish.append(time.monotonic() - start)
+            times.append(ours.recv() - start)
+            time.sleep(gap)
+        server.close()
+    proc.join(60)
+    seconds = statistics.median(times[1:])
+    delivery = statistics.median(t - p for t, p in zip(times[1:], publish[1:])) if publish else seconds
+    return {"transport": transport, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
+            "publish_seconds": statistics.median(publish[1:]) if publish else None, "delivery_seconds": delivery,
+            "all_seconds": times[1:]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="24M parameters only, 2 repeats")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 135, 500], help="millions of fp32 parameters")
+    parser.add_argument("--bucket-mb", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between versions (the training step)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repeats, args.gap = [24], 2, 0.2
+    rows = []
+    for size in args.sizes:
+        state = synthetic(size)
+        results = [run(t, state, args.bucket_mb << 20, args.repeats, args.gap) for t in TRANSPORTS]
+        base = results[0]["seconds"]
+        rows += [{"params_m": size, **r, "vs_baseline": r["seconds"] / base, "delivery_vs_baseline": r["delivery_seconds"] / base} for r in results]
+        del state
+    print(f"fp32 synthetic state dicts, {args.bucket_mb} MB buckets, median of {args.repeats}, {args.gap} s between versions, 2 local processes\n")
+    print("| params | MB | transport | sync s | GB/s | vs gloo broadcast | of which publish s | rest vs gloo |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        pub = f"{r['publish_seconds']:.3f}" if r["publish_seconds"] is not None else "-"
+        print(f"| {r['params_m']}M | {r['bytes'] / 1e6:.0f} | {r['transport']} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} "
+              f"| {r['vs_baseline']:.2f}x | {pub} | {r['delivery_vs_baseline']:.2f}x |")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": {"platform": platform.platform(), "cpus": mp.cpu_count()}, "torch": torch.__version__,
+              "bucket_mb": args.bucket_mb, "gap_s": args.gap, "quick": args.quick, "results": rows}  # fmt: skip
+    (args.out / "weights.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {args.out / 'weights.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""GPU weight senders (UNVERIFIED: written without a GPU; see docs/weights.md).
+
+Both stage the bucketed layout of `protocol.buckets` on the learner's GPU with
+`sum64` checksums (computed on the device) and answer GET_WEIGHTS on the same
+ROUTER as the CPU channels, so the control plane is unchanged:
+
+- `cuda_ipc` (learner and actor on one GPU): the reply carries a CUDA IPC handle
+  of the flat bucket buffer; the actor copies it out and verifies it.
+- `nccl` (actor GPUs): actors join a cupy NCCL communicator (the learner is rank 0;
+  the unique id and ranks are handed out on this endpoint). When every actor has
+  asked for the newest version, rank 0 answers them all and broadcasts the buckets
+  one by one on the communicator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+import zmq
+
+from learner.weights import Published, WeightServer
+from protocol import messages as m
+from protocol.buckets import bucket_views, pack, plan
+from protocol.gpu import broadcast_buckets
+from protocol.transport import send_reply
+from protocol.weights import unique_tensors
+from protocol.wire import decode
+
+log = logging.getLogger("learner.gpu_weights")
+
+
+def stage_on_gpu(version: int, state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Published:
+    tensors = {k: v.cuda() for k, v in unique_tensors(state_dict, device=None).items()}
+    manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
+    flat = torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
+    buckets = bucket_views(flat, manifest)
+    pack(tensors, manifest, buckets)
+    torch.cuda.synchronize()
+    return Published(manifest, flat, buckets)
+
+
+class CudaIpcWeightServer(WeightServer):
+    _previous: Published | None = None
+
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
+        device, handle, size, offset, ref_handle, ref_offset, event, event_sync = staged.flat.untyped_storage()._share_cuda_()
+        staged.reply = {"mode": "cuda_ipc", "ipc": [device, handle, size, offset, ref_handle, ref_offset, event, event_sync]}
+        with self._lock:
+            self._previous, self._latest = self._latest, staged  # the previous buffer lives on for readers copying it
+
+
+class NcclWeightServer(WeightServer):
+    def __init__(self, endpoint: str, bucket_bytes: int, actors: int) -> None:
+        from cupy.cuda import nccl
+
+        self.world = actors + 1
+        self.uid = list(nccl.get_unique_id())
+        self.ranks: dict[bytes, int] = {}
+        self.waiting: dict[bytes, tuple[int, int]] = {}  # identity -> (rid, version it asked about)
+        self.comm = None
+        threading.Thread(target=self._connect, name="nccl-init", daemon=True).start()
+        super().__init__(endpoint, bucket_bytes)
+
+    def _connect(self) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        cupy.cuda.Device(torch.cuda.current_device()).use()
+        self.comm = nccl.NcclCommunicator(self.world, tuple(self.uid), 0)  # blocks until every actor joined
+        log.info("NCCL weight group of %d ranks is up", self.world)
+
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
+        staged.reply = {"mode": "nccl"}
+        with self._lock:
+            self._latest = staged
+
+    def _answer(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
+        try:
+            kind, body, _ = decode(frames, 1 << 20)
+        except ValueError:  # the base class logs it
+            kind, body = None, {}
+        if kind == m.GET_WEIGHTS and body.get("nccl_join"):
+            rank = self.ranks.setdefault(identity, len(self.ranks) + 1)
+            send_reply(socket, identity, body.get("rid"), m.WEIGHTS, {"mode": "nccl_join", "uid": self.uid, "rank": rank, "world": self.world})
+        else:
+            super()._answer(socket, identity, frames)
+
+    def _reply(self, socket: zmq.Socket, identity: bytes, rid: int, body: dict[str, Any], latest: Published) -> None:
+        """Hold the answer until every actor asked for this version, then broadcast to all at once."""
+        version = latest.manifest.version
+        self.waiting[identity] = (rid, version)
+        if self.comm is None or sum(v == version for _, v in self.waiting.values()) < self.world - 1:
+            return
+        for peer, (peer_rid, _) in self.waiting.items():
+            send_reply(socket, peer, peer_rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "nccl"})
+        self.waiting.clear()
+        broadcast_buckets(self.comm, latest.buckets)
+

@@ -1,0 +1,76 @@
+"""Same-host weight segments in POSIX shared memory (/dev/shm), a fresh name for every published version.
+
+The sender writes a version's buckets into a fresh segment and only then announces
+it, and never writes to it again, so a reader can never see a half-written version.
+When the next version is published the old segment's name is unlinked: readers that
+already mapped it keep a valid mapping until they drop it, and no file is left in
+/dev/shm. Each segment is registered with multiprocessing's resource tracker, which
+unlinks it even if the sender is killed with -9.
+
+We map the files with `mmap` rather than `multiprocessing.shared_memory.SharedMemory`
+because the latter refuses to close while tensors still view it; an `mmap` lives
+exactly as long as the last tensor that uses it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import socket
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+from protocol.errors import WeightTransferError
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "streamrl-w-"
+
+
+def host_id() -> str:
+    """Same value for every process on this machine (and boot), so a peer can tell it may share memory."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()}/{boot.read_text().strip() if boot.exists() else ''}"
+
+
+def shm_available() -> bool:
+    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+class Segment:
+    """A sender-owned segment of `size` bytes, writable, unlinked by `unlink()` (or the tracker on a crash)."""
+
+    def __init__(self, size: int) -> None:
+        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self.size = size
+        fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, max(size, 1))
+            os.posix_fallocate(fd, 0, max(size, 1))  # allocate and map every page up front, not a fault per page
+            self.map = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        finally:
+            os.close(fd)
+        resource_tracker.register(f"/{self.name}", "shared_memory")
+        self._linked = True
+
+    def unlink(self) -> None:
+        if self._linked:
+            self._linked = False
+            (SHM_DIR / self.name).unlink(missing_ok=True)
+            resource_tracker.unregister(f"/{self.name}", "shared_memory")
+
+
+def attach(name: str, size: int) -> mmap.mmap:
+    """Map a published segment read-only; a name that is gone (superseded, sender died) is `shm_unavailable`."""
+    if not name.startswith(PREFIX) or "/" in name:
+        raise WeightTransferError("bad_manifest", f"segment name {name!r} is not ours")
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDONLY)
+    except OSError as exc:
+        raise WeightTransferError("shm_unavailable", f"segment {name}: {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_size < size:
+            raise WeightTransferError("size", f"segment {name} is smaller than the manifest's {size} bytes")
+        return mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
