@@ -30,8 +30,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="YAML run config (defaults apply to missing keys)")
     parser.add_argument("--index", type=int, default=0, help="actor index (actor role only)")
     parser.add_argument("--resume", action="store_true", help="learner: continue from the run directory's latest checkpoint")
+    parser.add_argument("--launcher", choices=("local", "slurm", "ray"), default="local", help="--role all: child processes here, a Slurm heterogeneous job, or Ray actors (docs/multinode.md)")
+    parser.add_argument("--dry-run", action="store_true", help="--launcher slurm: print the batch script instead of submitting it")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.launcher != "local" and args.role != "all":
+        parser.error("--launcher slurm|ray starts every role: use it with --role all")
+    return args
 
 
 def setup_logging(level: str) -> None:
@@ -80,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        if args.role == "all" and args.launcher == "slurm":
+            from scripts.slurm import submit
+
+            return submit(config, args.resume, args.dry_run)
+        if args.role == "all" and args.launcher == "ray":
+            from scripts.ray_launch import run_ray
+
+            return run_ray(config, args.resume)
         if args.role == "all":
             from scripts.supervisor import run_all
 
