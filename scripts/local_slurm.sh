@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A throw-away Slurm cluster on this machine, for tests: one slurmctld and three
-# `slurmd -N ciN` virtual nodes on 127.0.0.1 (a heterogeneous job needs one node per
+# A throw-away Slurm cluster on this machine, for tests: one slurmctld and four
+# `slurmd -N ciN` virtual nodes on 127.0.0.1 (a heterogeneous job needs its own node per
 # component), munge for authentication. Everything it writes lives in DIR.
 #
 #   bash scripts/local_slurm.sh start DIR   # installs Debian's packages if missing (root)
@@ -11,7 +11,7 @@
 set -euo pipefail
 cmd=${1:?usage: local_slurm.sh start|stop DIR}
 dir=$(realpath -m "${2:?usage: local_slurm.sh start|stop DIR}")
-NODES=(ci1 ci2 ci3)
+NODES=(ci1 ci2 ci3 ci4)
 CPUS_PER_NODE=${LOCAL_SLURM_CPUS:-4}
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -84,7 +84,7 @@ wait_for_nodes() {
 start() {
   mkdir -p "$dir"
   install_packages
-  grep -qw "${NODES[0]}" /etc/hosts || echo "127.0.0.1 ${NODES[*]}" >>/etc/hosts
+  for node in "${NODES[@]}"; do grep -qw "$node" /etc/hosts || echo "127.0.0.1 $node" >>/etc/hosts; done  # append only
   start_munge
   write_conf
   slurmctld -f "$dir/slurm.conf"

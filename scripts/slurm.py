@@ -31,14 +31,14 @@ grace={grace}
 names=(broker learner actor)
 pids=("$broker" "$learner" "$actor")
 finished_at=
-stop_all() {{  # stop what still runs (srun passes SIGTERM on to its tasks), then exit with $1
+stop_all() {{  # SIGTERM to every task still running (roles stop cleanly), SIGKILL after the grace period
   local pid alive
-  for pid in "${{pids[@]}}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
+  scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null
   for _ in $(seq "$grace"); do
     alive=; for pid in "${{pids[@]}}"; do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && alive=1; done
     [ -z "$alive" ] && break; sleep 1
   done
-  for pid in "${{pids[@]}}"; do [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null; done
+  [ -n "$alive" ] && scancel --signal=KILL "$SLURM_JOB_ID" 2>/dev/null
   echo "streamrl: job ends with exit code $1"
   exit "$1"
 }}
@@ -91,7 +91,7 @@ def srun_line(group: int, log: str, component: SlurmComponent, role_cmd: str, ex
     exports = f" --export={shlex.quote('ALL' + export)}" if export else ""
     name = COMPONENTS[group]
     return (
-        f'srun --het-group={group} --kill-on-bad-exit=1{exports} --output="$RUN/logs/{log}" {role_cmd} {name}{extra} &\n'
+        f'srun --het-group={group} --kill-on-bad-exit=1{exports} --open-mode=append --output="$RUN/logs/{log}" {role_cmd} {name}{extra} &\n'
         f"{name}=$!"
     )
 
@@ -101,7 +101,7 @@ def render_sbatch(config: RunConfig, resume: bool = False) -> str:
     slurm, run_dir = config.slurm, config.run.dir
     learner_per_node = tasks_per_node(config.learner.world_size, slurm.learner, "learner.world_size")
     actor_per_node = tasks_per_node(config.actor.count, slurm.actors, "actor.count")
-    header = [f"--job-name={slurm.job_name}", f"--time={slurm.time}", f"--output={run_dir}/logs/slurm-%j.out"]
+    header = [f"--job-name={slurm.job_name}", f"--time={slurm.time}", f"--output={run_dir}/logs/slurm-%j.out", "--open-mode=append", "--requeue"]
     if slurm.account:
         header.append(f"--account={slurm.account}")
     role_cmd = f"{shlex.quote(sys.executable)} -m scripts.slurm_role --config \"$RUN/config.yaml\""

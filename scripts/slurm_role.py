@@ -5,6 +5,7 @@ replaces itself with launch.py: the broker's and the learner's addresses come fr
 the first node of het groups 0 and 1 (`SLURM_JOB_NODELIST_HET_GROUP_<N>`), the ports
 from the config or from the job id, the actor index from the task's rank, and the
 learner's torch.distributed rendezvous from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+A requeued job (SLURM_RESTART_COUNT > 0, e.g. after preemption) resumes the learner.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def plan(role: str, config: RunConfig, env: Mapping[str, str]) -> tuple[list[str
         visible = env.get("CUDA_VISIBLE_DEVICES")
         if config.slurm.actors.gpus_per_node and visible:  # one engine per GPU
             updates["CUDA_VISIBLE_DEVICES"] = visible.split(",")[int(env.get("SLURM_LOCALID", "0"))]
+    if role == "learner" and int(env.get("SLURM_RESTART_COUNT", "0")) > 0:
+        args.append("--resume")  # the job was requeued (preemption, node failure): continue from the checkpoints
     if role == "learner" and config.learner.world_size > 1:
         updates.update(
             RANK=task, WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     launch_args, updates = plan(args.role, config, os.environ)
-    if args.resume and args.role == "learner":
+    if args.resume and args.role == "learner" and "--resume" not in launch_args:
         launch_args.append("--resume")
     env = os.environ
     print(
