@@ -175,7 +175,7 @@ class SlurmSection(Section):
     """None: the cluster's default partition."""
     account: str | None = None
     time: str = "04:00:00"
-    """Wall-clock limit of the whole job (sbatch --time)."""
+    """Wall-clock limit of the whole job (sbatch --time), quoted: YAML reads 04:00:00 as a number."""
     ports: Literal["config", "job_id"] = "config"
     """config: the ports of `endpoints.*` and `learner.master_port`; job_id: three ports derived from the job id."""
     setup: list[str] = []
@@ -185,6 +185,13 @@ class SlurmSection(Section):
     broker: SlurmComponent = SlurmComponent()
     learner: SlurmNodes = SlurmNodes()
     actors: SlurmNodes = SlurmNodes()
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _quoted_time(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            raise ValueError("quote the time limit, e.g. '12:00:00' (unquoted, YAML reads it as a number of seconds)")
+        return value
 
 
 class RaySection(Section):

@@ -74,9 +74,10 @@ def plan(role: str, config: RunConfig, env: Mapping[str, str]) -> tuple[list[str
     task = env.get("SLURM_PROCID", "0")
     if role == "actor":
         args += ["--index", task]
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        if config.slurm.actors.gpus_per_node and visible:  # one engine per GPU
-            updates["CUDA_VISIBLE_DEVICES"] = visible.split(",")[int(env.get("SLURM_LOCALID", "0"))]
+        gpus = config.slurm.actors.gpus_per_node
+        if gpus:  # one engine per GPU: the task's local rank picks one of the GPUs Slurm gave the node
+            visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+            updates["CUDA_VISIBLE_DEVICES"] = visible[int(env.get("SLURM_LOCALID", "0"))]
     if role == "learner" and int(env.get("SLURM_RESTART_COUNT", "0")) > 0:
         args.append("--resume")  # the job was requeued (preemption, node failure): continue from the checkpoints
     if role == "learner" and config.learner.world_size > 1:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from protocol.config import load_config
+from protocol.transport import free_port
 from scripts.ray_launch import local_cpus, role_name
 from tests.conftest import ROOT
 
@@ -32,6 +33,7 @@ def ray_lines(log: str) -> list[tuple[str, int]]:
 def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir):
     """kill -9 of the actor's Ray actor: Ray restarts it, the new incarnation feeds the learner to the last step.
 
+    The learner runs as two FSDP ranks, each its own Ray actor, meeting at rank 0's node.
     The broker holds at most credits_per_actor = 32 samples (one step) of the dead incarnation,
     so three or more steps after the kill can only come from the restarted actor.
     """
@@ -39,6 +41,7 @@ def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir):
     cmd = [
         sys.executable, str(ROOT / "launch.py"), "--role", "all", "--launcher", "ray", "--config", str(ROOT / "configs" / "tiny.yaml"),
         f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}", f"train.steps={steps}",
+        "learner.world_size=2", f"learner.master_port={free_port()}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
     metrics, actor_log = run_dir / "metrics.jsonl", run_dir / "logs" / "actor-0.log"
@@ -65,7 +68,7 @@ def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir):
     assert [e for e, _ in events] == ["started", "restarted"] and events[0][1] != events[1][1]
     after_restart = log.split("restarted in Ray actor pid")[1]
     assert "applied weights v" in after_restart and "stopping" in after_restart
-    for role in ("broker", "learner"):  # never restarted
+    for role in ("broker", "learner-0", "learner-1"):  # never restarted
         assert [e for e, _ in ray_lines((run_dir / "logs" / f"{role}.log").read_text())] == ["started"]
     stats = json.loads((run_dir / "broker_stats.json").read_text())
     assert stats["rejected"] == 0 and stats["duplicates"] == 0

@@ -54,6 +54,12 @@ def test_actor_index_is_its_task_and_it_gets_one_gpu():
     args, env = plan("actor", config, slurm_env(SLURM_PROCID="11", SLURM_LOCALID="3", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"))
     assert args[-2:] == ["--index", "11"]
     assert env == {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "3"}
+    _, env = plan("actor", config, slurm_env(SLURM_PROCID="11", SLURM_LOCALID="3", CUDA_VISIBLE_DEVICES="4,5,6,7"))
+    assert env["CUDA_VISIBLE_DEVICES"] == "7"
+    _, env = plan("actor", config, slurm_env(SLURM_PROCID="2", SLURM_LOCALID="2"))  # no GRES: Slurm set nothing
+    assert env["CUDA_VISIBLE_DEVICES"] == "2"
+    _, env = plan("actor", load_config(None, []), slurm_env(SLURM_PROCID="0"))  # CPU actors: no GPU choice
+    assert "CUDA_VISIBLE_DEVICES" not in env
 
 
 def test_ports_from_the_job_id_differ_between_jobs():
