@@ -29,6 +29,12 @@ from protocol.config import RunConfig
 from protocol.models import resolve_model
 from scripts.supervisor import ROOT, console, prepare_run_dir, supervise
 
+PLACE_TIMEOUT_S = 600.0
+
+
+class PlacementError(RuntimeError):
+    """Ray cannot place the roles the run asks for."""
+
 
 class RoleProcess:
     """A Ray actor that runs one role's process on the node Ray placed it on."""
@@ -70,8 +76,8 @@ class RayCall:
             return None
         try:
             return ray.get(self.ref)
-        except ray.exceptions.RayActorError as err:
-            console.print(f"[bold red]error:[/] the Ray actor of {self.name} died and was not restarted: {err}")
+        except ray.exceptions.RayError as err:
+            console.print(f"[bold red]error:[/] the Ray actor of {self.name} failed (restarts used up, or none allowed): {err}")
             return -1
 
 
@@ -107,7 +113,11 @@ def start_roles(config: RunConfig, run_dir: Path, resume: bool) -> list[RayRole]
     broker = place("broker", settings.broker_cpus, 0, settings.max_restarts)
     ranks = [place(role_name("learner", r, world), settings.learner_cpus, settings.learner_gpus, 0) for r in range(world)]
     actors = [place(f"actor-{i}", settings.actor_cpus, settings.actor_gpus, settings.max_restarts) for i in range(config.actor.count)]
-    broker_ip, learner_ip = ray.get([broker[1].node_ip.remote(), ranks[0][1].node_ip.remote()])
+    try:
+        broker_ip, learner_ip = ray.get([broker[1].node_ip.remote(), ranks[0][1].node_ip.remote()], timeout=PLACE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise PlacementError(f"Ray placed no broker or no learner rank 0 within {PLACE_TIMEOUT_S:.0f} s: "
+                             "does the cluster have the CPUs/GPUs that ray.* asks for? (`ray status`)") from None
     endpoints = [
         f"endpoints.broker={broker_ip}:{config.endpoints.broker.rpartition(':')[2]}",
         f"endpoints.weights={learner_ip}:{config.endpoints.weights.rpartition(':')[2]}",
@@ -146,6 +156,9 @@ def run_ray(config: RunConfig, resume: bool = False) -> int:
         roles = start_roles(config, run_dir, resume)
         learner = next(r for r in roles if r.name in ("learner", "learner-0"))
         code = supervise(roles, learner, run_dir, config.train.steps)
+    except PlacementError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        code = 1
     except KeyboardInterrupt:
         console.print("interrupted; stopping every role")
         code = 130

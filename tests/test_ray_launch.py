@@ -24,6 +24,16 @@ def test_local_cluster_offers_what_the_roles_ask_for():
     assert [role_name("learner", 0, 1), role_name("learner", 1, 2), role_name("actor", 2, 3)] == ["learner", "learner-1", "actor-2"]
 
 
+def test_roles_ray_cannot_place_are_a_named_error(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """A learner asking for a GPU on a cluster without one: an error that says so, not a hang."""
+    import scripts.ray_launch as ray_launch
+
+    monkeypatch.setattr(ray_launch, "PLACE_TIMEOUT_S", 3.0)
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"run.dir={tmp_path / 'run'}", "ray.learner_gpus=1"])
+    assert ray_launch.run_ray(config) == 1
+    assert "Ray placed no broker or no learner rank 0 within 3 s" in capsys.readouterr().out
+
+
 def ray_lines(log: str) -> list[tuple[str, int]]:
     """(started|restarted, Ray actor pid) for each time the role's Ray actor was (re)created."""
     return [(m.group(1), int(m.group(2))) for m in re.finditer(r"^ray: \S+ (started|restarted) in Ray actor pid (\d+)", log, re.M)]
