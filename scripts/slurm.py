@@ -15,7 +15,6 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 from protocol.config import RunConfig, SlurmComponent, SlurmNodes
 from protocol.errors import ConfigError
@@ -143,7 +142,7 @@ def submit(config: RunConfig, resume: bool = False, dry_run: bool = False) -> in
         print(script, end="")
         return 0
     prepare_run_dir(config)
-    path = Path(run_dir) / "job.sbatch"
+    path = run_dir / "job.sbatch"
     path.write_text(script)
     cmd = ["sbatch", "--parsable", *(["--wait"] if config.slurm.wait else []), str(path)]
     try:

@@ -60,7 +60,7 @@ def _port(endpoint: str) -> int:
     return int(endpoint.rpartition(":")[2])
 
 
-def plan(role: str, config: RunConfig, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+def plan(role: str, config: RunConfig, env: Mapping[str, str], resume: bool = False) -> tuple[list[str], dict[str, str]]:
     """The launch.py arguments (after --config) and the environment updates for this task."""
     broker_host = expand_hostlist(env[f"SLURM_JOB_NODELIST_HET_GROUP_{BROKER_GROUP}"])[0]
     learner_host = expand_hostlist(env[f"SLURM_JOB_NODELIST_HET_GROUP_{LEARNER_GROUP}"])[0]
@@ -78,8 +78,8 @@ def plan(role: str, config: RunConfig, env: Mapping[str, str]) -> tuple[list[str
         if gpus:  # one engine per GPU: the task's local rank picks one of the GPUs Slurm gave the node
             visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
             updates["CUDA_VISIBLE_DEVICES"] = visible[int(env.get("SLURM_LOCALID", "0"))]
-    if role == "learner" and int(env.get("SLURM_RESTART_COUNT", "0")) > 0:
-        args.append("--resume")  # the job was requeued (preemption, node failure): continue from the checkpoints
+    if role == "learner" and (resume or int(env.get("SLURM_RESTART_COUNT", "0")) > 0):
+        args.append("--resume")  # asked for, or the job was requeued (preemption, node failure)
     if role == "learner" and config.learner.world_size > 1:
         updates.update(
             RANK=task, WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    launch_args, updates = plan(args.role, config, os.environ)
-    if args.resume and args.role == "learner" and "--resume" not in launch_args:
-        launch_args.append("--resume")
+    launch_args, updates = plan(args.role, config, os.environ, args.resume)
     env = os.environ
     print(
         f"slurm: job {env.get('SLURM_JOB_ID')} het group {het_group(env)} node {env.get('SLURMD_NODENAME')} "

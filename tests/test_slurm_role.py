@@ -47,6 +47,8 @@ def test_single_rank_learner_sets_no_rank_and_a_requeued_job_resumes():
     assert "RANK" not in env and args[-1] == "--resume"
     args, _ = plan("learner", config, slurm_env(SLURM_PROCID="0", SLURM_NTASKS="1"))
     assert "--resume" not in args
+    args, _ = plan("learner", config, slurm_env(SLURM_PROCID="0", SLURM_NTASKS="1"), resume=True)
+    assert args[-1] == "--resume"
 
 
 def test_actor_index_is_its_task_and_it_gets_one_gpu():
