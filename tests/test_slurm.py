@@ -96,7 +96,7 @@ def slurm(conf: Path, *args: str) -> str:
     return subprocess.run(list(args), capture_output=True, text=True, check=True, env={**os.environ, "SLURM_CONF": str(conf)}).stdout
 
 
-def submit(conf: Path, run_dir: Path, *overrides: str, wait: bool = True, timeout: float = 400) -> subprocess.CompletedProcess | subprocess.Popen:
+def submit(conf: Path, run_dir: Path, *overrides: str, wait: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
     from protocol.transport import free_port
 
     cmd = [
@@ -130,34 +130,42 @@ def test_expand_hostlist_agrees_with_scontrol(slurm_conf):
 
 
 @pytest.mark.slow
-def test_het_job_trains_with_each_role_in_its_own_component(slurm_conf, tiny_model_dir, tmp_path):
-    run_dir, steps = tmp_path / "run", 3
-    result = submit(slurm_conf, run_dir, f"train.steps={steps}", "learner.world_size=2", "slurm.learner.nodes=2")
-    out = (run_dir / "logs").glob("slurm-*.out")
-    batch_log = "".join(p.read_text() for p in out)
-    assert result.returncode == 0, result.stdout + result.stderr + batch_log
+def test_het_job_trains_with_each_role_in_its_own_component_and_resumes_when_requeued(slurm_conf, tiny_model_dir, tmp_path):
+    """A 2-node learner, the broker and the actor each on their own nodes; requeued after step 1 (as a
+    preemption would), the job comes back, the learner resumes from its checkpoint and finishes."""
+    run_dir, steps = tmp_path / "run", 4
+    overrides = [f"train.steps={steps}", "train.checkpoint_every=1", "learner.world_size=2", "slurm.learner.nodes=2"]
+    result = submit(slurm_conf, run_dir, *overrides, wait=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = job_id_of(result.stdout)
+    wait_until(lambda: read(run_dir / "metrics.jsonl"), 300, "the first step")
+    slurm(slurm_conf, "scontrol", "requeue", job_id)
+    wait_until(lambda: job_records(slurm_conf, job_id)[0]["JobState"] == "PENDING", 60, "the requeue")
+    slurm(slurm_conf, "scontrol", "update", f"jobid={job_id}", "StartTime=now")  # Slurm holds requeued jobs ~2 min
+    wait_until(lambda: {r["JobState"] for r in job_records(slurm_conf, job_id)} <= {"COMPLETED", "FAILED"}, 400, "the job's end")
+    batch_log = read(next((run_dir / "logs").glob("slurm-*.out")))
+    records = job_records(slurm_conf, job_id)
+    assert [(r["HetJobOffset"], r["NodeList"], r["JobState"], r["ExitCode"], r["Restarts"]) for r in records] == [
+        ("0", "ci1", "COMPLETED", "0:0", "1"), ("1", "ci[2-3]", "COMPLETED", "0:0", "1"), ("2", "ci4", "COMPLETED", "0:0", "1"),
+    ], batch_log  # fmt: skip
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "resumed exactly after the last checkpoint"
 
-    first_lines = {p.name: p.read_text().splitlines()[0] for p in (run_dir / "logs").glob("*.log")}
-    assert sorted(first_lines) == ["actor-0.log", "broker.log", "learner-0.log", "learner-1.log"]
-    assert "het group 0 node ci1 task 0/1" in first_lines["broker.log"]
-    assert "het group 1 node ci2 task 0/2" in first_lines["learner-0.log"]
-    assert "het group 1 node ci3 task 1/2" in first_lines["learner-1.log"]
-    assert "het group 2 node ci4 task 0/1" in first_lines["actor-0.log"]
-    for name in ("learner-0.log", "learner-1.log"):  # every rank meets rank 0 on the learner group's first node
-        assert "MASTER_ADDR=ci2" in first_lines[name] and "WORLD_SIZE=2" in first_lines[name]
-    broker_port = re.search(r"endpoints.broker=ci1:(\d+)", first_lines["actor-0.log"]).group(1)
-    assert f"broker listening on ci1:{broker_port}" in (run_dir / "logs" / "broker.log").read_text()
-    assert "endpoints.weights=ci2:" in first_lines["actor-0.log"]
-    assert "applied weights v" in (run_dir / "logs" / "actor-0.log").read_text()
-
-    records = job_records(slurm_conf, job_id_of(result.stdout))
-    assert [(r["HetJobOffset"], r["NodeList"], r["JobState"], r["ExitCode"]) for r in records] == [
-        ("0", "ci1", "COMPLETED", "0:0"), ("1", "ci[2-3]", "COMPLETED", "0:0"), ("2", "ci4", "COMPLETED", "0:0"),
-    ]  # fmt: skip
-    stats = json.loads((run_dir / "broker_stats.json").read_text())
-    assert stats["served"] == sum(r["samples"] for r in rows) and stats["rejected"] == 0
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.log")}
+    assert sorted(logs) == ["actor-0.log", "broker.log", "learner-0.log", "learner-1.log"]
+    where = {name: re.findall(r"^slurm: job \d+ het group (\d) node (\w+) task (\d/\d)", text, re.M) for name, text in logs.items()}
+    assert where == {  # two runs of the job, same placement
+        "broker.log": [("0", "ci1", "0/1")] * 2, "learner-0.log": [("1", "ci2", "0/2")] * 2,
+        "learner-1.log": [("1", "ci3", "1/2")] * 2, "actor-0.log": [("2", "ci4", "0/1")] * 2,
+    }  # fmt: skip
+    starts = [line for line in logs["learner-0.log"].splitlines() if line.startswith("slurm: ")]
+    assert "--resume" not in starts[0] and "--resume" in starts[1]
+    assert all("MASTER_ADDR=ci2" in line and "WORLD_SIZE=2" in line for line in starts)
+    assert re.search(r"resumed from \S+/step_00000[1-3] at policy version [1-3]", logs["learner-0.log"])
+    broker_port = re.search(r"endpoints.broker=ci1:(\d+)", logs["actor-0.log"]).group(1)
+    assert f"broker listening on ci1:{broker_port}" in logs["broker.log"]
+    assert "endpoints.weights=ci2:" in logs["actor-0.log"] and "applied weights v" in logs["actor-0.log"]
+    assert "streamrl: job ends with exit code 0" in batch_log
     assert leftovers(run_dir) == ""
 
 
@@ -171,8 +179,11 @@ def test_a_failing_actor_fails_the_job_and_is_named(slurm_conf, tiny_model_dir, 
     assert "streamrl: component actor (het group 2) failed with exit code 1" in batch_log
     assert "NotADirectoryError" in batch_log.split("failed with exit code 1")[1], "the end of the actor's log says why"
     assert "streamrl: job ends with exit code 1" in batch_log
-    records = job_records(slurm_conf, job_id_of(result.stdout))
-    assert {r["JobState"] for r in records} == {"FAILED"} and records[0]["ExitCode"] == "1:0"
+    job_id = job_id_of(result.stdout)
+    wait_until(lambda: "COMPLETING" not in {r["JobState"] for r in job_records(slurm_conf, job_id)}, 60, "the job to complete")
+    records = job_records(slurm_conf, job_id)
+    states = [(r["JobState"], r["ExitCode"]) for r in records]
+    assert states[0] == ("FAILED", "1:0") and {s for s, _ in states} == {"FAILED"}, states
     assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()
     assert leftovers(run_dir) == ""
 
@@ -185,19 +196,22 @@ def test_scancel_stops_every_component(slurm_conf, tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = job_id_of(result.stdout)
     logs = {n: run_dir / "logs" / f"{n}.log" for n in ("broker", "learner", "actor-0")}
-    deadline = time.monotonic() + 120
-    while not ("broker listening" in read(logs["broker"]) and all("launch.py" in read(p) for p in logs.values())):
-        assert time.monotonic() < deadline, "every component must start"
-        time.sleep(0.5)
+    started = lambda: "broker listening" in read(logs["broker"]) and all("launch.py" in read(p) for p in logs.values())  # noqa: E731
+    wait_until(started, 120, "every component to start")
     assert len(leftovers(run_dir).splitlines()) >= 3
     slurm(slurm_conf, "scancel", job_id)
-    deadline = time.monotonic() + 60
-    while leftovers(run_dir) or {r["JobState"] for r in job_records(slurm_conf, job_id)} != {"CANCELLED"}:
-        assert time.monotonic() < deadline, leftovers(run_dir)
-        time.sleep(0.5)
+    gone = lambda: not leftovers(run_dir) and {r["JobState"] for r in job_records(slurm_conf, job_id)} == {"CANCELLED"}  # noqa: E731
+    wait_until(gone, 60, "every process of the job to end")
     assert "broker stopped" in read(logs["broker"])
     assert (run_dir / "broker_stats.json").exists()
 
 
 def read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
