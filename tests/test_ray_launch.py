@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,16 +35,36 @@ def test_roles_ray_cannot_place_are_a_named_error(tmp_path, monkeypatch, capsys,
     assert "Ray placed no broker or no learner rank 0 within 3 s" in capsys.readouterr().out
 
 
+@pytest.fixture
+def ray_head(tmp_path):
+    """An existing Ray cluster (`ray start --head --block`), stopped through the process that started it."""
+    port = free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=5", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "ray_head.log").read_text()
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
 def ray_lines(log: str) -> list[tuple[str, int]]:
     """(started|restarted, Ray actor pid) for each time the role's Ray actor was (re)created."""
     return [(m.group(1), int(m.group(2))) for m in re.finditer(r"^ray: \S+ (started|restarted) in Ray actor pid (\d+)", log, re.M)]
 
 
 @pytest.mark.slow
-def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir):
+def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir, ray_head):
     """kill -9 of the actor's Ray actor: Ray restarts it, the new incarnation feeds the learner to the last step.
 
-    The learner runs as two FSDP ranks, each its own Ray actor, meeting at rank 0's node.
+    The cluster exists before the run (`ray.address`); the learner runs as two FSDP ranks,
+    each its own Ray actor, meeting at rank 0's node.
     The broker holds at most credits_per_actor = 32 samples (one step) of the dead incarnation,
     so three or more steps after the kill can only come from the restarted actor.
     """
@@ -51,7 +72,7 @@ def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir):
     cmd = [
         sys.executable, str(ROOT / "launch.py"), "--role", "all", "--launcher", "ray", "--config", str(ROOT / "configs" / "tiny.yaml"),
         f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}", f"train.steps={steps}",
-        "learner.world_size=2", f"learner.master_port={free_port()}",
+        "learner.world_size=2", f"learner.master_port={free_port()}", f"ray.address={ray_head}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
     metrics, actor_log = run_dir / "metrics.jsonl", run_dir / "logs" / "actor-0.log"
@@ -69,6 +90,7 @@ def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, output[-5000:]
+    assert "Connecting to existing Ray cluster" in output
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert steps - steps_at_kill >= 3, "the kill came too late to prove anything"
