@@ -14,7 +14,7 @@ dir=$(realpath -m "${2:?usage: local_slurm.sh start|stop DIR}")
 NODES=(ci1 ci2 ci3 ci4)
 CPUS_PER_NODE=${LOCAL_SLURM_CPUS:-4}
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { "${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 install_packages() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && command -v munged >/dev/null && return 0

@@ -83,7 +83,10 @@ def slurm_conf(tmp_path_factory) -> Path:
         pytest.skip("the local Slurm cluster needs root (it installs and starts slurmctld, slurmd and munge)")
     cluster_dir = tmp_path_factory.mktemp("slurm")
     try:
-        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(cluster_dir)], capture_output=True, text=True, timeout=600)
+        started = subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), "start", str(cluster_dir)], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHON": sys.executable},
+        )  # fmt: skip
         if started.returncode == 3:
             pytest.skip(started.stderr.strip())
         assert started.returncode == 0, started.stdout + started.stderr
