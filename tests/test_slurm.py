@@ -143,8 +143,9 @@ def test_het_job_trains_with_each_role_in_its_own_component_and_resumes_when_req
     job_id = job_id_of(result.stdout)
     wait_until(lambda: read(run_dir / "metrics.jsonl"), 300, "the first step")
     slurm(slurm_conf, "scontrol", "requeue", job_id)
-    wait_until(lambda: job_records(slurm_conf, job_id)[0]["JobState"] == "PENDING", 60, "the requeue")
-    slurm(slurm_conf, "scontrol", "update", f"jobid={job_id}", "StartTime=now")  # Slurm holds requeued jobs ~2 min
+    wait_until(lambda: {r["JobState"] for r in job_records(slurm_conf, job_id)} == {"PENDING"}, 60, "the requeue")
+    for record in job_records(slurm_conf, job_id):  # Slurm holds requeued jobs ~2 min; every component must be let go
+        slurm(slurm_conf, "scontrol", "update", f"jobid={record['JobId']}", "StartTime=now")
     wait_until(lambda: {r["JobState"] for r in job_records(slurm_conf, job_id)} <= {"COMPLETED", "FAILED"}, 400, "the job's end")
     batch_log = read(next((run_dir / "logs").glob("slurm-*.out")))
     records = job_records(slurm_conf, job_id)
