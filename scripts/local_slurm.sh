@@ -93,13 +93,17 @@ start() {
   echo "local_slurm: ${#NODES[@]} nodes up; export SLURM_CONF=$dir/slurm.conf"
 }
 
-stop_pidfile() {
-  local pid
-  [ -f "$1" ] || return 0
-  pid=$(cat "$1")
-  kill "$pid" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
+stop_pids() {  # SIGTERM to every daemon named by these pid files at once, SIGKILL to any left after 5 s
+  local pids=() pid
+  for file in "$@"; do [ -f "$file" ] && pids+=("$(cat "$file")"); done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && break; pid=; done
+    [ -z "$pid" ] && return 0
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 stop() {
@@ -110,9 +114,8 @@ stop() {
       sleep 0.2
     done
   fi
-  for node in "${NODES[@]}"; do stop_pidfile "$dir/slurmd-$node.pid"; done
-  stop_pidfile "$dir/slurmctld.pid"
-  if [ -f "$dir/munged.ours" ]; then stop_pidfile /run/munge/munged.pid; rm -f "$dir/munged.ours"; fi
+  stop_pids "$dir"/slurmd-*.pid "$dir/slurmctld.pid"
+  if [ -f "$dir/munged.ours" ]; then stop_pids /run/munge/munged.pid; rm -f "$dir/munged.ours"; fi
 }
 
 case $cmd in
