@@ -5,6 +5,8 @@ come from the config). `--role all` validates the config, prepares the run
 directory and the model, then starts the broker, the actors and the learner as
 separate processes, shows live progress, and stops them all when the learner has
 finished its steps, on Ctrl-C, or when any role dies (exiting non-zero, naming it).
+With `--launcher slurm` or `--launcher ray` it places the same roles on a cluster
+instead: one Slurm heterogeneous job, or Ray actors (docs/multinode.md).
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="learner: continue from the run directory's latest checkpoint")
     parser.add_argument("--prompts", type=int, default=4, help="parity: groups to generate and compare")
     parser.add_argument("--tolerance", type=float, default=0.01, help="parity: largest acceptable mean |logprob difference|")
+    parser.add_argument("--launcher", choices=("local", "slurm", "ray"), default="local", help="--role all: child processes here, a Slurm heterogeneous job, or Ray actors (docs/multinode.md)")
+    parser.add_argument("--dry-run", action="store_true", help="--launcher slurm: print the batch script instead of submitting it")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.launcher != "local" and args.role != "all":
+        parser.error("--launcher slurm|ray starts every role: use it with --role all")
+    return args
 
 
 def setup_logging(level: str) -> None:
@@ -93,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        if args.role == "all" and args.launcher == "slurm":
+            from scripts.slurm import submit
+
+            return submit(config, args.resume, args.dry_run)
+        if args.role == "all" and args.launcher == "ray":
+            from scripts.ray_launch import run_ray
+
+            return run_ray(config, args.resume)
         if args.role == "all":
             from scripts.supervisor import run_all
 

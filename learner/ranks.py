@@ -23,7 +23,7 @@ log = logging.getLogger("learner")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGKILL when the learner process that started us dies, even by kill -9."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -32,7 +32,7 @@ def _die_with_parent() -> None:
 
 
 def _rank_main(rank: int, world: int, port: int, config_json: str, model_dir: str, run_dir: str, resume: bool) -> None:
-    _die_with_parent()
+    die_with_parent()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from learner.main import run_learner
 

@@ -284,6 +284,68 @@ class EvalSection(Section):
         return self
 
 
+class SlurmComponent(Section):
+    """Resources of one component of the Slurm heterogeneous job (docs/multinode.md)."""
+
+    cpus_per_task: int = Field(1, ge=1)
+    partition: str | None = None
+    """None: `slurm.partition`."""
+    env: dict[str, str] = {}
+    """Extra environment for this component's tasks (e.g. NCCL_SOCKET_IFNAME, HF_HOME)."""
+
+
+class SlurmNodes(SlurmComponent):
+    """A component spread over nodes: `learner.world_size` ranks or `actor.count` actors, split evenly."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    """0: CPU only. Else each node runs at most this many tasks, one GPU each."""
+
+
+class SlurmSection(Section):
+    """`launch.py --role all --launcher slurm`: het group 0 broker, 1 learner, 2 actors."""
+
+    job_name: str = "streamrl"
+    partition: str | None = None
+    """None: the cluster's default partition."""
+    account: str | None = None
+    time: str = "04:00:00"
+    """Wall-clock limit of the whole job (sbatch --time), quoted: YAML reads 04:00:00 as a number."""
+    ports: Literal["config", "job_id"] = "config"
+    """config: the ports of `endpoints.*` and `learner.master_port`; job_id: three ports derived from the job id."""
+    setup: list[str] = []
+    """Shell lines run in the batch script before the components start (module load ..., source ...)."""
+    wait: bool = False
+    """Block until the job ends and exit with its code (sbatch --wait)."""
+    broker: SlurmComponent = SlurmComponent()
+    learner: SlurmNodes = SlurmNodes()
+    actors: SlurmNodes = SlurmNodes()
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _quoted_time(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            raise ValueError("quote the time limit, e.g. '12:00:00' (unquoted, YAML reads it as a number of seconds)")
+        return value
+
+
+class RaySection(Section):
+    """`launch.py --role all --launcher ray`: every role is a Ray actor that runs the role's process."""
+
+    address: str | None = None
+    """An existing cluster (`auto`, `host:6379`, `ray://host:10001`); None starts a fresh local one sized for the run."""
+    broker_cpus: float = Field(1.0, ge=0)
+    actor_cpus: float = Field(1.0, ge=0)
+    actor_gpus: float = Field(0.0, ge=0)
+    """Per actor: one engine per GPU means 1."""
+    learner_cpus: float = Field(1.0, ge=0)
+    """Per learner rank."""
+    learner_gpus: float = Field(0.0, ge=0)
+    """Per learner rank; each rank is its own Ray actor, so ranks may land on different nodes."""
+    max_restarts: int = Field(3, ge=0)
+    """How often a crashed broker or actor is restarted (a new incarnation); the learner is never restarted."""
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -296,6 +358,8 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     loss: LossSection = LossSection()
     eval: EvalSection = EvalSection()
+    slurm: SlurmSection = SlurmSection()
+    ray: RaySection = RaySection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
