@@ -6,6 +6,10 @@ learner asks for batches of complete groups; a served batch stays in flight unti
 the learner's next request acknowledges it, so a learner that restarts mid-step
 gets the same batch again rather than losing it. A malformed message is answered
 with an error and counted; it never stops the broker.
+
+With `broker.durable` (the default) every accepted sample is written to a
+write-ahead log and acknowledged only after an fsync; messages arriving together
+share one fsync (group commit). A restarted broker replays the log (broker/durable.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import orjson
 import zmq
 
 from broker.buffer import ReplayBuffer
+from broker.durable import DurableLog
+from broker.wal import WriteAheadLog
 from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.errors import ProtocolError
@@ -29,8 +35,9 @@ from protocol.transport import bind_router, send_frames, send_reply
 from protocol.wire import decode, encode_samples, samples_from
 
 log = logging.getLogger("broker")
-ACTOR_TTL_S = 30.0
-COUNTERS = ("messages", "received", "acked", "batches_resent", "unreachable")
+ACTOR_TTL_S = 30.0  # an actor silent this long no longer counts as live in the stats
+COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resent", "consumed", "consumed_batches", "unreachable")
+Owner = tuple[str, str]  # (actor id, incarnation)
 
 
 class Broker:
@@ -38,36 +45,76 @@ class Broker:
         self.config = config
         self.vocab_size = vocab_size
         self.stats_path = stats_path
-        self.buffer = ReplayBuffer(config.broker.max_policy_lag)
+        self.buffer = ReplayBuffer(config.broker.max_policy_lag, self._retired)
         self.rejected: Counter[str] = Counter()
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.actor_seen: dict[str, float] = {}  # actor -> monotonic time of its last message
+        self.owner_seen: dict[Owner, float] = {}  # (actor, incarnation) -> its last message, for expiry
+        self.learner_seen: float | None = None
         self.actor_rates: dict[str, float] = {}  # actor -> the generation tokens/s it last reported
         self.inflight: tuple[int, list[list[Sample]]] | None = None
         self.next_batch_id = 1
         self.finished_at: float | None = None
         self.stopped_actors: set[str] = set()
+        self.pending: list[tuple[bytes, Any, dict[str, Any]]] = []  # ACKs waiting for the next fsync
+        self.pending_since = 0.0
+        self.pending_samples = 0
+        self.frames: list = []  # the frames of the message being handled (logged as they are)
+        self.log: DurableLog | None = None
+        if config.broker.durable:
+            self._recover(config.broker.wal_dir or config.run.dir / "wal")
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests until `stop` is set, or until the learner finished and every actor was told."""
         socket = bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes)
-        log.info("broker listening on %s (vocab %s)", self.config.endpoints.broker, self.vocab_size)
-        last_flush = 0.0
+        log.info("broker listening on %s (vocab %s, durable %s)", self.config.endpoints.broker, self.vocab_size, self.log is not None)
+        last_tick = 0.0
         try:
             while not stop.is_set() and not self._done():
                 if socket.poll(100):
-                    frames = socket.recv_multipart(copy=False)
-                    self.handle(socket, frames[0].bytes, frames[1:])
-                if time.monotonic() - last_flush > 1.0:
+                    self._drain(socket)
+                self._commit(socket)
+                if time.monotonic() - last_tick > 1.0:
+                    self._expire_silent()
                     self.write_stats()
-                    last_flush = time.monotonic()
+                    last_tick = time.monotonic()
         finally:
+            self._commit(socket)
+            self.close()
             self.write_stats()
             socket.close(linger=0)
             log.info("broker stopped: %s", orjson.dumps(self.stats()).decode())
 
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.wal.close()
+
+    def _drain(self, socket: zmq.Socket) -> None:
+        """Handle the messages waiting now, until a group commit is due."""
+        interval = self.config.broker.fsync_interval_ms / 1000
+        while True:
+            frames = socket.recv_multipart(copy=False)
+            self.handle(socket, frames[0].bytes, frames[1:])
+            if not self.pending or self.pending_samples >= self.config.broker.fsync_every:
+                return
+            if time.monotonic() - self.pending_since >= interval or not socket.poll(0):
+                return
+
+    def _commit(self, socket: zmq.Socket) -> None:
+        """One fsync makes every pending sample durable; then their ACKs go out."""
+        if not self.pending:
+            return
+        self.log.wal.sync()
+        for identity, rid, reply in self.pending:
+            if not send_reply(socket, identity, rid, m.ACK, reply):
+                self.counters["unreachable"] += 1
+        self.pending.clear()
+        self.pending_samples = 0
+        self.log.roll_if_full(self.next_batch_id)
+
     def handle(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
         self.counters["messages"] += 1
+        self.frames = frames
         try:
             kind, body, arrays = decode(frames, self.config.broker.max_message_bytes)
         except ProtocolError as err:
@@ -84,7 +131,13 @@ class Broker:
             log.exception("internal error on a %s request", kind)
             self._reject(ProtocolError("internal_error", repr(err)))
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": "internal_error", "detail": repr(err)}, []
-        if reply_kind == m.BATCH:
+        if reply_kind == m.ACK and self.log is not None and self.log.wal.dirty:
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending.append((identity, rid, reply))
+            self.pending_samples += len(reply["acked"])
+        elif reply_kind == m.BATCH:
+            self._commit(socket)  # serving fsynced the log: the waiting ACKs are durable too
             frames = encode_samples(m.BATCH, reply_arrays, {**reply, "rid": rid})
             if not send_frames(socket, identity, frames):
                 self.counters["unreachable"] += 1
@@ -100,6 +153,7 @@ class Broker:
         if kind == m.GET_BATCH:
             return self._serve_batch(body)
         if kind == m.FINISH:
+            self._acknowledged(body.get("ack_batch"))
             self.finished_at = time.monotonic()
             log.info("learner finished; telling actors to stop")
             return m.STATUS, {"stop": True}, []
@@ -108,38 +162,58 @@ class Broker:
         raise ProtocolError("unknown_type", f"message type {kind!r} is not known")
 
     def _ingest(self, body: dict[str, Any], arrays: list) -> dict[str, Any]:
+        """Ack valid samples (duplicates too, so the actor forgets them), NACK bad ones, refuse those over credit."""
         actor = self._note_actor(body)
-        acked, rejected = [], []
+        acked, rejected, refused, new = [], [], [], []
         for item in samples_from(body, arrays, self.vocab_size):
             self.counters["received"] += 1
             if isinstance(item, ProtocolError):
                 self._reject(item)
                 rejected.append([item.seq, item.reason])
-                continue
-            if item.actor_id != actor:
+            elif item.actor_id != actor:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))
                 rejected.append([item.seq, "bad_sample"])
-                continue
-            self.buffer.add(item)
-            acked.append(item.seq)
+            elif not self.buffer.is_duplicate(item) and self._credits(actor) <= 0:
+                refused.append(item.seq)  # not acknowledged: the actor sends it again later
+            else:
+                if self.buffer.add(item) == "accepted":
+                    new.append(item.key)
+                acked.append(item.seq)
+        if new and self.log is not None:
+            self.log.samples(self.frames, new)
         self.counters["acked"] += len(acked)
-        return {"acked": acked, "rejected": rejected, **self._status(actor)}
+        self.counters["refused_no_credit"] += len(refused)
+        return {"acked": acked, "rejected": rejected, "refused": refused, **self._status(actor)}
 
     def _serve_batch(self, body: dict[str, Any]) -> tuple[str, dict[str, Any], list]:
         groups_wanted, version, ack = body.get("groups"), body.get("policy_version"), body.get("ack_batch")
         if not isinstance(groups_wanted, int) or groups_wanted < 1 or not isinstance(version, int):
             raise ProtocolError("bad_request", "get_batch needs groups (int >= 1) and policy_version (int)")
-        if self.inflight is not None and ack != self.inflight[0]:
+        self.learner_seen = time.monotonic()
+        self._acknowledged(ack)
+        if self.inflight is not None:
             self.counters["batches_resent"] += 1
             return m.BATCH, self._batch_body(self.inflight[0]), [s for g in self.inflight[1] for s in g]
-        self.inflight = None
         self.buffer.set_policy_version(version)
         groups = self.buffer.take(groups_wanted)
         if groups is None:
             return m.NOT_READY, {"stats": self.stats()}, []
         self.inflight = (self.next_batch_id, groups)
         self.next_batch_id += 1
+        if self.log is not None:
+            self.log.served(self.inflight[0], groups, version)
         return m.BATCH, self._batch_body(self.inflight[0]), [s for g in groups for s in g]
+
+    def _acknowledged(self, batch_id: Any) -> None:
+        """The learner has trained on the in-flight batch: it is consumed, never served again."""
+        if self.inflight is None or batch_id != self.inflight[0]:
+            return
+        groups = self.inflight[1]
+        self.inflight = None
+        self.counters["consumed"] += sum(len(g) for g in groups)
+        self.counters["consumed_batches"] += 1
+        if self.log is not None:
+            self.log.consumed(batch_id, groups)
 
     def _batch_body(self, batch_id: int) -> dict[str, Any]:
         return {"batch_id": batch_id, "stats": self.stats()}
@@ -148,12 +222,18 @@ class Broker:
         stop = self.finished_at is not None
         if stop:
             self.stopped_actors.add(actor)
-        credits = self.buffer.credits(actor, self.config.broker.credits_per_actor)
-        return {"credits": credits, "policy_version": self.buffer.policy_version, "stop": stop}
+        return {"credits": self._credits(actor), "policy_version": self.buffer.policy_version, "stop": stop}
+
+    def _credits(self, actor: str) -> int:
+        byte_budget = int(self.config.broker.memory_budget_mb * (1 << 20)) // self.config.actor.count
+        return self.buffer.credits(actor, self.config.broker.credits_per_actor, byte_budget)
 
     def _note_actor(self, body: dict[str, Any]) -> str:
         actor = _actor_id(body)
         self.actor_seen[actor] = time.monotonic()
+        incarnation = body.get("incarnation")
+        if isinstance(incarnation, str):
+            self.owner_seen[(actor, incarnation)] = self.actor_seen[actor]
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)
@@ -162,6 +242,29 @@ class Broker:
     def _live_actors(self) -> set[str]:
         now = time.monotonic()
         return {a for a, seen in self.actor_seen.items() if now - seen < ACTOR_TTL_S}
+
+    def _expire_silent(self) -> None:
+        """Partial groups of an actor incarnation silent for broker.actor_ttl_s can never complete: drop them."""
+        now = time.monotonic()
+        for owner, seen in list(self.owner_seen.items()):
+            if now - seen > self.config.broker.actor_ttl_s:
+                del self.owner_seen[owner]
+                if expired := self.buffer.expire(owner):
+                    log.warning("actor %s (incarnation %s) silent for %.0f s: %d samples of partial groups expired", *owner, now - seen, expired)
+
+    def _retired(self, samples: list[Sample], why: str) -> None:
+        if self.log is not None:
+            self.log.retired(samples, why)
+
+    def _recover(self, wal_dir: Path) -> None:
+        """Open (and repair) the log, rebuild the buffer from it, and start a fresh segment."""
+        wal = WriteAheadLog(wal_dir, int(self.config.broker.segment_mb * (1 << 20)))
+        self.log = DurableLog(wal, self.buffer, self.vocab_size)
+        self.inflight, self.next_batch_id = self.log.replay()
+        now = time.monotonic()
+        for samples in self.buffer.partial.values():  # their actors get a full TTL to come back
+            self.owner_seen.setdefault((samples[0].actor_id, samples[0].incarnation), now)
+        self.log.start_segment(self.next_batch_id)
 
     def _reject(self, err: ProtocolError) -> None:
         self.rejected[err.reason] += 1
@@ -182,6 +285,11 @@ class Broker:
             "rejected_by_reason": dict(self.rejected),
             "actors": len(live),
             "gen_tokens_per_s": sum(self.actor_rates.get(a, 0.0) for a in live),
+            "learner_idle_s": round(time.monotonic() - self.learner_seen, 3) if self.learner_seen else None,
+            "inflight_batch": self.inflight[0] if self.inflight else None,
+            "durable": self.log is not None,
+            "replayed": self.log.replayed if self.log else 0,
+            **(self.log.wal.stats() if self.log else {}),
         }
 
     def write_stats(self) -> None:

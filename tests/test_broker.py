@@ -30,9 +30,9 @@ def group_samples(group: int, first_seq: int, version: int = 0, actor: str = "a0
 
 
 @pytest.fixture
-def broker(endpoints):
+def broker(endpoints, tmp_path):
     config = load_config(None, [
-        f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
+        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
         "broker.credits_per_actor=12", "broker.max_policy_lag=1", "train.groups_per_step=2",
     ])  # fmt: skip
     server = Broker(config, VOCAB)

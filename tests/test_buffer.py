@@ -375,6 +375,8 @@ def test_stats_exact():
         "served_groups": 1,
         "dropped_stale": 3,
         "dropped_stale_groups": 1,
+        "expired": 0,
+        "expired_groups": 0,
         "policy_version": 2,
         "ready_groups": 0,
         "partial_groups": 2,
