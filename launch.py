@@ -73,7 +73,12 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:  # `launch.py keygen DIR [CLIENT]`: CURVE keys for broker.curve
+        from protocol.curve import keygen_main
+
+        return keygen_main(argv[1:])
+    args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -26,6 +26,7 @@ from actors.engine import Completion, Engine
 from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import RunConfig
+from protocol.curve import client_keys_dir
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightReceiver
@@ -212,7 +213,7 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
     seed = config.run.seed + 1000 * index
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = make_engine(model_dir, config, seed)
-    broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}")
+    broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}", curve_dir=client_keys_dir(config))
     weights = TcpWeightReceiver(config.endpoints.weights, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
     try:
         Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker).run(stop)

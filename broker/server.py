@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import zmq
 
+from broker.auth import Guard
 from broker.buffer import ReplayBuffer
 from broker.durable import DurableLog
 from broker.wal import WriteAheadLog
@@ -60,13 +61,14 @@ class Broker:
         self.pending_since = 0.0
         self.pending_samples = 0
         self.frames: list = []  # the frames of the message being handled (logged as they are)
+        self.guard = Guard(config.broker.curve.keys_dir) if config.broker.curve.enabled else None
         self.log: DurableLog | None = None
         if config.broker.durable:
             self._recover(config.broker.wal_dir or config.run.dir / "wal")
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests until `stop` is set, or until the learner finished and every actor was told."""
-        socket = bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes)
+        socket = bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes, self.guard and self.guard.arm)
         log.info("broker listening on %s (vocab %s, durable %s)", self.config.endpoints.broker, self.vocab_size, self.log is not None)
         last_tick = 0.0
         try:
@@ -74,6 +76,8 @@ class Broker:
                 if socket.poll(100):
                     self._drain(socket)
                 self._commit(socket)
+                if self.guard is not None:
+                    self.guard.poll()
                 if time.monotonic() - last_tick > 1.0:
                     self._expire_silent()
                     self.write_stats()
@@ -82,6 +86,8 @@ class Broker:
             self._commit(socket)
             self.close()
             self.write_stats()
+            if self.guard is not None:
+                self.guard.close()
             socket.close(linger=0)
             log.info("broker stopped: %s", orjson.dumps(self.stats()).decode())
 
@@ -287,6 +293,7 @@ class Broker:
             "gen_tokens_per_s": sum(self.actor_rates.get(a, 0.0) for a in live),
             "learner_idle_s": round(time.monotonic() - self.learner_seen, 3) if self.learner_seen else None,
             "inflight_batch": self.inflight[0] if self.inflight else None,
+            "auth_refused": self.guard.refused if self.guard else 0,
             "durable": self.log is not None,
             "replayed": self.log.replayed if self.log else 0,
             **(self.log.wal.stats() if self.log else {}),
