@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ("protocol", "learner", "actor", "e2e", "staleness")
+SUITE = ("protocol", "learner", "actor", "e2e", "staleness", "broker")
 
 
 def main() -> int:

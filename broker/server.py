@@ -289,6 +289,7 @@ class Broker:
             **self.counters,
             "rejected": sum(self.rejected.values()),
             "rejected_by_reason": dict(self.rejected),
+            "buffered_bytes": sum(self.buffer.held_bytes.values()),
             "actors": len(live),
             "gen_tokens_per_s": sum(self.actor_rates.get(a, 0.0) for a in live),
             "learner_idle_s": round(time.monotonic() - self.learner_seen, 3) if self.learner_seen else None,

@@ -43,7 +43,8 @@ def encode(kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarra
     crc = 0
     for array in arrays:
         array = np.asarray(array)
-        array = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
+        if array.dtype.str[0] not in "<|" or not array.flags.c_contiguous:  # astype costs even when it copies nothing
+            array = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
         if array.dtype.str not in ALLOWED_DTYPES:
             raise ProtocolError("bad_dtype", f"cannot send dtype {array.dtype.str}")
         view = memoryview(array.reshape(-1)).cast("B")
