@@ -16,6 +16,7 @@ dedupe state.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -42,9 +43,11 @@ class WriteAheadLog:
     def __init__(self, directory: Path, segment_bytes: int = 64 << 20) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = _lock(self.dir / "LOCK")
         self.segment_bytes = segment_bytes
         self.segments = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("wal-*.log"))
         self.truncated_bytes = self._repair_tail()
+        self.sizes = {s: self._path(s).stat().st_size for s in self.segments}
         self.live: dict[Key, int] = {}  # live sample key -> segment it was written in
         self.live_per_segment: dict[int, int] = {s: 0 for s in self.segments}
         self.file = None
@@ -80,6 +83,7 @@ class WriteAheadLog:
         self.active = (self.segments[-1] + 1) if self.segments else 0
         self.segments.append(self.active)
         self.live_per_segment[self.active] = 0
+        self.sizes[self.active] = 0
         self.file = open(self._path(self.active), "ab", buffering=0)  # noqa: SIM115 (kept open for appends)
         _fsync_dir(self.dir)
         self.append(SNAPSHOT, [snapshot])
@@ -92,6 +96,7 @@ class WriteAheadLog:
             crc = zlib.crc32(frame, crc)
         os.writev(self.file.fileno(), [HEADER.pack(size, crc, kind[0]), *frames])
         self.bytes_written += HEADER.size + size
+        self.sizes[self.active] += HEADER.size + size
         self.dirty = True
         if keys:
             self.track(list(keys), self.active)
@@ -125,17 +130,18 @@ class WriteAheadLog:
         while len(self.segments) > 1 and self.segments[0] != self.active and self.live_per_segment.get(self.segments[0], 0) <= 0:
             segment = self.segments.pop(0)
             self.live_per_segment.pop(segment, None)
+            self.sizes.pop(segment, None)
             self._path(segment).unlink(missing_ok=True)
             self.segments_deleted += 1
 
     @property
     def active_bytes(self) -> int:
-        return self.file.tell() if self.file is not None else 0
+        return self.sizes.get(self.active, 0)
 
     def stats(self) -> dict[str, float]:
         times = np.array(self.sync_seconds) * 1000 if self.sync_seconds else np.zeros(1)
         return {
-            "log_bytes": sum(self._path(s).stat().st_size for s in self.segments if self._path(s).exists()),
+            "log_bytes": sum(self.sizes.values()),
             "log_bytes_written": self.bytes_written,
             "log_segments": len(self.segments),
             "log_segments_deleted": self.segments_deleted,
@@ -150,6 +156,7 @@ class WriteAheadLog:
             self.sync()
             self.file.close()
             self.file = None
+        self.lock.close()  # releases the lock (so does the process dying)
 
     def _path(self, segment: int) -> Path:
         return self.dir / f"wal-{segment:08d}.log"
@@ -194,6 +201,17 @@ def _parse(data: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
             return
         yield bytes([kind]), payload, end
         pos = end
+
+
+def _lock(path: Path):
+    """Hold an exclusive lock on the log directory: two brokers on one log would corrupt it."""
+    handle = open(path, "a")  # noqa: SIM115 (held open for the lock's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(f"another broker is using the write-ahead log in {path.parent}") from None
+    return handle
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -16,7 +16,10 @@ def fresh(tmp_path, segment_bytes: int = 1 << 20) -> WriteAheadLog:
 
 
 def contents(tmp_path) -> list[tuple[int, bytes, bytes]]:
-    return [(seg, kind, bytes(payload)) for seg, kind, payload in WriteAheadLog(tmp_path).records()]
+    wal = WriteAheadLog(tmp_path)
+    records = [(seg, kind, bytes(payload)) for seg, kind, payload in wal.records()]
+    wal.close()
+    return records
 
 
 def test_records_round_trip_in_order_and_frames_split_back(tmp_path):
@@ -48,7 +51,7 @@ def test_a_torn_or_corrupt_tail_is_cut_and_the_log_goes_on(tmp_path, damage):
     path.write_bytes(bytes(data))
     reopened = WriteAheadLog(tmp_path)
     expected = 4 if damage != "garbage_tail" else 5
-    assert [p for _, _, p in contents(tmp_path)][1:] == [bytes([i]) * 100 for i in range(expected)]
+    assert [bytes(p) for _, _, p in reopened.records()][1:] == [bytes([i]) * 100 for i in range(expected)]
     assert reopened.truncated_bytes == len(data) - path.stat().st_size > 0
     reopened.start_segment(b"snap2")  # appending after a repair works and is read back
     reopened.append(CONSUMED, [b"after"])
@@ -84,3 +87,11 @@ def test_sync_is_timed_and_stats_add_up(tmp_path):
     stats = wal.stats()
     assert stats["fsyncs"] == 1 and stats["fsync_ms_p99"] >= stats["fsync_ms_p50"] > 0
     assert stats["log_bytes"] == stats["log_bytes_written"] == 9 + 4 + 9 + 1000
+
+
+def test_a_second_broker_on_the_same_log_is_refused(tmp_path):
+    wal = fresh(tmp_path)
+    with pytest.raises(RuntimeError, match="another broker"):
+        WriteAheadLog(tmp_path)
+    wal.close()
+    WriteAheadLog(tmp_path).close()  # free again once the first one closed
