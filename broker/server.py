@@ -27,7 +27,7 @@ import zmq
 from broker.auth import Guard
 from broker.buffer import ReplayBuffer
 from broker.durable import DurableLog
-from broker.wal import WriteAheadLog
+from broker.wal import LogWriteError, WriteAheadLog
 from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.errors import ProtocolError
@@ -82,8 +82,12 @@ class Broker:
                     self._expire_silent()
                     self.write_stats()
                     last_tick = time.monotonic()
+        except LogWriteError:
+            log.critical("the write-ahead log failed; stopping without acknowledging what it did not take", exc_info=True)
+            raise
         finally:
-            self._commit(socket)
+            if self.log is None or self.log.wal.failed is None:
+                self._commit(socket)
             self.close()
             self.write_stats()
             if self.guard is not None:
@@ -133,6 +137,8 @@ class Broker:
         except ProtocolError as err:
             self._reject(err)
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": err.reason, "detail": err.detail}, []
+        except LogWriteError:
+            raise  # durability is gone: stop before acknowledging anything more
         except Exception as err:  # a bug must cost one request, never the broker
             log.exception("internal error on a %s request", kind)
             self._reject(ProtocolError("internal_error", repr(err)))

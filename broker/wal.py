@@ -37,6 +37,11 @@ MAX_RECORD = 1 << 31
 Key = tuple[str, str, int]
 
 
+class LogWriteError(RuntimeError):
+    """Writing or syncing the log failed (disk full, I/O error). Fatal: the broker must stop, not
+    acknowledge anything more, and replay what is durable when restarted (see fsyncgate)."""
+
+
 class WriteAheadLog:
     """Appends records to `dir/wal-NNNNNNNN.log` segments; `sync` makes them durable."""
 
@@ -57,6 +62,7 @@ class WriteAheadLog:
         self.syncs = 0
         self.sync_seconds: deque[float] = deque(maxlen=4096)
         self.segments_deleted = 0
+        self.failed: OSError | None = None
 
     # --- reading (before the first append) ---
 
@@ -94,7 +100,7 @@ class WriteAheadLog:
         crc = zlib.crc32(kind)
         for frame in frames:
             crc = zlib.crc32(frame, crc)
-        os.writev(self.file.fileno(), [HEADER.pack(size, crc, kind[0]), *frames])
+        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, crc, kind[0]), *frames])
         self.bytes_written += HEADER.size + size
         self.sizes[self.active] += HEADER.size + size
         self.dirty = True
@@ -113,7 +119,7 @@ class WriteAheadLog:
         if not self.dirty:
             return
         started = time.perf_counter()
-        os.fdatasync(self.file.fileno())
+        self._io(os.fdatasync, self.file.fileno())
         self.sync_seconds.append(time.perf_counter() - started)
         self.syncs += 1
         self.dirty = False
@@ -153,10 +159,20 @@ class WriteAheadLog:
 
     def close(self) -> None:
         if self.file is not None:
-            self.sync()
+            if self.failed is None:
+                self.sync()
             self.file.close()
             self.file = None
         self.lock.close()  # releases the lock (so does the process dying)
+
+    def _io(self, call, *args):
+        if self.failed is not None:
+            raise LogWriteError(f"the write-ahead log failed earlier: {self.failed}")
+        try:
+            return call(*args)
+        except OSError as err:
+            self.failed = err
+            raise LogWriteError(f"write-ahead log in {self.dir}: {err}") from err
 
     def _path(self, segment: int) -> Path:
         return self.dir / f"wal-{segment:08d}.log"

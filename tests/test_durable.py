@@ -136,3 +136,27 @@ def test_durable_off_writes_no_log(running, tmp_path):
     broker = running("broker.durable=false")
     send(broker.client("actor"), group_samples(0, 0))
     assert not (tmp_path / "wal").exists() and broker.stats()["durable"] is False
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the broker thread dies on purpose
+def test_a_failing_disk_stops_the_broker_before_it_acknowledges(running, monkeypatch):
+    """Fault injection (the only way to get ENOSPC here): the write fails, no ACK is sent, the broker stops."""
+    import errno
+
+    import broker.wal
+
+    broker_ = running()
+    send(broker_.client("actor"), group_samples(0, 0))
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(broker.wal.os, "writev", disk_full)
+    with pytest.raises(TimeoutError):
+        broker_.client("actor2").request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(1, 4), timeout_s=2.0)
+    broker_.thread.join(5)
+    assert not broker_.thread.is_alive()
+    monkeypatch.undo()
+    broker_.start()  # restarted on a healthy disk: the acknowledged group is there, the refused one is not
+    stats = broker_.stats()
+    assert stats["replayed"] == 4 and stats["ready_groups"] == 1
