@@ -14,7 +14,15 @@ from protocol.sample import Sample
 
 
 class SeqWindow:
-    """The set of sequence numbers seen from one actor incarnation, compacted below a watermark."""
+    """The set of sequence numbers seen from one actor incarnation, compacted below a watermark.
+
+    A sequence number that never arrives (its sample was rejected) would hold the
+    watermark back forever and let `above` grow with every later sample. Once `above`
+    holds more than MAX_ABOVE numbers, the watermark jumps past the older half of them:
+    a gap that old is far outside any credit window, so no legitimate resend can fill it.
+    """
+
+    MAX_ABOVE = 4096
 
     def __init__(self) -> None:
         self.below = 0  # every seq < below has been seen
@@ -26,6 +34,10 @@ class SeqWindow:
             return False
         self.above.add(seq)
         self._compact()
+        if len(self.above) > self.MAX_ABOVE:
+            self.below = sorted(self.above)[len(self.above) // 2]
+            self.above = {s for s in self.above if s >= self.below}
+            self._compact()
         return True
 
     def merge(self, below: int, above: list[int]) -> None:
