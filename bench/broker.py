@@ -69,11 +69,10 @@ def start_broker(endpoint: str, run_dir: Path, durable: bool, credits: int) -> s
 def ours_consumer(endpoint: str, total: int, done) -> None:
     client, got, ack = Client(endpoint, f"consumer-{uuid.uuid4().hex[:6]}"), 0, None
     while got < total:
-        kind, body, _ = client.request(m.GET_BATCH, {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack}, timeout_s=60)
+        request = {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack, "wait_ms": 100}  # a long poll, like XREADGROUP BLOCK
+        kind, body, _ = client.request(m.GET_BATCH, request, timeout_s=60)
         if kind == m.BATCH:
             ack, got = body["batch_id"], got + len(body["samples"])
-        else:
-            time.sleep(0.0005)
     client.request(m.GET_BATCH, {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack})
     done.set()
 
@@ -200,7 +199,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="samples per message (ours) / per XADD pipeline (Redis)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    counts = {"1KB": 4000, "8KB": 4000, "64KB": 640} if args.quick else {"1KB": 40000, "8KB": 20000, "64KB": 3000}
+    counts = {"1KB": 4096, "8KB": 4096, "64KB": 640} if args.quick else {"1KB": 40960, "8KB": 20480, "64KB": 3072}
+    assert all(c % (CONSUMER_GROUPS * GROUP) == 0 for c in counts.values()), "the consumer takes whole batches"
     has_redis = shutil.which("redis-server") is not None
     if not has_redis:
         print("redis-server is not installed: Redis Streams is SKIPPED (apt-get install redis-server)")

@@ -39,6 +39,8 @@ log = logging.getLogger("broker")
 ACTOR_TTL_S = 30.0  # an actor silent this long no longer counts as live in the stats
 COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resent", "consumed", "consumed_batches", "unreachable")
 Owner = tuple[str, str]  # (actor id, incarnation)
+PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
+MAX_WAIT_MS = 60_000
 
 
 class Broker:
@@ -61,6 +63,7 @@ class Broker:
         self.pending_since = 0.0
         self.pending_samples = 0
         self.frames: list = []  # the frames of the message being handled (logged as they are)
+        self.parked: tuple[bytes, Any, dict[str, Any], float] | None = None  # a learner's long poll
         self.guard = Guard(config.broker.curve.keys_dir) if config.broker.curve.enabled else None
         self.log: DurableLog | None = None
         if config.broker.durable:
@@ -76,6 +79,7 @@ class Broker:
                 if socket.poll(100):
                     self._drain(socket)
                 self._commit(socket)
+                self._wake_parked(socket)
                 if self.guard is not None:
                     self.guard.poll()
                 if time.monotonic() - last_tick > 1.0:
@@ -148,13 +152,30 @@ class Broker:
                 self.pending_since = time.monotonic()
             self.pending.append((identity, rid, reply))
             self.pending_samples += len(reply["acked"])
-        elif reply_kind == m.BATCH:
+        elif reply_kind == PARKED:
+            if self.parked is not None:  # one waiting learner request at a time: the older one gets its answer now
+                self._wake_parked(socket, force=True)
+            self.parked = (identity, rid, body, time.monotonic() + body["wait_ms"] / 1000)
+        else:
+            self._send(socket, identity, rid, reply_kind, reply, reply_arrays)
+
+    def _send(self, socket: zmq.Socket, identity: bytes, rid: Any, kind: str, reply: dict[str, Any], arrays: list) -> None:
+        if kind == m.BATCH:
             self._commit(socket)  # serving fsynced the log: the waiting ACKs are durable too
-            frames = encode_samples(m.BATCH, reply_arrays, {**reply, "rid": rid})
-            if not send_frames(socket, identity, frames):
-                self.counters["unreachable"] += 1
-        elif not send_reply(socket, identity, rid, reply_kind, reply, reply_arrays):
+            sent = send_frames(socket, identity, encode_samples(m.BATCH, arrays, {**reply, "rid": rid}))
+        else:
+            sent = send_reply(socket, identity, rid, kind, reply, arrays)
+        if not sent:
             self.counters["unreachable"] += 1
+
+    def _wake_parked(self, socket: zmq.Socket, force: bool = False) -> None:
+        """Answer the waiting GET_BATCH once its batch is complete, or when its wait is over."""
+        if self.parked is None:
+            return
+        identity, rid, body, deadline = self.parked
+        if force or len(self.buffer.ready) >= body["groups"] or time.monotonic() >= deadline:
+            self.parked = None
+            self._send(socket, identity, rid, *self._serve_batch({**body, "wait_ms": 0}))
 
     def _dispatch(self, kind: str, body: dict[str, Any], arrays: list) -> tuple[str, dict[str, Any], list]:
         if kind == m.SAMPLES:
@@ -199,8 +220,11 @@ class Broker:
 
     def _serve_batch(self, body: dict[str, Any]) -> tuple[str, dict[str, Any], list]:
         groups_wanted, version, ack = body.get("groups"), body.get("policy_version"), body.get("ack_batch")
+        wait_ms = body.get("wait_ms", 0)
         if not isinstance(groups_wanted, int) or groups_wanted < 1 or not isinstance(version, int):
             raise ProtocolError("bad_request", "get_batch needs groups (int >= 1) and policy_version (int)")
+        if type(wait_ms) is not int or not 0 <= wait_ms <= MAX_WAIT_MS:
+            raise ProtocolError("bad_request", f"get_batch wait_ms must be an int in [0, {MAX_WAIT_MS}]")
         self.learner_seen = time.monotonic()
         self._acknowledged(ack)
         if self.inflight is not None:
@@ -208,6 +232,8 @@ class Broker:
             return m.BATCH, self._batch_body(self.inflight[0]), [s for g in self.inflight[1] for s in g]
         self.buffer.set_policy_version(version)
         groups = self.buffer.take(groups_wanted)
+        if groups is None and wait_ms > 0:
+            return PARKED, {}, []
         if groups is None:
             return m.NOT_READY, {"stats": self.stats()}, []
         self.inflight = (self.next_batch_id, groups)

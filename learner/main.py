@@ -77,7 +77,7 @@ class BatchSource:
         while not stop.is_set():
             try:
                 kind, body, arrays = self.client.request(
-                    m.GET_BATCH, {"groups": self.groups, "policy_version": version, "ack_batch": self.last_batch}
+                    m.GET_BATCH, {"groups": self.groups, "policy_version": version, "ack_batch": self.last_batch, "wait_ms": 1000}
                 )
             except TimeoutError as err:
                 log.warning("broker not answering: %s", err)
