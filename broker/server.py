@@ -15,6 +15,7 @@ share one fsync (group commit). A restarted broker replays the log (broker/durab
 from __future__ import annotations
 
 import logging
+import socket as socket_module
 import threading
 import time
 from collections import Counter
@@ -71,7 +72,7 @@ class Broker:
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests until `stop` is set, or until the learner finished and every actor was told."""
-        socket = bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes, self.guard and self.guard.arm)
+        socket = self._bind()
         log.info("broker listening on %s (vocab %s, durable %s)", self.config.endpoints.broker, self.vocab_size, self.log is not None)
         last_tick = 0.0
         try:
@@ -98,6 +99,21 @@ class Broker:
                 self.guard.close()
             socket.close(linger=0)
             log.info("broker stopped: %s", orjson.dumps(self.stats()).decode())
+
+    def _bind(self) -> zmq.Socket:
+        """Bind the ROUTER once the port is free: a predecessor's socket (closed asynchronously
+        by ZeroMQ's I/O thread) may still hold it for a moment after a restart."""
+        host, _, port = self.config.endpoints.broker.rpartition(":")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket_module.socket() as probe:
+                probe.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, int(port)))
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        return bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes, self.guard and self.guard.arm)
 
     def close(self) -> None:
         if self.log is not None:
