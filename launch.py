@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
         plot_main(argv[1:])
         return 0
+    if argv[:1] == ["keygen"]:  # `launch.py keygen DIR [CLIENT]`: CURVE keys for broker.curve
+        from protocol.curve import keygen_main
+
+        return keygen_main(argv[1:])
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

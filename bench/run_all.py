@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ("protocol", "learner", "actor", "e2e", "staleness", "weights")
+SUITE = ("protocol", "learner", "actor", "e2e", "staleness", "weights", "broker")
 
 
 def main() -> int:

@@ -1,19 +1,28 @@
 """The replay buffer: deduplicates samples, assembles GRPO groups, drops stale ones, serves FIFO.
 
 Pure data structure, no sockets, so its accounting can be tested exactly. Every
-accepted sample ends in one of three places, and `counters` proves it:
-accepted == served + dropped_stale + buffered.
+accepted sample ends in one of four places, and `counters` proves it:
+accepted == served + dropped_stale + expired + buffered.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 
 from protocol.sample import Sample
 
 
 class SeqWindow:
-    """The set of sequence numbers seen from one actor incarnation, compacted below a watermark."""
+    """The set of sequence numbers seen from one actor incarnation, compacted below a watermark.
+
+    A sequence number that never arrives (its sample was rejected) would hold the
+    watermark back forever and let `above` grow with every later sample. Once `above`
+    holds more than MAX_ABOVE numbers, the watermark jumps past the older half of them:
+    a gap that old is far outside any credit window, so no legitimate resend can fill it.
+    """
+
+    MAX_ABOVE = 4096
 
     def __init__(self) -> None:
         self.below = 0  # every seq < below has been seen
@@ -24,23 +33,44 @@ class SeqWindow:
         if seq < self.below or seq in self.above:
             return False
         self.above.add(seq)
+        self._compact()
+        if len(self.above) > self.MAX_ABOVE:
+            self.below = sorted(self.above)[len(self.above) // 2]
+            self.above = {s for s in self.above if s >= self.below}
+            self._compact()
+        return True
+
+    def merge(self, below: int, above: list[int]) -> None:
+        """Add everything another window (e.g. a logged snapshot) has seen."""
+        self.below = max(self.below, below)
+        self.above = {s for s in self.above.union(above) if s >= self.below}
+        self._compact()
+
+    def _compact(self) -> None:
         while self.below in self.above:
             self.above.remove(self.below)
             self.below += 1
-        return True
 
 
-COUNTERS = ("accepted", "duplicates", "dropped_stale", "dropped_stale_groups", "groups_completed", "served", "served_groups")
+COUNTERS = (
+    "accepted", "duplicates", "dropped_stale", "dropped_stale_groups", "expired", "expired_groups",
+    "groups_completed", "served", "served_groups",
+)  # fmt: skip
+Retire = Callable[[list[Sample], str], None]
 
 
 class ReplayBuffer:
-    def __init__(self, max_policy_lag: int) -> None:
+    """`on_retire(samples, why)` hears of every buffered sample that leaves without being served."""
+
+    def __init__(self, max_policy_lag: int, on_retire: Retire | None = None) -> None:
         self.max_policy_lag = max_policy_lag
+        self.on_retire = on_retire
         self.policy_version = 0
         self.partial: dict[str, list[Sample]] = {}
         self.ready: deque[list[Sample]] = deque()
         self.seen: dict[tuple[str, str], SeqWindow] = {}
         self.held: Counter[str] = Counter()  # samples per actor currently buffered
+        self.held_bytes: Counter[str] = Counter()  # their array bytes
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
 
     def add(self, sample: Sample) -> str:
@@ -56,11 +86,16 @@ class ReplayBuffer:
         group = self.partial.setdefault(sample.group_id, [])
         group.append(sample)
         self.held[sample.actor_id] += 1
+        self.held_bytes[sample.actor_id] += sample_bytes(sample)
         if len(group) == sample.group_size:
             del self.partial[sample.group_id]
             self.ready.append(sorted(group, key=lambda s: s.index))
             self.counters["groups_completed"] += 1
         return "accepted"
+
+    def is_duplicate(self, sample: Sample) -> bool:
+        window = self.seen.get((sample.actor_id, sample.incarnation))
+        return window is not None and (sample.seq < window.below or sample.seq in window.above)
 
     def set_policy_version(self, version: int) -> None:
         """Advance the learner's version and evict every group that became too old."""
@@ -88,9 +123,26 @@ class ReplayBuffer:
         self.counters["served_groups"] += num_groups
         return groups
 
-    def credits(self, actor_id: str, window: int) -> int:
-        """How many more samples `actor_id` may have buffered here."""
-        return max(0, window - self.held[actor_id])
+    def expire(self, owner: tuple[str, str]) -> int:
+        """Drop the partial groups of a silent (actor, incarnation); they can never complete. Returns samples dropped."""
+        dropped = 0
+        for group_id in [g for g, samples in self.partial.items() if (samples[0].actor_id, samples[0].incarnation) == owner]:
+            group = self.partial.pop(group_id)
+            self._release(group)
+            self.counters["expired"] += len(group)
+            self.counters["expired_groups"] += 1
+            dropped += len(group)
+            if self.on_retire is not None:
+                self.on_retire(group, "expired")
+        return dropped
+
+    def credits(self, actor_id: str, window: int, byte_budget: int | None = None) -> int:
+        """How many more samples `actor_id` may have buffered here: `window` samples, and no more bytes than `byte_budget`."""
+        credits = window - self.held[actor_id]
+        if byte_budget is not None and self.held[actor_id]:
+            per_sample = self.held_bytes[actor_id] / self.held[actor_id]
+            credits = min(credits, int((byte_budget - self.held_bytes[actor_id]) // per_sample))
+        return max(0, credits)
 
     @property
     def buffered(self) -> int:
@@ -112,10 +164,17 @@ class ReplayBuffer:
         self._release(group)
         self.counters["dropped_stale"] += len(group)
         self.counters["dropped_stale_groups"] += 1
+        if self.on_retire is not None:
+            self.on_retire(group, "stale")
 
     def _release(self, group: list[Sample]) -> None:
         for sample in group:
             self.held[sample.actor_id] -= 1
+            self.held_bytes[sample.actor_id] -= sample_bytes(sample)
+
+
+def sample_bytes(sample: Sample) -> int:
+    return sample.prompt_ids.nbytes + sample.completion_ids.nbytes + sample.behavior_logprobs.nbytes
 
 
 def _oldest(group: list[Sample]) -> int:

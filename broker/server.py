@@ -6,11 +6,16 @@ learner asks for batches of complete groups; a served batch stays in flight unti
 the learner's next request acknowledges it, so a learner that restarts mid-step
 gets the same batch again rather than losing it. A malformed message is answered
 with an error and counted; it never stops the broker.
+
+With `broker.durable` (the default) every accepted sample is written to a
+write-ahead log and acknowledged only after an fsync; messages arriving together
+share one fsync (group commit). A restarted broker replays the log (broker/durable.py).
 """
 
 from __future__ import annotations
 
 import logging
+import socket as socket_module
 import threading
 import time
 from collections import Counter
@@ -20,7 +25,10 @@ from typing import Any
 import orjson
 import zmq
 
+from broker.auth import Guard
 from broker.buffer import ReplayBuffer
+from broker.durable import DurableLog
+from broker.wal import LogWriteError, WriteAheadLog
 from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.errors import ProtocolError
@@ -29,8 +37,11 @@ from protocol.transport import bind_router, send_frames, send_reply
 from protocol.wire import decode, encode_samples, samples_from
 
 log = logging.getLogger("broker")
-ACTOR_TTL_S = 30.0
-COUNTERS = ("messages", "received", "acked", "batches_resent", "unreachable")
+ACTOR_TTL_S = 30.0  # an actor silent this long no longer counts as live in the stats
+COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resent", "consumed", "consumed_batches", "unreachable")
+Owner = tuple[str, str]  # (actor id, incarnation)
+PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
+MAX_WAIT_MS = 60_000
 
 
 class Broker:
@@ -38,37 +49,103 @@ class Broker:
         self.config = config
         self.vocab_size = vocab_size
         self.stats_path = stats_path
-        self.buffer = ReplayBuffer(config.broker.max_policy_lag)
+        self.buffer = ReplayBuffer(config.broker.max_policy_lag, self._retired)
         self.rejected: Counter[str] = Counter()
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.actor_seen: dict[str, float] = {}  # actor -> monotonic time of its last message
+        self.owner_seen: dict[Owner, float] = {}  # (actor, incarnation) -> its last message, for expiry
+        self.learner_seen: float | None = None
         self.actor_rates: dict[str, float] = {}  # actor -> the generation tokens/s it last reported
         self.actor_counters: dict[str, dict] = {}  # actor -> the counters it last reported (failures, drops, ...)
         self.inflight: tuple[int, list[list[Sample]]] | None = None
         self.next_batch_id = 1
         self.finished_at: float | None = None
         self.stopped_actors: set[str] = set()
+        self.pending: list[tuple[bytes, Any, dict[str, Any]]] = []  # ACKs waiting for the next fsync
+        self.pending_since = 0.0
+        self.pending_samples = 0
+        self.frames: list = []  # the frames of the message being handled (logged as they are)
+        self.parked: tuple[bytes, Any, dict[str, Any], float] | None = None  # a learner's long poll
+        self.guard = Guard(config.broker.curve.keys_dir) if config.broker.curve.enabled else None
+        self.log: DurableLog | None = None
+        if config.broker.durable:
+            self._recover(config.broker.wal_dir or config.run.dir / "wal")
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests until `stop` is set, or until the learner finished and every actor was told."""
-        socket = bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes)
-        log.info("broker listening on %s (vocab %s)", self.config.endpoints.broker, self.vocab_size)
-        last_flush = 0.0
+        socket = self._bind()
+        log.info("broker listening on %s (vocab %s, durable %s)", self.config.endpoints.broker, self.vocab_size, self.log is not None)
+        last_tick = 0.0
         try:
             while not stop.is_set() and not self._done():
                 if socket.poll(100):
-                    frames = socket.recv_multipart(copy=False)
-                    self.handle(socket, frames[0].bytes, frames[1:])
-                if time.monotonic() - last_flush > 1.0:
+                    self._drain(socket)
+                self._commit(socket)
+                self._wake_parked(socket)
+                if self.guard is not None:
+                    self.guard.poll()
+                if time.monotonic() - last_tick > 1.0:
+                    self._expire_silent()
                     self.write_stats()
-                    last_flush = time.monotonic()
+                    last_tick = time.monotonic()
+        except LogWriteError:
+            log.critical("the write-ahead log failed; stopping without acknowledging what it did not take", exc_info=True)
+            raise
         finally:
+            if self.log is None or self.log.wal.failed is None:
+                self._commit(socket)
+            self.close()
             self.write_stats()
+            if self.guard is not None:
+                self.guard.close()
             socket.close(linger=0)
             log.info("broker stopped: %s", orjson.dumps(self.stats()).decode())
 
+    def _bind(self) -> zmq.Socket:
+        """Bind the ROUTER once the port is free: a predecessor's socket (closed asynchronously
+        by ZeroMQ's I/O thread) may still hold it for a moment after a restart."""
+        host, _, port = self.config.endpoints.broker.rpartition(":")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket_module.socket() as probe:
+                probe.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, int(port)))
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        return bind_router(self.config.endpoints.broker, self.config.broker.max_message_bytes, self.guard and self.guard.arm)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.wal.close()
+
+    def _drain(self, socket: zmq.Socket) -> None:
+        """Handle the messages waiting now, until a group commit is due."""
+        interval = self.config.broker.fsync_interval_ms / 1000
+        while True:
+            frames = socket.recv_multipart(copy=False)
+            self.handle(socket, frames[0].bytes, frames[1:])
+            if not self.pending or self.pending_samples >= self.config.broker.fsync_every:
+                return
+            if time.monotonic() - self.pending_since >= interval or not socket.poll(0):
+                return
+
+    def _commit(self, socket: zmq.Socket) -> None:
+        """One fsync makes every pending sample durable; then their ACKs go out."""
+        if not self.pending:
+            return
+        self.log.wal.sync()
+        for identity, rid, reply in self.pending:
+            if not send_reply(socket, identity, rid, m.ACK, reply):
+                self.counters["unreachable"] += 1
+        self.pending.clear()
+        self.pending_samples = 0
+        self.log.roll_if_full(self.next_batch_id)
+
     def handle(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
         self.counters["messages"] += 1
+        self.frames = frames
         try:
             kind, body, arrays = decode(frames, self.config.broker.max_message_bytes)
         except ProtocolError as err:
@@ -81,16 +158,41 @@ class Broker:
         except ProtocolError as err:
             self._reject(err)
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": err.reason, "detail": err.detail}, []
+        except LogWriteError:
+            raise  # durability is gone: stop before acknowledging anything more
         except Exception as err:  # a bug must cost one request, never the broker
             log.exception("internal error on a %s request", kind)
             self._reject(ProtocolError("internal_error", repr(err)))
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": "internal_error", "detail": repr(err)}, []
-        if reply_kind == m.BATCH:
-            frames = encode_samples(m.BATCH, reply_arrays, {**reply, "rid": rid})
-            if not send_frames(socket, identity, frames):
-                self.counters["unreachable"] += 1
-        elif not send_reply(socket, identity, rid, reply_kind, reply, reply_arrays):
+        if reply_kind == m.ACK and self.log is not None and self.log.wal.dirty:
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending.append((identity, rid, reply))
+            self.pending_samples += len(reply["acked"])
+        elif reply_kind == PARKED:
+            if self.parked is not None:  # one waiting learner request at a time: the older one gets its answer now
+                self._wake_parked(socket, force=True)
+            self.parked = (identity, rid, body, time.monotonic() + body["wait_ms"] / 1000)
+        else:
+            self._send(socket, identity, rid, reply_kind, reply, reply_arrays)
+
+    def _send(self, socket: zmq.Socket, identity: bytes, rid: Any, kind: str, reply: dict[str, Any], arrays: list) -> None:
+        if kind == m.BATCH:
+            self._commit(socket)  # serving fsynced the log: the waiting ACKs are durable too
+            sent = send_frames(socket, identity, encode_samples(m.BATCH, arrays, {**reply, "rid": rid}))
+        else:
+            sent = send_reply(socket, identity, rid, kind, reply, arrays)
+        if not sent:
             self.counters["unreachable"] += 1
+
+    def _wake_parked(self, socket: zmq.Socket, force: bool = False) -> None:
+        """Answer the waiting GET_BATCH once its batch is complete, or when its wait is over."""
+        if self.parked is None:
+            return
+        identity, rid, body, deadline = self.parked
+        if force or len(self.buffer.ready) >= body["groups"] or time.monotonic() >= deadline:
+            self.parked = None
+            self._send(socket, identity, rid, *self._serve_batch({**body, "wait_ms": 0}))
 
     def _dispatch(self, kind: str, body: dict[str, Any], arrays: list) -> tuple[str, dict[str, Any], list]:
         if kind == m.SAMPLES:
@@ -101,6 +203,7 @@ class Broker:
         if kind == m.GET_BATCH:
             return self._serve_batch(body)
         if kind == m.FINISH:
+            self._acknowledged(body.get("ack_batch"))
             self.finished_at = time.monotonic()
             log.info("learner finished; telling actors to stop")
             return m.STATUS, {"stop": True}, []
@@ -109,38 +212,63 @@ class Broker:
         raise ProtocolError("unknown_type", f"message type {kind!r} is not known")
 
     def _ingest(self, body: dict[str, Any], arrays: list) -> dict[str, Any]:
+        """Ack valid samples (duplicates too, so the actor forgets them), NACK bad ones, refuse those over credit."""
         actor = self._note_actor(body)
-        acked, rejected = [], []
+        acked, rejected, refused, new = [], [], [], []
         for item in samples_from(body, arrays, self.vocab_size):
             self.counters["received"] += 1
             if isinstance(item, ProtocolError):
                 self._reject(item)
                 rejected.append([item.seq, item.reason])
-                continue
-            if item.actor_id != actor:
+            elif item.actor_id != actor:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))
                 rejected.append([item.seq, "bad_sample"])
-                continue
-            self.buffer.add(item)
-            acked.append(item.seq)
+            elif not self.buffer.is_duplicate(item) and self._credits(actor) <= 0:
+                refused.append(item.seq)  # not acknowledged: the actor sends it again later
+            else:
+                if self.buffer.add(item) == "accepted":
+                    new.append(item.key)
+                acked.append(item.seq)
+        if new and self.log is not None:
+            self.log.samples(self.frames, new)
         self.counters["acked"] += len(acked)
-        return {"acked": acked, "rejected": rejected, **self._status(actor)}
+        self.counters["refused_no_credit"] += len(refused)
+        return {"acked": acked, "rejected": rejected, "refused": refused, **self._status(actor)}
 
     def _serve_batch(self, body: dict[str, Any]) -> tuple[str, dict[str, Any], list]:
         groups_wanted, version, ack = body.get("groups"), body.get("policy_version"), body.get("ack_batch")
+        wait_ms = body.get("wait_ms", 0)
         if not isinstance(groups_wanted, int) or groups_wanted < 1 or not isinstance(version, int):
             raise ProtocolError("bad_request", "get_batch needs groups (int >= 1) and policy_version (int)")
-        if self.inflight is not None and ack != self.inflight[0]:
+        if type(wait_ms) is not int or not 0 <= wait_ms <= MAX_WAIT_MS:
+            raise ProtocolError("bad_request", f"get_batch wait_ms must be an int in [0, {MAX_WAIT_MS}]")
+        self.learner_seen = time.monotonic()
+        self._acknowledged(ack)
+        if self.inflight is not None:
             self.counters["batches_resent"] += 1
             return m.BATCH, self._batch_body(self.inflight[0]), [s for g in self.inflight[1] for s in g]
-        self.inflight = None
         self.buffer.set_policy_version(version)
         groups = self.buffer.take(groups_wanted)
+        if groups is None and wait_ms > 0:
+            return PARKED, {}, []
         if groups is None:
             return m.NOT_READY, {"stats": self.stats()}, []
         self.inflight = (self.next_batch_id, groups)
         self.next_batch_id += 1
+        if self.log is not None:
+            self.log.served(self.inflight[0], groups, version)
         return m.BATCH, self._batch_body(self.inflight[0]), [s for g in groups for s in g]
+
+    def _acknowledged(self, batch_id: Any) -> None:
+        """The learner has trained on the in-flight batch: it is consumed, never served again."""
+        if self.inflight is None or batch_id != self.inflight[0]:
+            return
+        groups = self.inflight[1]
+        self.inflight = None
+        self.counters["consumed"] += sum(len(g) for g in groups)
+        self.counters["consumed_batches"] += 1
+        if self.log is not None:
+            self.log.consumed(batch_id, groups)
 
     def _batch_body(self, batch_id: int) -> dict[str, Any]:
         return {"batch_id": batch_id, "stats": self.stats()}
@@ -149,12 +277,18 @@ class Broker:
         stop = self.finished_at is not None
         if stop:
             self.stopped_actors.add(actor)
-        credits = self.buffer.credits(actor, self.config.broker.credits_per_actor)
-        return {"credits": credits, "policy_version": self.buffer.policy_version, "stop": stop}
+        return {"credits": self._credits(actor), "policy_version": self.buffer.policy_version, "stop": stop}
+
+    def _credits(self, actor: str) -> int:
+        byte_budget = int(self.config.broker.memory_budget_mb * (1 << 20)) // self.config.actor.count
+        return self.buffer.credits(actor, self.config.broker.credits_per_actor, byte_budget)
 
     def _note_actor(self, body: dict[str, Any]) -> str:
         actor = _actor_id(body)
         self.actor_seen[actor] = time.monotonic()
+        incarnation = body.get("incarnation")
+        if isinstance(incarnation, str):
+            self.owner_seen[(actor, incarnation)] = self.actor_seen[actor]
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)
@@ -165,6 +299,29 @@ class Broker:
     def _live_actors(self) -> set[str]:
         now = time.monotonic()
         return {a for a, seen in self.actor_seen.items() if now - seen < ACTOR_TTL_S}
+
+    def _expire_silent(self) -> None:
+        """Partial groups of an actor incarnation silent for broker.actor_ttl_s can never complete: drop them."""
+        now = time.monotonic()
+        for owner, seen in list(self.owner_seen.items()):
+            if now - seen > self.config.broker.actor_ttl_s:
+                del self.owner_seen[owner]
+                if expired := self.buffer.expire(owner):
+                    log.warning("actor %s (incarnation %s) silent for %.0f s: %d samples of partial groups expired", *owner, now - seen, expired)
+
+    def _retired(self, samples: list[Sample], why: str) -> None:
+        if self.log is not None:
+            self.log.retired(samples, why)
+
+    def _recover(self, wal_dir: Path) -> None:
+        """Open (and repair) the log, rebuild the buffer from it, and start a fresh segment."""
+        wal = WriteAheadLog(wal_dir, int(self.config.broker.segment_mb * (1 << 20)))
+        self.log = DurableLog(wal, self.buffer, self.vocab_size)
+        self.inflight, self.next_batch_id = self.log.replay()
+        now = time.monotonic()
+        for samples in self.buffer.partial.values():  # their actors get a full TTL to come back
+            self.owner_seen.setdefault((samples[0].actor_id, samples[0].incarnation), now)
+        self.log.start_segment(self.next_batch_id)
 
     def _reject(self, err: ProtocolError) -> None:
         self.rejected[err.reason] += 1
@@ -183,10 +340,17 @@ class Broker:
             **self.counters,
             "rejected": sum(self.rejected.values()),
             "rejected_by_reason": dict(self.rejected),
+            "buffered_bytes": sum(self.buffer.held_bytes.values()),
             "actors": len(live),
             "gen_tokens_per_s": sum(self.actor_rates.get(a, 0.0) for a in live),
             "actor_gen_tokens_per_s": {a: self.actor_rates.get(a, 0.0) for a in sorted(live)},
             "actor_counters": self.actor_counters,
+            "learner_idle_s": round(time.monotonic() - self.learner_seen, 3) if self.learner_seen else None,
+            "inflight_batch": self.inflight[0] if self.inflight else None,
+            "auth_refused": self.guard.refused if self.guard else 0,
+            "durable": self.log is not None,
+            "replayed": self.log.replayed if self.log else 0,
+            **(self.log.wal.stats() if self.log else {}),
         }
 
     def write_stats(self) -> None:

@@ -139,6 +139,13 @@ class EndpointsSection(Section):
         return value
 
 
+class CurveSection(Section):
+    enabled: bool = False
+    """Encrypt and authenticate every broker connection with CurveZMQ (keys from `launch.py keygen DIR`)."""
+    keys_dir: Path = Path("keys")
+    """Holds server.key(_secret), the role's client.key_secret, and allowed/*.key (client public keys the broker accepts)."""
+
+
 class BrokerSection(Section):
     max_policy_lag: int = Field(2, ge=0)
     """Groups whose oldest sample started more than this many versions ago are dropped (counted)."""
@@ -146,6 +153,21 @@ class BrokerSection(Section):
     """Samples an actor may have buffered in the broker; a slow learner makes actors wait."""
     max_message_bytes: int = Field(64 << 20, gt=0)
     """Larger messages are refused (ZeroMQ drops the peer's message, decode rejects it)."""
+    memory_budget_mb: float = Field(1024, gt=0)
+    """Bytes of sample arrays the broker may buffer, shared equally by actor.count actors; caps each actor's credits."""
+    durable: bool = True
+    """Write-ahead log every accepted sample and acknowledge it only once fsynced; replayed on restart."""
+    wal_dir: Path | None = None
+    """Where the write-ahead log lives (default: run.dir/wal)."""
+    fsync_interval_ms: float = Field(5.0, ge=0)
+    """Group commit: keep taking messages for up to this long before one fsync acknowledges them all."""
+    fsync_every: int = Field(1024, ge=1)
+    """Group commit: fsync as soon as this many samples wait for their acknowledgement."""
+    segment_mb: float = Field(64, gt=0)
+    """Log segment size; a segment is deleted once every sample in it was consumed, dropped or expired."""
+    actor_ttl_s: float = Field(60.0, gt=0)
+    """An actor incarnation silent this long is dead: its partial groups are dropped (counted as expired)."""
+    curve: CurveSection = CurveSection()
 
 
 class FaultInjectionSection(Section):

@@ -10,7 +10,8 @@ PING = "ping"  # actor -> broker: ask for credits / version / stop; reply STATUS
 ACK = "ack"  # broker -> actor: {acked: [seq], rejected: [[seq, reason]], + status fields}
 STATUS = "status"  # broker -> actor: {credits, policy_version, stop}
 
-GET_BATCH = "get_batch"  # learner -> broker: {groups, policy_version, ack_batch}; reply BATCH or NOT_READY
+GET_BATCH = "get_batch"  # learner -> broker: {groups, policy_version, ack_batch, wait_ms?}; reply BATCH or NOT_READY
+# (with wait_ms the broker holds the request until the batch is complete or wait_ms has passed: a long poll)
 BATCH = "batch"  # broker -> learner: samples of complete groups + {batch_id, stats}
 NOT_READY = "not_ready"  # broker -> learner: no full batch yet
 FINISH = "finish"  # learner -> broker: training is over, tell actors to stop; reply STATUS

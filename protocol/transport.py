@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +26,19 @@ Reply = tuple[str, dict[str, Any], list[np.ndarray]]
 class Client:
     """A DEALER that sends one request at a time and waits for the matching reply."""
 
-    def __init__(self, endpoint: str, identity: str, max_bytes: int = 1 << 31) -> None:
+    def __init__(self, endpoint: str, identity: str, max_bytes: int = 1 << 31, curve_dir: Path | None = None) -> None:
+        """`curve_dir`: connect with CURVE, using the client and server keys there (protocol/curve.py)."""
         self.endpoint = endpoint
         self.max_bytes = max_bytes
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 100)  # a restarted peer is found again quickly,
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)  # with exponential backoff while it stays away
         self.socket.setsockopt_string(zmq.IDENTITY, identity)
+        if curve_dir is not None:
+            from protocol.curve import arm_client
+
+            arm_client(self.socket, curve_dir)
         self.socket.connect(tcp(endpoint))
         self._ids = itertools.count()
 
@@ -45,8 +54,12 @@ class Client:
         rid = next(self._ids)
         body = {**(body or {}), "rid": rid}
         frames = encode_samples(kind, samples, body) if samples else encode(kind, body, arrays)
-        self.socket.send_multipart(frames, copy=False)
         deadline_ms = int(timeout_s * 1000)
+        self.socket.setsockopt(zmq.SNDTIMEO, deadline_ms)  # no peer (e.g. refused by CURVE): sending would block
+        try:
+            self.socket.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise TimeoutError(f"cannot send to {self.endpoint}: no connection within {timeout_s:.1f} s") from None
         while self.socket.poll(deadline_ms):
             kind, body, arrays = decode(self.socket.recv_multipart(copy=False), self.max_bytes)
             if body.get("rid") == rid:
@@ -79,10 +92,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def bind_router(endpoint: str, max_bytes: int) -> zmq.Socket:
+def bind_router(endpoint: str, max_bytes: int, arm: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+    """A ROUTER bound to `endpoint`; `arm` configures it before the bind (e.g. CURVE)."""
     socket = zmq.Context.instance().socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
     socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    if arm is not None:
+        arm(socket)
     socket.bind(tcp(endpoint))
     return socket

@@ -43,7 +43,8 @@ def encode(kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarra
     crc = 0
     for array in arrays:
         array = np.asarray(array)
-        array = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
+        if array.dtype.str[0] not in "<|" or not array.flags.c_contiguous:  # astype costs even when it copies nothing
+            array = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
         if array.dtype.str not in ALLOWED_DTYPES:
             raise ProtocolError("bad_dtype", f"cannot send dtype {array.dtype.str}")
         view = memoryview(array.reshape(-1)).cast("B")
@@ -94,7 +95,8 @@ def _array(spec: Any, frame: memoryview) -> np.ndarray:
         raise ProtocolError("bad_shape", f"shape {shape!r} is not a list of non-negative ints")
     if math.prod(shape) * dtype.itemsize != frame.nbytes:
         raise ProtocolError("bad_shape", f"shape {shape} of {dtype} needs {math.prod(shape) * dtype.itemsize} bytes, frame has {frame.nbytes}")
-    return np.frombuffer(frame, dtype=dtype).reshape(shape)
+    array = np.frombuffer(frame, dtype=dtype)
+    return array if len(shape) == 1 else array.reshape(shape)
 
 
 def encode_samples(kind: str, samples: list[Sample], extra: dict[str, Any] | None = None) -> list[bytes | memoryview]:
@@ -144,7 +146,8 @@ def validate_sample(meta: Any, arrays: list[np.ndarray], vocab_size: int | None)
         raise ProtocolError("length_mismatch", f"{len(completion)} completion tokens but log-probs of shape {logprobs.shape}")
     if len(prompt) == 0 or len(completion) == 0:
         raise ProtocolError("empty_sequence", "prompt and completion must each hold at least one token")
-    if not np.all(np.isfinite(logprobs)) or np.any(logprobs > 1e-4):
+    lowest, highest = float(logprobs.min()), float(logprobs.max())  # NaN anywhere makes both NaN
+    if not (math.isfinite(lowest) and highest <= 1e-4):
         raise ProtocolError("bad_logprobs", "behavior log-probs must be finite and <= 0")
     if not math.isfinite(meta["reward"]):
         raise ProtocolError("bad_reward", f"reward {meta['reward']!r} is not finite")

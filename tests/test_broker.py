@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -30,9 +31,9 @@ def group_samples(group: int, first_seq: int, version: int = 0, actor: str = "a0
 
 
 @pytest.fixture
-def broker(endpoints):
+def broker(endpoints, tmp_path):
     config = load_config(None, [
-        f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
+        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
         "broker.credits_per_actor=12", "broker.max_policy_lag=1", "train.groups_per_step=2",
     ])  # fmt: skip
     server = Broker(config, VOCAB)
@@ -50,8 +51,8 @@ def send(client: Client, samples: list[Sample], actor: str = "a0") -> dict:
     return body
 
 
-def get_batch(client: Client, groups: int, version: int, ack=None):
-    return client.request(m.GET_BATCH, {"groups": groups, "policy_version": version, "ack_batch": ack})
+def get_batch(client: Client, groups: int, version: int, ack=None, wait_ms: int = 0):
+    return client.request(m.GET_BATCH, {"groups": groups, "policy_version": version, "ack_batch": ack, "wait_ms": wait_ms}, timeout_s=30)
 
 
 def test_acks_dedupes_and_credits(broker):
@@ -151,3 +152,19 @@ def test_finish_tells_actors_to_stop(broker):
     assert actor.request(m.HELLO, {"actor_id": "a0"})[1]["stop"] is False
     learner.request(m.FINISH)
     assert actor.request(m.PING, {"actor_id": "a0"})[1]["stop"] is True
+
+
+def test_a_waiting_get_batch_is_answered_as_soon_as_its_batch_completes(broker):
+    _, endpoint = broker
+    actor, learner = Client(endpoint, "actor"), Client(endpoint, "learner")
+    started = time.monotonic()
+    assert get_batch(learner, 1, 0, wait_ms=300)[0] == m.NOT_READY  # nothing came: answered when the wait is over
+    assert 0.25 < time.monotonic() - started < 3
+    threading.Timer(0.3, lambda: send(Client(endpoint, "late-actor"), group_samples(0, 0))).start()
+    started = time.monotonic()
+    kind, body, _ = get_batch(learner, 1, 0, wait_ms=20_000)
+    assert kind == m.BATCH and [s["seq"] for s in body["samples"]] == [0, 1, 2, 3]
+    assert time.monotonic() - started < 5  # woken by the group, not by the 20 s wait
+    with pytest.raises(RuntimeError, match="wait_ms"):
+        get_batch(learner, 1, 0, wait_ms=-1)
+    assert actor.request(m.STATS)[1]["served"] == 4

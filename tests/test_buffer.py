@@ -375,6 +375,8 @@ def test_stats_exact():
         "served_groups": 1,
         "dropped_stale": 3,
         "dropped_stale_groups": 1,
+        "expired": 0,
+        "expired_groups": 0,
         "policy_version": 2,
         "ready_groups": 0,
         "partial_groups": 2,
@@ -467,3 +469,13 @@ def test_conservation_under_random_operations(seed):
     assert min(c["accepted"], c["served"], c["duplicates"], c["dropped_stale"], c["dropped_stale_groups"]) > 0
     assert results["stale"] > 0
     assert c["accepted"] == len({s.key for s in sent})
+
+
+def test_seq_window_stays_bounded_past_a_hole_that_never_fills():
+    window = SeqWindow()
+    window.add(0)
+    for seq in range(2, 3 * SeqWindow.MAX_ABOVE):  # seq 1 was rejected: it never arrives
+        assert window.add(seq)
+    assert len(window.above) <= SeqWindow.MAX_ABOVE and window.below > 1
+    assert not window.add(1) and not window.add(3 * SeqWindow.MAX_ABOVE - 1)  # both count as seen
+    assert window.add(3 * SeqWindow.MAX_ABOVE)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.helpers import start_role
 from tests.test_resume import GROUPS, SETTINGS, STEPS, feed
-from tests.test_roles import start_role
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,7 @@ from safetensors.numpy import load_file
 
 from protocol import messages as m
 from protocol.transport import Client
-from tests.helpers import make_sample
-from tests.test_roles import start_role, steps_done, wait_for
+from tests.helpers import make_sample, start_role, steps_done, wait_for
 
 pytestmark = pytest.mark.slow
 GROUPS, N, STEPS = 12, 4, 6

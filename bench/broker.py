@@ -1,0 +1,243 @@
+"""Broker ingest: streamrl's broker vs Redis Streams (PipelineRL's transport), same payloads, same run.
+
+One producer sends samples in messages of `--batch` samples and waits for each
+acknowledgement (our SAMPLES -> ACK; Redis: a pipeline of XADDs); one consumer
+process drains them (our GET_BATCH with acknowledgement; Redis: XREADGROUP + XACK
++ XDEL). Throughput counts from the first send to the last acknowledgement; ack
+latency is per message. Matching durability modes:
+  durable:     ours fsyncs before it acknowledges   vs Redis appendonly + appendfsync always
+  not durable: ours with broker.durable false       vs Redis appendonly + appendfsync everysec
+Both servers are real processes on loopback, writing to the same temp directory's disk.
+Redis is skipped (and said so) when `redis-server` is not installed.
+
+    .venv/bin/python -m bench.broker [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from protocol import messages as m
+from protocol.sample import Sample
+from protocol.transport import Client, free_port
+from protocol.wire import encode_samples
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP = 8
+CONSUMER_GROUPS = 16  # groups per learner batch (ours) / entries per XREADGROUP (Redis: x GROUP)
+SIZES = {"1KB": (64, 96), "8KB": (256, 896), "64KB": (2048, 7168)}  # prompt, completion tokens: 4P + 8C bytes
+
+
+def make_samples(size: str, count: int) -> list[Sample]:
+    prompt, completion = SIZES[size]
+    rng = np.random.default_rng(0)
+    ids, comp = rng.integers(0, 1000, prompt, dtype=np.int32), rng.integers(0, 1000, completion, dtype=np.int32)
+    logprobs = -rng.random(completion, dtype=np.float32)
+    incarnation = uuid.uuid4().hex[:8]
+    return [
+        Sample(prompt_ids=ids, completion_ids=comp, behavior_logprobs=logprobs, reward=1.0, group_id=f"g{i // GROUP}",
+               group_size=GROUP, index=i % GROUP, version_start=0, version_end=0, actor_id="bench", incarnation=incarnation, seq=i)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+# --- streamrl broker ---
+
+
+def start_broker(endpoint: str, run_dir: Path, durable: bool, credits: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable, str(ROOT / "launch.py"), "--role", "broker", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={run_dir}", f"endpoints.broker={endpoint}", f"sampling.group_size={GROUP}", "train.groups_per_step=1",
+        f"broker.durable={str(durable).lower()}", f"broker.credits_per_actor={credits}", "broker.memory_budget_mb=4096",
+        "broker.max_policy_lag=1000", "broker.max_message_bytes=268435456", "run.log_level=WARNING",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def ours_consumer(endpoint: str, total: int, done) -> None:
+    client, got, ack = Client(endpoint, f"consumer-{uuid.uuid4().hex[:6]}"), 0, None
+    while got < total:
+        request = {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack, "wait_ms": 100}  # a long poll, like XREADGROUP BLOCK
+        kind, body, _ = client.request(m.GET_BATCH, request, timeout_s=60)
+        if kind == m.BATCH:
+            ack, got = body["batch_id"], got + len(body["samples"])
+    client.request(m.GET_BATCH, {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack})
+    done.set()
+
+
+def run_ours(samples: list[Sample], batch: int, durable: bool, tmp: Path) -> dict:
+    endpoint = f"127.0.0.1:{free_port()}"
+    broker = start_broker(endpoint, tmp / f"ours-{uuid.uuid4().hex[:6]}", durable, credits=max(16 * batch, 1024))
+    client = Client(endpoint, "bench-producer")
+    try:
+        _wait(lambda: client.request(m.STATS, timeout_s=1.0), "our broker")
+        done = mp.Event()
+        consumer = mp.Process(target=ours_consumer, args=(endpoint, len(samples), done))
+        consumer.start()
+        body = {"actor_id": "bench", "incarnation": samples[0].incarnation}
+        latencies, credits, sent = [], batch, 0
+        started = time.perf_counter()
+        while sent < len(samples):
+            chunk = samples[sent : sent + min(batch, credits)] if credits > 0 else []
+            t0 = time.perf_counter()
+            _, reply, _ = client.request(m.SAMPLES if chunk else m.PING, body, samples=chunk, timeout_s=60)
+            if chunk:
+                latencies.append(time.perf_counter() - t0)
+                assert reply["acked"] == [s.seq for s in chunk], reply.get("rejected") or reply.get("refused")
+                sent += len(chunk)
+            else:
+                time.sleep(0.0005)
+            credits = reply["credits"]
+        elapsed = time.perf_counter() - started
+        done.wait(120)
+        consumer.join(10)
+        stats = client.request(m.STATS)[1]
+        assert stats["accepted"] == stats["consumed"] == len(samples), stats
+        return _result(samples, elapsed, latencies) | {"fsyncs": stats.get("fsyncs", 0)}
+    finally:
+        client.close()
+        broker.terminate()
+        broker.wait(10)
+
+
+# --- Redis Streams ---
+
+
+def start_redis(port: int, fsync: str, data_dir: Path) -> subprocess.Popen:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--appendonly", "yes",
+           "--appendfsync", fsync, "--save", "", "--protected-mode", "no", "--logfile", str(data_dir / "redis.log")]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def redis_consumer(port: int, total: int, done) -> None:
+    import redis
+
+    r, got = redis.Redis(port=port), 0
+    while got < total:
+        reply = r.xreadgroup("learners", "c0", {"samples": ">"}, count=CONSUMER_GROUPS * GROUP, block=100)
+        if not reply:
+            continue
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        pipe = r.pipeline(transaction=False)
+        pipe.xack("samples", "learners", *ids)
+        pipe.xdel("samples", *ids)
+        pipe.execute()
+        got += len(ids)
+    done.set()
+
+
+def run_redis(samples: list[Sample], batch: int, fsync: str, tmp: Path) -> dict:
+    import redis
+
+    port = free_port()
+    server = start_redis(port, fsync, tmp / f"redis-{uuid.uuid4().hex[:6]}")
+    r = redis.Redis(port=port)
+    try:
+        _wait(r.ping, "redis-server")
+        r.xgroup_create("samples", "learners", id="$", mkstream=True)
+        payloads = [b"".join(bytes(f) for f in encode_samples(m.SAMPLES, [s])) for s in samples]  # the same bytes we send
+        done = mp.Event()
+        consumer = mp.Process(target=redis_consumer, args=(port, len(samples), done))
+        consumer.start()
+        latencies = []
+        started = time.perf_counter()
+        for first in range(0, len(payloads), batch):
+            t0 = time.perf_counter()
+            pipe = r.pipeline(transaction=False)
+            for payload in payloads[first : first + batch]:
+                pipe.xadd("samples", {"d": payload})
+            pipe.execute()
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        done.wait(120)
+        consumer.join(10)
+        return _result(samples, elapsed, latencies)
+    finally:
+        r.close()
+        server.terminate()
+        server.wait(10)
+
+
+# --- table ---
+
+
+def _wait(probe, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not come up") from None
+            time.sleep(0.2)
+
+
+def _result(samples: list[Sample], elapsed: float, latencies: list[float]) -> dict:
+    nbytes = sum(s.prompt_ids.nbytes + s.completion_ids.nbytes + s.behavior_logprobs.nbytes for s in samples)
+    ms = np.array(latencies) * 1000
+    return {"samples_per_s": len(samples) / elapsed, "mb_per_s": nbytes / elapsed / 1e6,
+            "ack_ms_p50": float(np.percentile(ms, 50)), "ack_ms_p99": float(np.percentile(ms, 99))}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=64, help="samples per message (ours) / per XADD pipeline (Redis)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    counts = {"1KB": 4096, "8KB": 4096, "64KB": 640} if args.quick else {"1KB": 40960, "8KB": 20480, "64KB": 3072}
+    assert all(c % (CONSUMER_GROUPS * GROUP) == 0 for c in counts.values()), "the consumer takes whole batches"
+    has_redis = shutil.which("redis-server") is not None
+    if not has_redis:
+        print("redis-server is not installed: Redis Streams is SKIPPED (apt-get install redis-server)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:  # on disk (not tmpfs): fsync costs what it costs
+        for size, count in counts.items():
+            samples = make_samples(size, count)
+            for durable, fsync in ((True, "always"), (False, "everysec")):
+                mode = "durable" if durable else "not durable"
+                rows.append({"size": size, "mode": mode, "system": "streamrl broker", **run_ours(samples, args.batch, durable, Path(tmp))})
+                if has_redis:
+                    rows.append({"size": size, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **run_redis(samples, args.batch, fsync, Path(tmp))})
+                print(f"  {size} {mode}: done", flush=True)
+    ratios = _ratios(rows)
+    print("\n| sample | mode | system | samples/s | MB/s | ack p50 ms | ack p99 ms | vs Redis |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ratio = f"{ratios[(r['size'], r['mode'])]:.1f}x" if r["system"] == "streamrl broker" and (r["size"], r["mode"]) in ratios else ""
+        print(f"| {r['size']} | {r['mode']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:.0f} | {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} |")
+    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": mp.cpu_count()},
+              "redis": _redis_version() if has_redis else "not installed (skipped)", "quick": args.quick,
+              "batch": args.batch, "counts": counts, "results": rows,
+              "ours_vs_redis": {f"{k[0]} {k[1]}": v for k, v in ratios.items()}}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "broker.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {args.out / 'broker.json'}")
+
+
+def _ratios(rows: list[dict]) -> dict[tuple[str, str], float]:
+    ours = {(r["size"], r["mode"]): r["samples_per_s"] for r in rows if r["system"] == "streamrl broker"}
+    redis = {(r["size"], r["mode"]): r["samples_per_s"] for r in rows if r["system"].startswith("Redis")}
+    return {k: ours[k] / redis[k] for k in ours if k in redis}
+
+
+def _redis_version() -> str:
+    return subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    main()

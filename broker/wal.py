@@ -1,0 +1,238 @@
+"""The broker's write-ahead log: segmented, length-prefixed, CRC-checked, append-only.
+
+A record is `[u32 length][u32 crc32][u8 type][payload]`, the CRC covering type and
+payload. Records are only appended, and `sync` (fdatasync) makes everything written
+so far durable, so what survives a crash is always a prefix of what was written. On
+open, the tail of the last segment is checked record by record: a torn or corrupt
+record ends the log there and the file is truncated, never a crash.
+
+The log knows which sample keys are still live (accepted but not yet consumed,
+dropped or expired) and in which segment each was written. Segments are deleted
+oldest first once nothing in them is live, so a consumed record is never deleted
+while the samples it retires are still on disk. Each new segment starts with a
+snapshot record (written by the caller) so that deleting old segments loses no
+dedupe state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("broker.wal")
+HEADER = struct.Struct("<IIB")  # payload length, crc32 over type + payload, type
+FRAME_LEN = struct.Struct("<I")
+SAMPLES, SERVED, CONSUMED, RETIRED, SNAPSHOT = b"S", b"B", b"C", b"R", b"W"
+TYPES = {SAMPLES[0], SERVED[0], CONSUMED[0], RETIRED[0], SNAPSHOT[0]}
+MAX_RECORD = 1 << 31
+Key = tuple[str, str, int]
+
+
+class LogWriteError(RuntimeError):
+    """Writing or syncing the log failed (disk full, I/O error). Fatal: the broker must stop, not
+    acknowledge anything more, and replay what is durable when restarted (see fsyncgate)."""
+
+
+class WriteAheadLog:
+    """Appends records to `dir/wal-NNNNNNNN.log` segments; `sync` makes them durable."""
+
+    def __init__(self, directory: Path, segment_bytes: int = 64 << 20) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = _lock(self.dir / "LOCK")
+        self.segment_bytes = segment_bytes
+        self.segments = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("wal-*.log"))
+        self.truncated_bytes = self._repair_tail()
+        self.sizes = {s: self._path(s).stat().st_size for s in self.segments}
+        self.live: dict[Key, int] = {}  # live sample key -> segment it was written in
+        self.live_per_segment: dict[int, int] = {s: 0 for s in self.segments}
+        self.file = None
+        self.active = -1
+        self.dirty = False
+        self.bytes_written = 0
+        self.syncs = 0
+        self.sync_seconds: deque[float] = deque(maxlen=4096)
+        self.segments_deleted = 0
+        self.failed: OSError | None = None
+
+    # --- reading (before the first append) ---
+
+    def records(self) -> Iterator[tuple[int, bytes, memoryview]]:
+        """Every intact record on disk, oldest first, as (segment, type, payload)."""
+        for segment in self.segments:
+            data = self._path(segment).read_bytes()
+            for kind, payload, _ in _parse(data):
+                yield segment, kind, payload
+
+    def track(self, keys: list[Key], segment: int) -> None:
+        """Mark `keys` live in `segment` (used while replaying)."""
+        for key in keys:
+            self.live[key] = segment
+        self.live_per_segment[segment] = self.live_per_segment.get(segment, 0) + len(keys)
+
+    # --- writing ---
+
+    def start_segment(self, snapshot: bytes) -> None:
+        """Close the active segment (durably) and open a new one that begins with `snapshot`."""
+        if self.file is not None:
+            self.sync()
+            self.file.close()
+        self.active = (self.segments[-1] + 1) if self.segments else 0
+        self.segments.append(self.active)
+        self.live_per_segment[self.active] = 0
+        self.sizes[self.active] = 0
+        self.file = open(self._path(self.active), "ab", buffering=0)  # noqa: SIM115 (kept open for appends)
+        _fsync_dir(self.dir)
+        self.append(SNAPSHOT, [snapshot])
+
+    def append(self, kind: bytes, frames: list, keys: list[Key] = ()) -> None:
+        """Append one record whose payload is `frames` concatenated; `keys` become live in it."""
+        size = sum(memoryview(f).nbytes for f in frames)
+        crc = zlib.crc32(kind)
+        for frame in frames:
+            crc = zlib.crc32(frame, crc)
+        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, crc, kind[0]), *frames])
+        self.bytes_written += HEADER.size + size
+        self.sizes[self.active] += HEADER.size + size
+        self.dirty = True
+        if keys:
+            self.track(list(keys), self.active)
+
+    def append_frames(self, frames: list, keys: list[Key]) -> None:
+        """A samples record: the message frames exactly as received, each length-prefixed."""
+        parts = []
+        for frame in frames:
+            parts += [FRAME_LEN.pack(memoryview(frame).nbytes), frame]
+        self.append(SAMPLES, parts, keys)
+
+    def sync(self) -> None:
+        """Make everything appended so far durable (one fdatasync, timed)."""
+        if not self.dirty:
+            return
+        started = time.perf_counter()
+        self._io(os.fdatasync, self.file.fileno())
+        self.sync_seconds.append(time.perf_counter() - started)
+        self.syncs += 1
+        self.dirty = False
+
+    def retire(self, keys: list[Key]) -> None:
+        """Forget live keys (consumed, dropped or expired)."""
+        for key in keys:
+            segment = self.live.pop(key, None)
+            if segment is not None:
+                self.live_per_segment[segment] -= 1
+
+    def collect(self) -> None:
+        """Delete the oldest segments while they hold no live key (never the active one)."""
+        while len(self.segments) > 1 and self.segments[0] != self.active and self.live_per_segment.get(self.segments[0], 0) <= 0:
+            segment = self.segments.pop(0)
+            self.live_per_segment.pop(segment, None)
+            self.sizes.pop(segment, None)
+            self._path(segment).unlink(missing_ok=True)
+            self.segments_deleted += 1
+
+    @property
+    def active_bytes(self) -> int:
+        return self.sizes.get(self.active, 0)
+
+    def stats(self) -> dict[str, float]:
+        times = np.array(self.sync_seconds) * 1000 if self.sync_seconds else np.zeros(1)
+        return {
+            "log_bytes": sum(self.sizes.values()),
+            "log_bytes_written": self.bytes_written,
+            "log_segments": len(self.segments),
+            "log_segments_deleted": self.segments_deleted,
+            "log_truncated_bytes": self.truncated_bytes,
+            "fsyncs": self.syncs,
+            "fsync_ms_p50": round(float(np.percentile(times, 50)), 3),
+            "fsync_ms_p99": round(float(np.percentile(times, 99)), 3),
+        }
+
+    def close(self) -> None:
+        if self.file is not None:
+            if self.failed is None:
+                self.sync()
+            self.file.close()
+            self.file = None
+        self.lock.close()  # releases the lock (so does the process dying)
+
+    def _io(self, call, *args):
+        if self.failed is not None:
+            raise LogWriteError(f"the write-ahead log failed earlier: {self.failed}")
+        try:
+            return call(*args)
+        except OSError as err:
+            self.failed = err
+            raise LogWriteError(f"write-ahead log in {self.dir}: {err}") from err
+
+    def _path(self, segment: int) -> Path:
+        return self.dir / f"wal-{segment:08d}.log"
+
+    def _repair_tail(self) -> int:
+        """Truncate a torn or corrupt record (and everything after it) in the last segment."""
+        if not self.segments:
+            return 0
+        path = self._path(self.segments[-1])
+        data = path.read_bytes()
+        end = 0
+        for _, _, record_end in _parse(data):
+            end = record_end
+        if end < len(data):
+            log.warning("write-ahead log %s: discarding a torn tail of %d bytes", path.name, len(data) - end)
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        return len(data) - end
+
+
+def split_frames(payload: memoryview) -> list[memoryview]:
+    """The message frames of a samples record (the inverse of `append_frames`)."""
+    frames, pos = [], 0
+    while pos < payload.nbytes:
+        (size,) = FRAME_LEN.unpack_from(payload, pos)
+        frames.append(payload[pos + FRAME_LEN.size : pos + FRAME_LEN.size + size])
+        pos += FRAME_LEN.size + size
+    return frames
+
+
+def _parse(data: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
+    """Intact records of one segment as (type, payload, end offset); stops at the first bad one."""
+    view, pos = memoryview(data), 0
+    while pos + HEADER.size <= len(data):
+        size, crc, kind = HEADER.unpack_from(view, pos)
+        end = pos + HEADER.size + size
+        if kind not in TYPES or end > len(data):
+            return
+        payload = view[pos + HEADER.size : end]
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
+            return
+        yield bytes([kind]), payload, end
+        pos = end
+
+
+def _lock(path: Path):
+    """Hold an exclusive lock on the log directory: two brokers on one log would corrupt it."""
+    handle = open(path, "a")  # noqa: SIM115 (held open for the lock's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(f"another broker is using the write-ahead log in {path.parent}") from None
+    return handle
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

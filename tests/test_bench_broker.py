@@ -1,0 +1,29 @@
+"""bench/broker.py in quick mode runs both systems side by side and writes valid JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_broker_bench_quick_writes_json(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.broker", "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "broker.json").read_text())
+    ours = [r for r in report["results"] if r["system"] == "streamrl broker"]
+    assert {(r["size"], r["mode"]) for r in ours} == {(s, m) for s in ("1KB", "8KB", "64KB") for m in ("durable", "not durable")}
+    assert all(r["samples_per_s"] > 0 and r["ack_ms_p99"] >= r["ack_ms_p50"] > 0 for r in report["results"])
+    if shutil.which("redis-server"):
+        assert len(report["results"]) == 12 and len(report["ours_vs_redis"]) == 6
+    else:
+        assert "SKIPPED" in result.stdout
+    assert "| sample | mode | system |" in result.stdout

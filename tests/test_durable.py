@@ -1,0 +1,162 @@
+"""A broker restarted on its write-ahead log (real sockets): nothing acknowledged is lost, nothing consumed comes back."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from broker.server import Broker
+from protocol import messages as m
+from protocol.config import load_config
+from protocol.transport import Client, free_port
+from tests.test_broker import GROUP, VOCAB, get_batch, group_samples, send
+
+
+class Running:
+    """A broker served from a thread; `restart` stops it (without a clean log close) and starts another."""
+
+    def __init__(self, tmp_path, *overrides: str) -> None:
+        self.endpoint = f"127.0.0.1:{free_port()}"
+        self.config = load_config(None, [
+            f"run.dir={tmp_path}", f"endpoints.broker={self.endpoint}", f"sampling.group_size={GROUP}",
+            "broker.credits_per_actor=64", "broker.max_policy_lag=1", "train.groups_per_step=1", *overrides,
+        ])  # fmt: skip
+        self.start()
+
+    def start(self) -> None:
+        self.server = Broker(self.config, VOCAB)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.stop_event,), daemon=True)
+        self.thread.start()
+
+    def restart(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+        self.start()
+
+    def client(self, name: str) -> Client:
+        return Client(self.endpoint, name)
+
+    def stats(self) -> dict:
+        return self.client("probe").request(m.STATS)[1]
+
+
+@pytest.fixture
+def running(tmp_path):
+    brokers = []
+
+    def make(*overrides: str) -> Running:
+        brokers.append(Running(tmp_path, *overrides))
+        return brokers[-1]
+
+    yield make
+    for b in brokers:
+        b.stop_event.set()
+        b.thread.join(5)
+
+
+def keys(body: dict) -> list[tuple[str, int]]:
+    return [(s["group_id"], s["seq"]) for s in body["samples"]]
+
+
+def test_restart_replays_unconsumed_samples_and_the_inflight_batch_exactly_once(running):
+    broker = running()
+    actor, learner = broker.client("actor"), broker.client("learner")
+    send(actor, group_samples(0, 0) + group_samples(1, 4) + group_samples(2, 8))
+    _, first, _ = get_batch(learner, 1, 0)
+    _, second, _ = get_batch(learner, 1, 0, ack=first["batch_id"])  # batch 1 consumed; batch 2 in flight
+    broker.restart()
+    learner = broker.client("learner2")
+    _, again, _ = get_batch(learner, 1, 0)  # not acknowledged: the same batch, same id
+    assert again["batch_id"] == second["batch_id"] and keys(again) == keys(second)
+    _, third, _ = get_batch(learner, 1, 0, ack=again["batch_id"])
+    assert keys(third) == [("a0-g2", s) for s in range(8, 12)]
+    assert get_batch(learner, 1, 0, ack=third["batch_id"])[0] == m.NOT_READY
+    stats = broker.stats()
+    assert stats["replayed"] == 8 and stats["consumed"] == 8 and stats["inflight_batch"] is None
+
+
+def test_resends_after_a_restart_are_duplicates_even_once_consumed(running):
+    broker = running()
+    actor, learner = broker.client("actor"), broker.client("learner")
+    send(actor, group_samples(0, 0) + group_samples(1, 4))
+    _, first, _ = get_batch(learner, 1, 0)
+    get_batch(learner, 1, 0, ack=first["batch_id"])
+    broker.restart()
+    body = send(broker.client("actor2"), group_samples(0, 0) + group_samples(1, 4) + group_samples(2, 8))
+    assert body["acked"] == list(range(12))  # the actor may forget all of them
+    stats = broker.stats()
+    assert stats["duplicates"] == 8 and stats["accepted"] == 4  # only g2 is new (g1 came back as the in-flight batch)
+    learner = broker.client("learner2")
+    _, batch, _ = get_batch(learner, 1, 0, ack=first["batch_id"] + 1)  # acknowledges the replayed in-flight g1
+    assert keys(batch) == [("a0-g2", s) for s in range(8, 12)]
+
+
+def test_an_ack_is_sent_only_after_fsync(running):
+    broker = running()
+    send(broker.client("actor"), group_samples(0, 0))
+    stats = broker.stats()
+    assert stats["fsyncs"] >= 1 and stats["log_bytes_written"] > 0 and stats["durable"] is True
+
+
+def test_stale_and_expired_samples_are_not_replayed(running):
+    broker = running("broker.actor_ttl_s=0.5")
+    actor, learner = broker.client("actor"), broker.client("learner")
+    send(actor, group_samples(0, 0, version=0))
+    send(actor, group_samples(1, 4, version=2)[:2])  # a partial group
+    assert get_batch(learner, 1, 2)[0] == m.NOT_READY  # version 2: g0 is stale (lag 2 > 1)
+    time.sleep(2.0)  # the actor goes silent: its partial group expires
+    stats = broker.stats()
+    assert stats["dropped_stale"] == 4 and stats["expired"] == 2 and stats["expired_groups"] == 1
+    broker.restart()
+    stats = broker.stats()
+    assert stats["replayed"] == 0 and stats["buffered"] == 0 and stats["partial_groups"] == 0
+
+
+def test_fully_consumed_segments_are_deleted(running):
+    broker = running("broker.segment_mb=0.001")  # ~1 KB segments: a new one after nearly every message
+    actor, learner = broker.client("actor"), broker.client("learner")
+    ack = None
+    for g in range(6):
+        send(actor, group_samples(g, 4 * g))
+        _, batch, _ = get_batch(learner, 1, 0, ack=ack)
+        ack = batch["batch_id"]
+    get_batch(learner, 1, 0, ack=ack)
+    send(actor, group_samples(6, 24))  # one more commit rolls the segment and collects
+    stats = broker.stats()
+    assert stats["log_segments_deleted"] >= 3 and stats["log_segments"] <= 2
+    assert stats["log_bytes"] < stats["log_bytes_written"] / 3
+    broker.restart()
+    assert broker.stats()["replayed"] == 4  # only g6
+
+
+def test_durable_off_writes_no_log(running, tmp_path):
+    broker = running("broker.durable=false")
+    send(broker.client("actor"), group_samples(0, 0))
+    assert not (tmp_path / "wal").exists() and broker.stats()["durable"] is False
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the broker thread dies on purpose
+def test_a_failing_disk_stops_the_broker_before_it_acknowledges(running, monkeypatch):
+    """Fault injection (the only way to get ENOSPC here): the write fails, no ACK is sent, the broker stops."""
+    import errno
+
+    import broker.wal
+
+    broker_ = running()
+    send(broker_.client("actor"), group_samples(0, 0))
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(broker.wal.os, "writev", disk_full)
+    with pytest.raises(TimeoutError):
+        broker_.client("actor2").request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(1, 4), timeout_s=2.0)
+    broker_.thread.join(5)
+    assert not broker_.thread.is_alive()
+    monkeypatch.undo()
+    broker_.start()  # restarted on a healthy disk: the acknowledged group is there, the refused one is not
+    stats = broker_.stats()
+    assert stats["replayed"] == 4 and stats["ready_groups"] == 1
