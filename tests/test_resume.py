@@ -17,7 +17,7 @@ from tests.helpers import make_sample, start_role, steps_done, wait_for
 pytestmark = pytest.mark.slow
 GROUPS, N, STEPS = 12, 4, 6
 SETTINGS = ["train.steps=6", "train.groups_per_step=2", f"sampling.group_size={N}", "train.checkpoint_every=1",
-            "broker.max_policy_lag=1000", "train.lr=0.01"]  # fmt: skip
+            "broker.max_policy_lag=1000", "broker.credits_per_actor=64", "train.lr=0.01"]  # fmt: skip
 
 
 def feed(endpoint: str, groups: range) -> None:
