@@ -61,13 +61,6 @@ class VLLMEngine(Engine):
             temperature=config.sampling.temperature,
             logprobs=0,
         )
-        self._warm_up()
-
-    def _warm_up(self) -> None:
-        """Generate once: the first step on CPU is seconds slower, and must not count against request time limits."""
-        self.submit("warm-up", [0, 1, 2, 3])
-        while self.busy:
-            self.step()
 
     def submit(self, request_id: str, prompt_ids: list[int]) -> None:
         from vllm.inputs import TokensPrompt
