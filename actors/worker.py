@@ -130,6 +130,10 @@ class Actor:
             self._abort(list(self.groups))
             self.failures.record("engine_error", repr(err))
             return
+        if not self.meter.steps:  # the first step prepares kernels (seconds on CPU): time limits start after it
+            now = time.monotonic()
+            for group in self.groups.values():
+                group.running = dict.fromkeys(group.running, now)
         self.meter.add(sum(len(c.token_ids) for c in finished), time.perf_counter() - started)
         for c in finished:
             self._finish(c)
