@@ -58,13 +58,16 @@ def group_ordinal(request_id: str) -> int:
 class FaultyEngine(Engine):
     """A real engine whose chosen groups hang (their requests never finish) or make one step raise.
 
-    With `slowdown` s > 1 every step also sleeps (s - 1) times its own duration: a straggler.
+    With `slowdown` s > 1 every step after the first also sleeps (s - 1) times its own duration: a
+    straggler. The first step is spared because it prepares kernels (seconds on a CPU); stretching it
+    would model a slow compiler, not a slow generator, and keep the actor deaf to a stop for minutes.
     """
 
     def __init__(self, inner: Engine, faults: FaultInjectionSection, slowdown: float = 1.0) -> None:
         self.inner, self.faults, self.slowdown = inner, faults, slowdown
         self.hung: set[str] = set()
         self.raised: set[int] = set()
+        self.stepped = False
 
     def submit(self, request_id: str, prompt_ids: list[int]) -> None:
         self.inner.submit(request_id, prompt_ids)
@@ -72,7 +75,9 @@ class FaultyEngine(Engine):
     def step(self) -> list[Completion]:
         started = time.perf_counter()
         outputs = self.inner.step()
-        time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
+        if self.stepped:
+            time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
+        self.stepped = True
         finished = []
         for c in outputs:
             group = group_ordinal(c.request_id)
