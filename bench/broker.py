@@ -72,7 +72,7 @@ def ours_consumer(endpoint: str, total: int, done) -> None:
         request = {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack, "wait_ms": 100}  # a long poll, like XREADGROUP BLOCK
         kind, body, _ = client.request(m.GET_BATCH, request, timeout_s=60)
         if kind == m.BATCH:
-            ack, got = body["batch_id"], got + len(body["samples"])
+            ack, got = body["batch_id"], got + len(body["samples"]["seq"])
     client.request(m.GET_BATCH, {"groups": CONSUMER_GROUPS, "policy_version": 0, "ack_batch": ack})
     done.set()
 

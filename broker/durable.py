@@ -9,6 +9,11 @@ comes back as the in-flight batch with its old id, so the learner's next request
 either acknowledges it or gets it again, and never gets it twice after consuming it.
 Every sequence number seen, consumed or not, goes back into the dedupe windows, so
 an actor that resends after the restart is told "already have it".
+
+Samples records hold wire-format messages, so a log written under another wire schema
+version (e.g. the per-sample layout of schema 1) cannot be replayed: the broker then
+refuses to start with `LogSchemaError` (its reason `schema_version`) rather than drop
+those samples. Drain such a log with the version that wrote it, or move it away.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import msgpack
 
 from broker.buffer import ReplayBuffer, SeqWindow
 from broker.wal import CONSUMED, RETIRED, SAMPLES, SERVED, SNAPSHOT, Key, WriteAheadLog, split_frames
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, RoleFailed
 from protocol.sample import Sample
 from protocol.wire import decode, samples_from
 
 log = logging.getLogger("broker.durable")
 Batch = tuple[int, list[list[Sample]]]
+
+
+class LogSchemaError(RoleFailed):
+    """The write-ahead log holds samples messages of another wire schema version: replay is refused."""
 
 
 def batch_key(batch_id: int) -> Key:
@@ -129,6 +138,11 @@ class DurableLog:
             actor = body.get("actor_id")
             return [s for s in samples_from(body, arrays, self.vocab_size) if isinstance(s, Sample) and s.actor_id == actor]
         except ProtocolError as err:  # logged before, so it decoded then; a changed vocabulary could do this
+            if err.reason == "schema_version":  # written by another version of streamrl: every sample would be lost
+                raise LogSchemaError(
+                    f"write-ahead log {self.wal.dir} holds samples in another wire schema ({err.detail}); drain it with "
+                    "the streamrl version that wrote it, or move it away to start empty"
+                ) from err
             log.error("a logged samples message no longer decodes: %s", err)
             return []
 

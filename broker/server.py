@@ -317,7 +317,11 @@ class Broker:
         """Open (and repair) the log, rebuild the buffer from it, and start a fresh segment."""
         wal = WriteAheadLog(wal_dir, int(self.config.broker.segment_mb * (1 << 20)))
         self.log = DurableLog(wal, self.buffer, self.vocab_size)
-        self.inflight, self.next_batch_id = self.log.replay()
+        try:
+            self.inflight, self.next_batch_id = self.log.replay()
+        except BaseException:
+            wal.close()  # unlock it: a refused log (LogSchemaError) stays as it is, for whoever drains it
+            raise
         now = time.monotonic()
         for samples in self.buffer.partial.values():  # their actors get a full TTL to come back
             self.owner_seen.setdefault((samples[0].actor_id, samples[0].incarnation), now)

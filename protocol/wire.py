@@ -1,46 +1,60 @@
 """Wire encoding: one msgpack header frame, then raw little-endian array frames.
 
 Nothing that crosses the wire is pickled. The header lists each array's dtype and
-shape and a CRC-32 over the array bytes; `decode` checks all of it, so a bad message
-is a named `ProtocolError` and never a crash or a silently wrong tensor. Arrays are
-received with `np.frombuffer`, so large frames are not copied.
+shape and an xxh3-64 checksum over the array bytes (all frames, in order); `decode`
+checks all of it, so a bad message is a named `ProtocolError` and never a crash or a
+silently wrong tensor. Arrays are received with `np.frombuffer`, so large frames are
+not copied.
+
+Samples travel columnar (schema version 2): whatever the sample count, a samples
+message has four array frames (`SAMPLE_FRAMES`): every prompt's token ids
+concatenated (<i4), every completion's (<i4), every behaviour log-prob (<f4), and a
+<i4 array of shape (3, n) with each sample's prompt, completion and log-prob lengths.
+The per-sample metadata is the body's `samples` map of columns, one list per field
+(`{"seq": [...], "reward": [...], ...}`). Validation runs over the whole message at
+once; see `samples_from` for which defects cost one sample and which the message.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
+from operator import attrgetter
 from typing import Any
 
 import msgpack
 import numpy as np
+import xxhash
 
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ALLOWED_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4"), "<i8": np.dtype("<i8"), "|u1": np.dtype("|u1")}
-ARRAYS_PER_SAMPLE = 3
-_SAMPLE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "reward": (int, float),
-    "group_id": str,
-    "group_size": int,
-    "index": int,
-    "version_start": int,
-    "version_end": int,
-    "actor_id": str,
-    "incarnation": str,
-    "seq": int,
-    "finish_reason": str,
-    "metadata": dict,
+SAMPLE_FRAMES = 4  # prompt ids, completion ids, log-probs (each all samples concatenated), lengths (3, n)
+_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")
+_INT, _STR = frozenset({int}), frozenset({str})
+_SAMPLE_FIELDS: dict[str, frozenset[type]] = {  # exact types: msgpack decodes to exactly these, and bool is no int
+    "reward": frozenset({int, float}),
+    "group_id": _STR,
+    "group_size": _INT,
+    "index": _INT,
+    "version_start": _INT,
+    "version_end": _INT,
+    "actor_id": _STR,
+    "incarnation": _STR,
+    "seq": _INT,
+    "finish_reason": _STR,
+    "metadata": frozenset({dict}),
 }
+_FIELD_NAMES = tuple(_SAMPLE_FIELDS)
+_meta_of = attrgetter(*_FIELD_NAMES)
 
 
 def encode(kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarray] = ()) -> list[bytes | memoryview]:
     """Frames for a message of type `kind` with a msgpack `body` and raw `arrays`."""
     frames: list[bytes | memoryview] = []
     specs = []
-    crc = 0
+    digest = xxhash.xxh3_64()
     for array in arrays:
         array = np.asarray(array)
         if array.dtype.str[0] not in "<|" or not array.flags.c_contiguous:  # astype costs even when it copies nothing
@@ -48,10 +62,10 @@ def encode(kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarra
         if array.dtype.str not in ALLOWED_DTYPES:
             raise ProtocolError("bad_dtype", f"cannot send dtype {array.dtype.str}")
         view = memoryview(array.reshape(-1)).cast("B")
-        crc = zlib.crc32(view, crc)
+        digest.update(view)
         specs.append([array.dtype.str, list(array.shape)])
         frames.append(view)
-    header = {"v": SCHEMA_VERSION, "type": kind, "body": body or {}, "arrays": specs, "crc": crc}
+    header = {"v": SCHEMA_VERSION, "type": kind, "body": body or {}, "arrays": specs, "xxh3": digest.intdigest()}
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
@@ -77,11 +91,11 @@ def decode(frames: list[bytes | memoryview], max_bytes: int = 1 << 30) -> tuple[
     if len(specs) != len(frames) - 1:
         raise ProtocolError("frame_count", f"header lists {len(specs)} arrays but {len(frames) - 1} frames follow")
     arrays = [_array(spec, frame) for spec, frame in zip(specs, frames[1:])]
-    crc = 0
+    digest = xxhash.xxh3_64()
     for frame in frames[1:]:
-        crc = zlib.crc32(frame, crc)
-    if crc != header.get("crc"):
-        raise ProtocolError("checksum", "array bytes do not match the header's CRC-32")
+        digest.update(frame)
+    if digest.intdigest() != header.get("xxh3"):
+        raise ProtocolError("checksum", "array bytes do not match the header's xxh3 checksum")
     return kind, body, arrays
 
 
@@ -100,60 +114,122 @@ def _array(spec: Any, frame: memoryview) -> np.ndarray:
 
 
 def encode_samples(kind: str, samples: list[Sample], extra: dict[str, Any] | None = None) -> list[bytes | memoryview]:
-    """A message carrying `samples` (three arrays each) plus any `extra` body fields."""
-    metas, arrays = [], []
-    for s in samples:
-        metas.append({name: getattr(s, name) for name in _SAMPLE_FIELDS})
-        arrays += [
-            np.asarray(s.prompt_ids, dtype="<i4"),
-            np.asarray(s.completion_ids, dtype="<i4"),
-            np.asarray(s.behavior_logprobs, dtype="<f4"),
-        ]
-    return encode(kind, {**(extra or {}), "samples": metas}, arrays)
+    """A message carrying `samples` (four array frames and a map of metadata columns) plus any `extra` body fields."""
+    n = len(samples)
+    rows = list(map(_meta_of, samples))
+    columns = {name: list(column) for name, column in zip(_FIELD_NAMES, zip(*rows))} if n else {name: [] for name in _FIELD_NAMES}
+    prompts = [s.prompt_ids for s in samples]
+    completions = [s.completion_ids for s in samples]
+    logprobs = [s.behavior_logprobs for s in samples]
+    lengths = np.array([list(map(len, prompts)), list(map(len, completions)), list(map(len, logprobs))], dtype=_I4).reshape(3, n)
+    arrays = [_concat(prompts, _I4), _concat(completions, _I4), _concat(logprobs, _F4), lengths]
+    return encode(kind, {**(extra or {}), "samples": columns}, arrays)
+
+
+def _concat(parts: list, dtype: np.dtype) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype)
+    return np.concatenate([np.asarray(p).reshape(-1) for p in parts], dtype=dtype, casting="unsafe")
 
 
 def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int | None) -> list[Sample | ProtocolError]:
-    """Rebuild and validate each sample; a bad one becomes a ProtocolError in its slot, carrying its seq."""
-    metas = body.get("samples")
-    if not isinstance(metas, list) or len(arrays) != ARRAYS_PER_SAMPLE * len(metas):
-        raise ProtocolError("frame_count", "samples message needs a list of samples and three arrays per sample")
+    """Rebuild and validate each sample; a bad one becomes a ProtocolError in its slot, carrying its seq.
+
+    Whole-message errors (raised): `frame_count` when the body's `samples` is not a map of
+    lists of one length per sample or there are not exactly `SAMPLE_FRAMES` arrays;
+    `bad_shape` when the lengths array is not <i4 of shape (3, n) with n the column length,
+    holds a negative length, or its rows do not sum to the sizes of the (1-D) frames.
+    Per sample (in its slot, the first defect in this order): `bad_sample` (missing,
+    unknown or mistyped field, which for a missing or unknown column is every sample;
+    negative seq), `bad_dtype` (a data frame of the wrong dtype: every sample of the
+    message), `length_mismatch`, `empty_sequence`, `bad_logprobs`, `bad_reward`,
+    `token_out_of_vocab`, `bad_sample` (index outside [0, group_size), versions not
+    0 <= start <= end). Good samples hold zero-copy views into the received frames.
+    """
+    columns = body.get("samples")
+    if not isinstance(columns, dict) or len(arrays) != SAMPLE_FRAMES:
+        raise ProtocolError("frame_count", f"a samples message needs a map of columns and {SAMPLE_FRAMES} arrays")
+    prompt, completion, logprobs, lengths = arrays
+    if lengths.dtype != _I4 or lengths.ndim != 2 or lengths.shape[0] != 3:
+        raise ProtocolError("bad_shape", f"sample lengths must be <i4 of shape (3, n), not {lengths.dtype.str} {lengths.shape}")
+    n = lengths.shape[1]
+    for name, column in columns.items():
+        if type(column) is not list or len(column) != n:
+            raise ProtocolError("frame_count", f"column {name!r} is not a list of {n} values (one per sample)")
+    if prompt.ndim != 1 or completion.ndim != 1 or logprobs.ndim != 1:
+        raise ProtocolError("bad_shape", "prompt ids, completion ids and log-probs must each be one flat array")
+    if n and int(lengths.min()) < 0:
+        raise ProtocolError("bad_shape", "sample lengths must not be negative")
+    totals = lengths.sum(axis=1).tolist()
+    if totals != [prompt.size, completion.size, logprobs.size]:
+        raise ProtocolError("bad_shape", f"sample lengths sum to {totals}, frames hold {[prompt.size, completion.size, logprobs.size]}")
+    errors: dict[int, ProtocolError] = {}  # sample index -> its first defect
+
+    def fail(indices, reason: str, detail: str) -> None:
+        for i in indices:
+            if i not in errors:
+                errors[i] = ProtocolError(reason, detail)
+
+    # metadata: every column present and known, every value of the right type
+    unknown = sorted(map(str, set(columns) - set(_SAMPLE_FIELDS)))
+    if unknown:
+        fail(range(n), "bad_sample", f"unknown sample fields {unknown}")
+    for name, kinds in _SAMPLE_FIELDS.items():
+        column = columns.get(name)
+        if column is None:
+            fail(range(n), "bad_sample", f"field {name!r} is missing")
+        elif not kinds.issuperset(map(type, column)):
+            fail([i for i, v in enumerate(column) if type(v) not in kinds], "bad_sample", f"field {name!r} is not {'/'.join(sorted(t.__name__ for t in kinds))}")
+    typed = range(n) if not errors else [i for i in range(n) if i not in errors]  # values safe to compare
+    seqs = columns.get("seq")
+    if typed and min(seqs[i] for i in typed) < 0:
+        fail([i for i in typed if seqs[i] < 0], "bad_sample", "seq is negative")
+    # arrays
+    if prompt.dtype != _I4 or completion.dtype != _I4 or logprobs.dtype != _F4:
+        fail(range(n), "bad_dtype", "expected int32 prompt/completion ids and float32 log-probs")
+    else:
+        prompt_len, completion_len, logprob_len = lengths
+        if not np.array_equal(completion_len, logprob_len):
+            fail(np.flatnonzero(completion_len != logprob_len).tolist(), "length_mismatch", "completion and log-probs differ in length")
+        if n and (int(prompt_len.min()) == 0 or int(completion_len.min()) == 0):
+            fail(np.flatnonzero((prompt_len == 0) | (completion_len == 0)).tolist(), "empty_sequence", "prompt and completion must each hold at least one token")
+        if logprobs.size and not (math.isfinite(float(logprobs.min())) and float(logprobs.max()) <= 1e-4):  # NaN makes both NaN
+            bad = ~(np.isfinite(logprobs) & (logprobs <= 1e-4))
+            fail(_owners(bad, logprob_len, n), "bad_logprobs", "behavior log-probs must be finite and <= 0")
+        rewards = columns.get("reward")
+        if rewards is not None:
+            fail([i for i in typed if not math.isfinite(rewards[i])], "bad_reward", "reward is not finite")
+        for ids, lens in ((prompt, prompt_len), (completion, completion_len)):
+            if ids.size and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+                bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+                fail(_owners(bad, lens, n), "token_out_of_vocab", f"token ids must lie in [0, {vocab_size})")
+    if typed:
+        index, size, start, end = columns["index"], columns["group_size"], columns["version_start"], columns["version_end"]
+        fail(
+            [i for i in typed if not (0 <= index[i] < size[i] and 0 <= start[i] <= end[i])],
+            "bad_sample",
+            "index must lie in [0, group_size) and versions be ordered",
+        )
+    bounds = np.zeros((3, n + 1), dtype=np.int64)  # per frame, where each sample starts and ends
+    np.cumsum(lengths, axis=1, out=bounds[:, 1:])
+    po, co, lo = bounds.tolist()
     out: list[Sample | ProtocolError] = []
-    for i, meta in enumerate(metas):
-        try:
-            out.append(validate_sample(meta, arrays[ARRAYS_PER_SAMPLE * i : ARRAYS_PER_SAMPLE * (i + 1)], vocab_size))
-        except ProtocolError as err:
-            err.seq = meta.get("seq") if isinstance(meta, dict) else None
+    if not errors:
+        for i, row in enumerate(zip(*(columns[name] for name in _FIELD_NAMES))):
+            out.append(Sample(prompt[po[i] : po[i + 1]], completion[co[i] : co[i + 1]], logprobs[lo[i] : lo[i + 1]], *row))
+        return out
+    for i in range(n):
+        err = errors.get(i)
+        if err is not None:
+            err.seq = seqs[i] if seqs is not None else None
             out.append(err)
+        else:
+            row = (columns[name][i] for name in _FIELD_NAMES)
+            out.append(Sample(prompt[po[i] : po[i + 1]], completion[co[i] : co[i + 1]], logprobs[lo[i] : lo[i + 1]], *row))
     return out
 
 
-def validate_sample(meta: Any, arrays: list[np.ndarray], vocab_size: int | None) -> Sample:
-    if not isinstance(meta, dict):
-        raise ProtocolError("bad_sample", "sample metadata is not a map")
-    unknown = set(meta) - set(_SAMPLE_FIELDS)
-    if unknown:
-        raise ProtocolError("bad_sample", f"unknown sample fields {sorted(map(str, unknown))}")
-    for name, kind in _SAMPLE_FIELDS.items():
-        value = meta.get(name)
-        if not isinstance(value, kind) or (kind is not str and isinstance(value, bool)):
-            raise ProtocolError("bad_sample", f"field {name!r} is {value!r}, expected {kind}")
-    if meta["seq"] < 0:
-        raise ProtocolError("bad_sample", f"seq {meta['seq']} is negative")
-    prompt, completion, logprobs = arrays
-    if prompt.dtype != np.int32 or completion.dtype != np.int32 or logprobs.dtype != np.float32:
-        raise ProtocolError("bad_dtype", "expected int32 prompt/completion ids and float32 log-probs")
-    if prompt.ndim != 1 or completion.ndim != 1 or logprobs.shape != completion.shape:
-        raise ProtocolError("length_mismatch", f"{len(completion)} completion tokens but log-probs of shape {logprobs.shape}")
-    if len(prompt) == 0 or len(completion) == 0:
-        raise ProtocolError("empty_sequence", "prompt and completion must each hold at least one token")
-    lowest, highest = float(logprobs.min()), float(logprobs.max())  # NaN anywhere makes both NaN
-    if not (math.isfinite(lowest) and highest <= 1e-4):
-        raise ProtocolError("bad_logprobs", "behavior log-probs must be finite and <= 0")
-    if not math.isfinite(meta["reward"]):
-        raise ProtocolError("bad_reward", f"reward {meta['reward']!r} is not finite")
-    for ids in (prompt, completion):
-        if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
-            raise ProtocolError("token_out_of_vocab", f"token ids must lie in [0, {vocab_size})")
-    if not 0 <= meta["index"] < meta["group_size"] or not 0 <= meta["version_start"] <= meta["version_end"]:
-        raise ProtocolError("bad_sample", "index must lie in [0, group_size) and versions be ordered")
-    return Sample(prompt_ids=prompt, completion_ids=completion, behavior_logprobs=logprobs, **meta)
+def _owners(bad: np.ndarray, lens: np.ndarray, n: int) -> list[int]:
+    """Which samples own the flagged elements of a concatenated array with per-sample `lens`."""
+    counts = np.bincount(np.repeat(np.arange(n), lens)[bad], minlength=n)
+    return np.flatnonzero(counts).tolist()

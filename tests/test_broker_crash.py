@@ -24,6 +24,7 @@ import pytest
 from protocol import messages as m
 from protocol.sample import Sample
 from protocol.transport import Client, free_port
+from protocol.wire import samples_from
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -119,11 +120,14 @@ class Consumer(threading.Thread):
                 continue
             last = body["batch_id"]
             self.batches.append(last)
-            for i, meta in enumerate(body["samples"]):
-                self.received.append(meta["seq"])
-                expected = make(meta["seq"])
-                if meta["reward"] != expected.reward or not np.array_equal(arrays[3 * i + 1], expected.completion_ids):
-                    self.altered.append(meta["seq"])
+            for sample in samples_from(body, arrays, None):
+                self.received.append(sample.seq)
+                if not isinstance(sample, Sample):
+                    self.altered.append(sample.seq)
+                    continue
+                expected = make(sample.seq)
+                if sample.reward != expected.reward or not np.array_equal(sample.completion_ids, expected.completion_ids):
+                    self.altered.append(sample.seq)
 
 
 def test_acknowledged_samples_reach_the_consumer_exactly_once_across_kill_9(tmp_path):

@@ -44,11 +44,22 @@ def bad_sample(seq: int, **overrides) -> Sample:
 ARRAYS = ("prompt_ids", "completion_ids", "behavior_logprobs")
 
 
-def samples_message(samples: list[Sample], actor: str) -> list[bytes]:
-    """Like encode_samples, but each array is sent with the dtype it has (encode_samples would convert)."""
-    metas = [{k: v for k, v in vars(s).items() if k not in ARRAYS} for s in samples]
-    arrays = [getattr(s, name) for s in samples for name in ARRAYS]
-    return [bytes(f) for f in encode(m.SAMPLES, {"actor_id": actor, "incarnation": "i0", "samples": metas}, arrays)]
+def samples_message(samples: list[Sample], actor: str, body: dict | None = None) -> list[bytes]:
+    """Like encode_samples (schema 2: metadata columns, each array kind concatenated, then the (3, n) lengths),
+    but each array is sent with the dtype it has (encode_samples would convert); `body` overrides body fields."""
+    arrays = [np.concatenate([getattr(s, name) for s in samples]) for name in ARRAYS]
+    lengths = np.array([[len(getattr(s, name)) for s in samples] for name in ARRAYS], dtype="<i4")
+    body = {"actor_id": actor, "incarnation": "i0", "samples": _columns(samples), **(body or {})}
+    return [bytes(f) for f in encode(m.SAMPLES, body, [*arrays, lengths])]
+
+
+def _meta(sample: Sample) -> dict:
+    return {k: v for k, v in vars(sample).items() if k not in ARRAYS}
+
+
+def _columns(samples: list[Sample]) -> dict[str, list]:
+    metas = [_meta(s) for s in samples]
+    return {name: [meta[name] for meta in metas] for name in metas[0]}
 
 
 def header(frames: list[bytes]) -> dict:
@@ -65,42 +76,64 @@ def with_header(frames: list[bytes], **changes) -> list[bytes]:
 
 
 @st.composite
-def bad_message(draw, seq: int) -> tuple[list[bytes], str, str]:
-    """(frames, 'error' or 'rejected', reason): a message with exactly one defect."""
+def bad_message(draw, seq: int) -> tuple[list[bytes], str, list[str]]:
+    """(frames, 'error' or 'rejected', reasons): a message with exactly one defect (that a wrong-dtype frame
+    costs each sample of the message is shown by two samples in those messages: two rejections)."""
     base = samples_message([bad_sample(seq)], "bad")
     kind = draw(st.sampled_from([
         "garbage", "truncated_header", "dropped_frame", "truncated_array", "oversized", "version", "foreign_dtype",
         "checksum", "unknown_type", "nan_logprob", "positive_logprob", "nan_reward", "wide_ids", "float_ids",
         "out_of_vocab", "negative_id", "length_mismatch", "empty", "missing_field", "bad_index", "extra_field",
+        "bad_lengths", "short_column", "v1_layout",
     ]))  # fmt: skip
+    if kind in ("wide_ids", "float_ids"):
+        return samples_message([_bad_field(draw, kind, seq), _bad_field(draw, kind, seq)], "bad"), "rejected", ["bad_dtype"] * 2
+    if kind in _REASON:
+        return samples_message([_bad_field(draw, kind, seq)], "bad"), "rejected", [_REASON[kind]]
+    frames, reason = _bad_message(draw, kind, seq, base)
+    return frames, "error", [reason]
+
+
+def _bad_message(draw, kind: str, seq: int, base: list[bytes]) -> tuple[list[bytes], str]:
     if kind == "garbage":
-        return [b"\xc1" + draw(st.binary(max_size=64))], "error", "bad_header"
+        return [b"\xc1" + draw(st.binary(max_size=64))], "bad_header"
     if kind == "truncated_header":
-        return [base[0][: pick(draw, 1, len(base[0]) - 1)], *base[1:]], "error", "bad_header"
+        return [base[0][: pick(draw, 1, len(base[0]) - 1)], *base[1:]], "bad_header"
     if kind == "dropped_frame":
-        return base[: pick(draw, 1, len(base) - 1)], "error", "frame_count"
+        return base[: pick(draw, 1, len(base) - 1)], "frame_count"
     if kind == "truncated_array":
         i = pick(draw, 1, len(base) - 1)
-        return [*base[:i], base[i][: pick(draw, 0, len(base[i]) - 1)], *base[i + 1 :]], "error", "bad_shape"
+        return [*base[:i], base[i][: pick(draw, 0, len(base[i]) - 1)], *base[i + 1 :]], "bad_shape"
     if kind == "oversized":
         chunk = np.zeros(draw(st.integers(MAX_BYTES // 2 + 1, MAX_BYTES - 1024)), dtype="|u1")
-        return [bytes(f) for f in encode(m.SAMPLES, {"actor_id": "bad"}, [chunk, chunk])], "error", "too_large"
+        return [bytes(f) for f in encode(m.SAMPLES, {"actor_id": "bad"}, [chunk, chunk])], "too_large"
     if kind == "version":
-        version = draw(st.sampled_from([0, 2, -1, 1 << 40, "1", 1.0, None, True]))
-        return with_header(base, v=version), "error", "schema_version"
+        version = draw(st.sampled_from([0, 1, 3, -1, 1 << 40, "2", 2.0, None, True]))
+        return with_header(base, v=version), "schema_version"
     if kind == "foreign_dtype":
         specs = header(base)["arrays"]
         specs[0][0] = draw(st.sampled_from(["<f8", "<i2", "|O", "<U4", ">i4", "V8", ""]))
-        return with_header(base, arrays=specs), "error", "bad_dtype"
+        return with_header(base, arrays=specs), "bad_dtype"
     if kind == "checksum":
         i = pick(draw, 1, len(base) - 1)
         at = pick(draw, 0, len(base[i]) - 1)
         flipped = bytearray(base[i])
         flipped[at] ^= draw(st.integers(1, 255))
-        return [*base[:i], bytes(flipped), *base[i + 1 :]], "error", "checksum"
+        return [*base[:i], bytes(flipped), *base[i + 1 :]], "checksum"
     if kind == "unknown_type":
-        return with_header(base, type=draw(st.text(min_size=1, max_size=8).filter(lambda t: t not in vars(m).values()))), "error", "unknown_type"
-    return samples_message([_bad_field(draw, kind, seq)], "bad"), "rejected", _REASON[kind]
+        return with_header(base, type=draw(st.text(min_size=1, max_size=8).filter(lambda t: t not in vars(m).values()))), "unknown_type"
+    sample = bad_sample(seq)
+    if kind == "bad_lengths":  # the lengths disagree with the frames: which bytes are whose is unknown
+        offset = draw(st.sampled_from([-3, -2, -1, 1, 2, 5]))  # the prompt holds 3 tokens
+        lengths = np.array([[len(sample.prompt_ids) + offset], [2], [2]], dtype="<i4")
+        arrays = [sample.prompt_ids, sample.completion_ids, sample.behavior_logprobs, lengths]
+        body = {"actor_id": "bad", "incarnation": "i0", "samples": _columns([sample])}
+        return [bytes(f) for f in encode(m.SAMPLES, body, arrays)], "bad_shape"
+    if kind == "short_column":
+        field = draw(st.sampled_from(["seq", "reward", "metadata", "group_id"]))
+        return samples_message([sample], "bad", {"samples": {**_columns([sample]), field: []}}), "frame_count"
+    # v1_layout: a list of per-sample maps under the v2 version number
+    return samples_message([sample], "bad", {"samples": [_meta(sample)]}), "frame_count"
 
 
 _REASON = {
@@ -179,15 +212,15 @@ def test_hostile_input_is_nacked_by_reason_counted_exactly_and_good_traffic_flow
     @given(st.data())
     def exchange(data):
         for _ in range(PER_EXAMPLE):
-            frames, outcome, reason = data.draw(bad_message(state["bad_seq"]))
+            frames, outcome, reasons = data.draw(bad_message(state["bad_seq"]))
             state["bad_seq"] += 1
             kind, body = peer.ask(frames)
             if outcome == "error":
-                assert (kind, body["reason"]) == (m.ERROR, reason)
+                assert (kind, [body["reason"]]) == (m.ERROR, reasons)
             else:
-                assert kind == m.ACK and body["acked"] == [] and [r[1] for r in body["rejected"]] == [reason]
-            expected[reason] += 1
-            state["bad"] += 1
+                assert kind == m.ACK and body["acked"] == [] and [r[1] for r in body["rejected"]] == reasons
+            expected.update(reasons)
+            state["bad"] += len(reasons)
             if data.draw(st.booleans()):  # good traffic in between: a new group, or a resent old one
                 resend = data.draw(st.booleans()) and bool(sent_good)
                 first = sent_good[2 * pick(data.draw, 0, len(sent_good) // 2 - 1)] if resend else state["seq"]
@@ -206,7 +239,7 @@ def test_hostile_input_is_nacked_by_reason_counted_exactly_and_good_traffic_flow
             if kind == m.NOT_READY:
                 return
             state["batch"] = body["batch_id"]
-            served.extend(s["seq"] for s in body["samples"])
+            served.extend(body["samples"]["seq"])
 
     try:
         exchange()

@@ -58,7 +58,7 @@ def running(tmp_path):
 
 
 def keys(body: dict) -> list[tuple[str, int]]:
-    return [(s["group_id"], s["seq"]) for s in body["samples"]]
+    return list(zip(body["samples"]["group_id"], body["samples"]["seq"], strict=True))
 
 
 def test_restart_replays_unconsumed_samples_and_the_inflight_batch_exactly_once(running):
@@ -160,3 +160,29 @@ def test_a_failing_disk_stops_the_broker_before_it_acknowledges(running, monkeyp
     broker_.start()  # restarted on a healthy disk: the acknowledged group is there, the refused one is not
     stats = broker_.stats()
     assert stats["replayed"] == 4 and stats["ready_groups"] == 1
+
+
+def test_a_log_written_under_wire_schema_1_is_refused_by_name(running, tmp_path):
+    """Its samples records cannot be decoded any more: the broker refuses to start rather than lose them."""
+    import msgpack
+
+    from broker.durable import LogSchemaError
+    from broker.wal import WriteAheadLog
+    from tests.test_wire import v1_message
+
+    broker = running()
+    send(broker.client("actor"), group_samples(0, 0))
+    broker.stop_event.set()
+    broker.thread.join(5)
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.start_segment(msgpack.packb({"windows": [], "next_batch_id": 1, "policy_version": 0}))
+    sample = group_samples(1, 4)[0]
+    wal.append_frames(v1_message(sample), [sample.key])
+    wal.close()
+    with pytest.raises(LogSchemaError, match="schema version 1, expected 2") as info:
+        Broker(broker.config, VOCAB)
+    assert str(tmp_path / "wal") in str(info.value)
+    (tmp_path / "wal").rename(tmp_path / "wal-v1")  # moved away: the broker starts empty
+    fresh = Broker(broker.config, VOCAB)
+    assert fresh.stats()["replayed"] == 0
+    fresh.close()
