@@ -200,7 +200,8 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
         if rewards is not None:
             fail([i for i in typed if not math.isfinite(rewards[i])], "bad_reward", "reward is not finite")
         for ids, lens in ((prompt, prompt_len), (completion, completion_len)):
-            if ids.size and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+            # one pass: as uint32 a negative id is >= 2**31, so max < vocab_size means all lie in [0, vocab_size)
+            if ids.size and (int(ids.min()) < 0 if vocab_size is None else int(ids.view(np.uint32).max()) >= vocab_size):
                 bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
                 fail(_owners(bad, lens, n), "token_out_of_vocab", f"token ids must lie in [0, {vocab_size})")
     if typed:
