@@ -143,7 +143,7 @@ def run_ray(config: RunConfig, resume: bool = False) -> int:
     """Run every role on Ray (`ray.address`, or a local cluster sized for the run); return an exit code."""
     import ray
 
-    run_dir = prepare_run_dir(config)
+    run_dir = prepare_run_dir(config, resume)
     console.print(f"run directory: {run_dir}")
     resolve_model(config.model.path, config.model.cache_dir)
     address = config.ray.address

@@ -141,7 +141,7 @@ def submit(config: RunConfig, resume: bool = False, dry_run: bool = False) -> in
     if dry_run:
         print(script, end="")
         return 0
-    prepare_run_dir(config)
+    prepare_run_dir(config, resume)
     path = run_dir / "job.sbatch"
     path.write_text(script)
     cmd = ["sbatch", "--parsable", *(["--wait"] if config.slurm.wait else []), str(path)]

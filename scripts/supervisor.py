@@ -8,6 +8,7 @@ by themselves); it fails, naming the role, as soon as any other child exits firs
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -48,13 +49,36 @@ class Child:
                 console.print(Text.assemble((f"[{self.name}] ", "dim"), line.decode(errors="replace").rstrip()), soft_wrap=True)
 
 
-def prepare_run_dir(config: RunConfig) -> Path:
+PREVIOUS_RUN_MARKERS = ("wal", "checkpoints", "metrics.jsonl")
+
+
+def prepare_run_dir(config: RunConfig, resume: bool = False) -> Path:
+    """Make the run directory absolute and ready; a fresh run first moves a previous run's state aside."""
     run_dir = config.run.dir.resolve()
+    if not resume:  # a fresh run: a previous run's broker log would be replayed into it, its checkpoints mixed in
+        if any((run_dir / marker).exists() for marker in PREVIOUS_RUN_MARKERS):
+            set_aside(run_dir)
+        wal_dir = config.broker.wal_dir
+        if wal_dir is not None and wal_dir.is_dir() and any(wal_dir.iterdir()):
+            set_aside(wal_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "tmp").mkdir(exist_ok=True)
     config.run.dir = run_dir
     dump_config(config, run_dir / "config.yaml")
     return run_dir
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a previous run's folder to `<name>.<timestamp>` beside it (never delete it); return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{stamp}")
+    for n in itertools.count(1):  # two fresh runs within a second
+        if not target.exists():
+            break
+        target = path.with_name(f"{path.name}.{stamp}-{n}")
+    path.rename(target)
+    console.print(f"{path} held a previous run: moved it to {target} (pass --resume to continue a run instead)")
+    return target
 
 
 def start(name: str, args: list[str], run_dir: Path, threads: int) -> Child:
@@ -127,7 +151,7 @@ def supervise(children: list[Child], learner: Child, run_dir: Path, steps: int) 
 
 
 def run_all(config: RunConfig, resume: bool = False) -> int:
-    run_dir = prepare_run_dir(config)
+    run_dir = prepare_run_dir(config, resume)
     console.print(f"run directory: {run_dir}")
     console.print(f"preparing model {config.model.path} ...")
     resolve_model(config.model.path, config.model.cache_dir)
