@@ -206,11 +206,24 @@ class Trainer:
 
 
 def forward_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float, entropy: bool = False):
-    """Per-sequence [B, T] log-probs of the next tokens (and entropies), whatever the row layout."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    logits = out.logits[:, :-1]
-    logprobs = batch.per_sequence(token_logprobs(logits, batch.input_ids[:, 1:], temperature))
-    return logprobs, batch.per_sequence(token_entropy(logits, temperature)) if entropy else None
+    """Per-sequence [B, T] log-probs of the next tokens (and entropies), whatever the row layout.
+
+    The LM head runs only at the positions that predict a completion token (`logits_to_keep`):
+    prompt positions need no logits, and with a large vocabulary the head is most of the cost.
+    Other positions read 0; the loss never looks at them (they are outside `batch.mask`).
+    """
+    rows, width = batch.input_ids.shape[0], batch.input_ids.shape[1] - 1
+    keep = torch.unique(batch.gather[batch.mask] % width)  # sorted next-token positions, shared by all rows
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=keep)  # fmt: skip
+    targets = batch.input_ids[:, 1:][:, keep]
+    logprobs = out.logits.new_zeros((rows, width), dtype=torch.float32)
+    logprobs[:, keep] = token_logprobs(out.logits, targets, temperature)
+    if not entropy:
+        return batch.per_sequence(logprobs), None
+    entropies = torch.zeros_like(logprobs)
+    entropies[:, keep] = token_entropy(out.logits, temperature)
+    return batch.per_sequence(logprobs), batch.per_sequence(entropies)
 
 
 def lr_factor(update: int, train: TrainSection, total: int) -> float:

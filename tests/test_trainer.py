@@ -150,6 +150,24 @@ def test_packed_rows_give_the_padded_logprobs(tiny_model_dir):
     torch.testing.assert_close(ent_packed[packed.mask], ent_padded[padded.mask], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_logits_only_at_completion_positions_give_the_full_forwards_logprobs(tiny_model_dir, pack):
+    """The LM head runs only where a completion token is predicted; the log-probs are those of a full forward."""
+    model = load_model(tiny_model_dir)
+    samples = [s for g in make_groups(model, num_groups=2) for s in g]
+    batch = collate(samples, torch.zeros(len(samples)), pack=pack)
+    computed = []
+    model.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.shape[1]))
+    with torch.no_grad():
+        logprobs, _ = forward_logprobs(model, batch, 1.0)
+    expected = torch.tensor([sequence_logprob(model, s) for s in samples])
+    torch.testing.assert_close((logprobs * batch.mask).sum(dim=1), expected, atol=1e-4, rtol=0)
+    completion_tokens = sum(len(s.completion_ids) for s in samples)
+    assert computed[0] < batch.input_ids.shape[1] - 1  # fewer positions than the rows hold
+    if pack:  # one row: exactly one position per completion token
+        assert computed[0] == completion_tokens
+
+
 @pytest.mark.parametrize("budget", [40, 1000])
 def test_token_budget_micro_batches_give_the_same_step(tiny_model_dir, budget):
     padded_model, packed_model = load_model(tiny_model_dir), load_model(tiny_model_dir)
