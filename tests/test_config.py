@@ -71,8 +71,8 @@ def test_tiny_config_values():
     assert config.task.name == "token_range"
     assert config.task.system_prompt is None
     assert config.sampling.group_size == 8
-    assert config.train.steps == 16
-    assert config.train.lr == 0.02
+    assert config.train.steps == 32
+    assert config.train.lr == 0.05
     assert config.run.dir == Path("runs/tiny")
 
 
