@@ -17,6 +17,7 @@ once; see `samples_from` for which defects cost one sample and which the message
 
 from __future__ import annotations
 
+import itertools
 import math
 from operator import attrgetter
 from typing import Any
@@ -147,6 +148,27 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     0 <= start <= end). Good samples hold zero-copy views into the received frames.
     """
     columns = body.get("samples")
+    prompt, completion, logprobs, lengths = _checked_layout(columns, arrays)
+    n = lengths.shape[1]
+    errors = _defects(columns, prompt, completion, logprobs, lengths, vocab_size)
+    bounds = np.zeros((3, n + 1), dtype=np.int64)  # per frame, where each sample starts and ends
+    np.cumsum(lengths, axis=1, out=bounds[:, 1:])
+    po, co, lo = bounds.tolist()
+    seqs = columns.get("seq")
+    rows = zip(*(columns.get(name) or itertools.repeat(None, n) for name in _FIELD_NAMES))  # a missing column fails every sample
+    out: list[Sample | ProtocolError] = []
+    for i, row in enumerate(rows):
+        err = errors.get(i)
+        if err is None:
+            out.append(Sample(prompt[po[i] : po[i + 1]], completion[co[i] : co[i + 1]], logprobs[lo[i] : lo[i + 1]], *row))
+        else:
+            err.seq = seqs[i] if seqs is not None else None
+            out.append(err)
+    return out
+
+
+def _checked_layout(columns: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The four frames of a samples message, after the checks whose failure costs the whole message."""
     if not isinstance(columns, dict) or len(arrays) != SAMPLE_FRAMES:
         raise ProtocolError("frame_count", f"a samples message needs a map of columns and {SAMPLE_FRAMES} arrays")
     prompt, completion, logprobs, lengths = arrays
@@ -163,6 +185,13 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     totals = lengths.sum(axis=1).tolist()
     if totals != [prompt.size, completion.size, logprobs.size]:
         raise ProtocolError("bad_shape", f"sample lengths sum to {totals}, frames hold {[prompt.size, completion.size, logprobs.size]}")
+    return arrays
+
+
+def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray,
+             vocab_size: int | None) -> dict[int, ProtocolError]:  # fmt: skip
+    """Each bad sample's first defect, by sample index; one vectorised pass per array over the whole message."""
+    n = lengths.shape[1]
     errors: dict[int, ProtocolError] = {}  # sample index -> its first defect
 
     def fail(indices, reason: str, detail: str) -> None:
@@ -211,23 +240,7 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
             "bad_sample",
             "index must lie in [0, group_size) and versions be ordered",
         )
-    bounds = np.zeros((3, n + 1), dtype=np.int64)  # per frame, where each sample starts and ends
-    np.cumsum(lengths, axis=1, out=bounds[:, 1:])
-    po, co, lo = bounds.tolist()
-    out: list[Sample | ProtocolError] = []
-    if not errors:
-        for i, row in enumerate(zip(*(columns[name] for name in _FIELD_NAMES))):
-            out.append(Sample(prompt[po[i] : po[i + 1]], completion[co[i] : co[i + 1]], logprobs[lo[i] : lo[i + 1]], *row))
-        return out
-    for i in range(n):
-        err = errors.get(i)
-        if err is not None:
-            err.seq = seqs[i] if seqs is not None else None
-            out.append(err)
-        else:
-            row = (columns[name][i] for name in _FIELD_NAMES)
-            out.append(Sample(prompt[po[i] : po[i + 1]], completion[co[i] : co[i + 1]], logprobs[lo[i] : lo[i + 1]], *row))
-    return out
+    return errors
 
 
 def _owners(bad: np.ndarray, lens: np.ndarray, n: int) -> list[int]:
