@@ -55,10 +55,10 @@ PREVIOUS_RUN_MARKERS = ("wal", "checkpoints", "metrics.jsonl")
 def prepare_run_dir(config: RunConfig, resume: bool = False) -> Path:
     """Make the run directory absolute and ready; a fresh run first moves a previous run's state aside."""
     run_dir = config.run.dir.resolve()
+    wal_dir = config.broker.wal_dir = config.broker.wal_dir and config.broker.wal_dir.resolve()  # as the roles will see it
     if not resume:  # a fresh run: a previous run's broker log would be replayed into it, its checkpoints mixed in
         if any((run_dir / marker).exists() for marker in PREVIOUS_RUN_MARKERS):
             set_aside(run_dir)
-        wal_dir = config.broker.wal_dir
         if wal_dir is not None and wal_dir.is_dir() and any(wal_dir.iterdir()):
             set_aside(wal_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,17 @@ def test_resume_keeps_the_run_and_a_fresh_run_moves_an_outside_log(tmp_path):
     assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["log", "run", "run"]
 
 
+def test_a_relative_log_folder_is_made_absolute_where_the_run_starts(tmp_path, monkeypatch):
+    """Roles run from the repository root; the folder they log to is the one named where the run started."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "segment-000001.log").write_bytes(b"old")
+    config = load_config(None, [f"run.dir={tmp_path / 'run'}", "broker.wal_dir=log"])
+    prepare_run_dir(config)
+    assert config.broker.wal_dir == tmp_path / "log" and not (tmp_path / "log").exists()
+    assert "wal_dir: " + str(tmp_path / "log") in (tmp_path / "run" / "config.yaml").read_text()
+
+
 def test_an_empty_or_new_run_directory_is_used_as_it_is(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "logs").mkdir(parents=True)
