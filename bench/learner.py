@@ -44,16 +44,17 @@ def make_batches(steps: int, groups: int, n: int, prompt: int, completion: int, 
     return [[[sample(g, i) for i in range(n)] for g in range(groups)] for _ in range(steps)]
 
 
-def plain_hf_step(model, optimizer, groups: list[list[Sample]], micro: int) -> None:
-    """What a user writes by hand: forward, token log-probs, advantage-weighted loss, backward, AdamW."""
+def plain_hf_step(model, optimizer, groups: list[list[Sample]], micro: int, device: str = "cpu") -> None:
+    """What a user writes by hand: forward, token log-probs, advantage-weighted loss, backward, AdamW (bf16 autocast on GPU)."""
     rewards = torch.tensor([[s.reward for s in g] for g in groups])
     advantages = group_advantages(rewards).flatten()
     samples = [s for g in groups for s in g]
     total = sum(len(s.completion_ids) for s in samples)
     for start in range(0, len(samples), micro):
-        batch = collate(samples[start : start + micro], advantages[start : start + micro])
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logprobs = batch.per_sequence(token_logprobs(logits, batch.input_ids[:, 1:]))
+        batch = collate(samples[start : start + micro], advantages[start : start + micro]).to(device)
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logprobs = batch.per_sequence(token_logprobs(logits.float(), batch.input_ids[:, 1:]))
         loss = -(batch.advantages[:, None] * logprobs * batch.mask).sum() / total
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -63,11 +64,19 @@ def plain_hf_step(model, optimizer, groups: list[list[Sample]], micro: int) -> N
 
 def timed(step, batches) -> float:
     step(batches[0])  # warm-up, not timed
+    sync()
     start = time.perf_counter()
     for batch in batches[1:]:
         step(batch)
+    sync()
     tokens = sum(s.num_tokens for b in batches[1:] for g in b for s in g)
     return tokens / (time.perf_counter() - start)
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so the clock covers it (nothing to wait for on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Weight sync time vs model size: our shm and tcp channels vs a plain gloo broadcast of the same bytes.
+"""Weight sync time vs model size: our channels vs the plain move of the same bytes.
 
 A synthetic fp32 state dict (4M-parameter tensors, like transformer layers) goes
 from a sender process to a receiver process. For our channels the clock runs from
@@ -12,7 +12,13 @@ repeats. `publish` (snapshot copy + checksums, paid once per version however man
 actors there are) is also shown on its own, and "rest" is the remaining per-actor
 delivery time compared with the broadcast.
 
-    .venv/bin/python -m bench.weights [--quick] [--sizes 24 135 500]
+With `--gpu` (one GPU): our `cuda_ipc` channel between two processes on the GPU vs
+the receiver opening the sender's CUDA IPC handle of one flat buffer and copying it
+(the plain move), both from GPU-resident weights; and, in one process, a 1-rank cupy
+NCCL communicator: our bucket broadcast (staging, checksums on the device, per-bucket
+broadcasts, verification) vs one out-of-place broadcast of the same bytes.
+
+    .venv/bin/python -m bench.weights [--quick] [--sizes 24 135 500] [--gpu]
 """
 
 from __future__ import annotations
@@ -32,14 +38,48 @@ from protocol.transport import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TENSOR = 4 << 20  # parameters per synthetic tensor
-TRANSPORTS = ("gloo broadcast (baseline)", "shm", "tcp")
+CPU_TRANSPORTS = ("gloo broadcast (baseline)", "shm", "tcp")
+GPU_TRANSPORTS = ("CUDA IPC copy (baseline)", "cuda_ipc")
 
 
-def synthetic(params_m: int) -> dict[str, torch.Tensor]:
+def synthetic(params_m: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     total, out = params_m * 1_000_000, {}
     for i in range(0, total, TENSOR):
-        out[f"layers.{i // TENSOR}.weight"] = torch.full((min(TENSOR, total - i),), float(i), dtype=torch.float32)
+        out[f"layers.{i // TENSOR}.weight"] = torch.full((min(TENSOR, total - i),), float(i), dtype=torch.float32, device=device)
     return out
+
+
+def make_client(transport: str, endpoint: str):
+    if transport == "cuda_ipc":
+        from actors.gpu_weights import CudaIpcWeightClient
+
+        return CudaIpcWeightClient(endpoint, "bench-receiver", timeout_s=120)
+    from actors.weights import WeightClient
+
+    return WeightClient(endpoint, "bench-receiver", timeout_s=120, shm=transport == "shm")
+
+
+def make_server(transport: str, endpoint: str, bucket_bytes: int):
+    if transport == "cuda_ipc":
+        from learner.gpu_weights import CudaIpcWeightServer
+
+        return CudaIpcWeightServer(endpoint, bucket_bytes)
+    from learner.weights import WeightServer
+
+    return WeightServer(endpoint, bucket_bytes, shm=transport == "shm")
+
+
+def receive_ipc_copies(nbytes: int, repeats: int, conn) -> None:
+    """The plain GPU move: open each handle the sender passes and copy the bytes into our own buffer."""
+    from protocol.gpu import open_ipc
+
+    own = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    for _ in range(repeats):
+        shared = open_ipc(conn.recv())
+        own.copy_(shared[:nbytes])
+        torch.cuda.synchronize()
+        conn.send(time.monotonic())
+        del shared
 
 
 def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> None:
@@ -53,9 +93,9 @@ def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> N
             conn.send(time.monotonic())
         torch.distributed.destroy_process_group()
         return
-    from actors.weights import WeightClient
-
-    client = WeightClient(endpoint, "bench-receiver", timeout_s=120, shm=transport == "shm")
+    if transport.startswith("CUDA IPC"):
+        return receive_ipc_copies(nbytes, repeats, conn)
+    client = make_client(transport, endpoint)
     conn.send("ready")
     for version in range(1, repeats + 1):
         got = None
@@ -84,10 +124,17 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
             times.append(ours.recv() - start)
             time.sleep(gap)
         torch.distributed.destroy_process_group()
-    else:
-        from learner.weights import WeightServer
+    elif transport.startswith("CUDA IPC"):
+        from protocol.gpu import ipc_fields
 
-        server = WeightServer(endpoint, bucket_bytes, shm=transport == "shm")
+        flat = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+        for _ in range(repeats):
+            start = time.monotonic()
+            ours.send(ipc_fields(flat))
+            times.append(ours.recv() - start)
+            time.sleep(gap)
+    else:
+        server = make_server(transport, endpoint, bucket_bytes)
         assert ours.recv() == "ready"
         for version in range(1, repeats + 1):
             start = time.monotonic()
@@ -104,6 +151,44 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
             "all_seconds": times[1:]}  # fmt: skip
 
 
+def nccl_one_rank(state: dict[str, torch.Tensor], bucket_bytes: int, repeats: int) -> list[dict]:
+    """In one process on a 1-rank cupy NCCL communicator: one flat broadcast vs our staged, checked bucket broadcast."""
+    from cupy.cuda import nccl
+
+    from learner.gpu_weights import stage_on_gpu
+    from protocol.buckets import Assembler
+    from protocol.gpu import broadcast_buckets
+
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    stream = torch.cuda.current_stream().cuda_stream
+    nbytes = plan(state, bucket_bytes, 0).total_bytes
+    source, target = torch.ones(nbytes, dtype=torch.uint8, device="cuda"), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def flat_broadcast(_: int) -> None:
+        comm.broadcast(source.data_ptr(), target.data_ptr(), nbytes, nccl.NCCL_UINT8, 0, stream)
+        torch.cuda.synchronize()
+
+    def our_broadcast(version: int) -> None:
+        staged = stage_on_gpu(version, state, bucket_bytes)
+        broadcast_buckets(comm, staged.buckets)
+        assembler = Assembler(staged.manifest)
+        for index, bucket in enumerate(staged.buckets):
+            assembler.add(index, bucket)
+        assert assembler.complete
+
+    rows = []
+    for transport, move in (("cupy NCCL broadcast, 1 rank (baseline)", flat_broadcast), ("nccl buckets, 1 rank", our_broadcast)):
+        times = []
+        for version in range(repeats + 1):  # the first is the warm-up
+            start = time.monotonic()
+            move(version)
+            times.append(time.monotonic() - start)
+        seconds = statistics.median(times[1:])
+        rows.append({"transport": transport, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
+                     "publish_seconds": None, "delivery_seconds": seconds, "all_seconds": times[1:]})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="24M parameters only, 2 repeats")
@@ -111,29 +196,36 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between versions (the training step)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU transports (needs CUDA and cupy)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.gap = [24], 2, 0.2
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("bench.weights --gpu needs a CUDA GPU")
     rows = []
     for size in args.sizes:
-        state = synthetic(size)
-        results = [run(t, state, args.bucket_mb << 20, args.repeats, args.gap) for t in TRANSPORTS]
+        state = synthetic(size, "cuda" if args.gpu else "cpu")
+        results = [run(t, state, args.bucket_mb << 20, args.repeats, args.gap) for t in (GPU_TRANSPORTS if args.gpu else CPU_TRANSPORTS)]
+        if args.gpu:
+            results += nccl_one_rank(state, args.bucket_mb << 20, args.repeats)
         base = results[0]["seconds"]
         rows += [{"params_m": size, **r, "vs_baseline": r["seconds"] / base, "delivery_vs_baseline": r["delivery_seconds"] / base} for r in results]
         del state
-    print(f"fp32 synthetic state dicts, {args.bucket_mb} MB buckets, median of {args.repeats}, {args.gap} s between versions, 2 local processes\n")
-    print("| params | MB | transport | sync s | GB/s | vs gloo broadcast | of which publish s | rest vs gloo |")
+    where = torch.cuda.get_device_name() if args.gpu else "2 local processes"
+    print(f"fp32 synthetic state dicts, {args.bucket_mb} MB buckets, median of {args.repeats}, {args.gap} s between versions, {where}\n")
+    print("| params | MB | transport | sync s | GB/s | vs first row | of which publish s | rest vs first row |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         pub = f"{r['publish_seconds']:.3f}" if r["publish_seconds"] is not None else "-"
         print(f"| {r['params_m']}M | {r['bytes'] / 1e6:.0f} | {r['transport']} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} "
               f"| {r['vs_baseline']:.2f}x | {pub} | {r['delivery_vs_baseline']:.2f}x |")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"platform": platform.platform(), "cpus": mp.cpu_count()}, "torch": torch.__version__,
-              "bucket_mb": args.bucket_mb, "gap_s": args.gap, "quick": args.quick, "results": rows}  # fmt: skip
-    (args.out / "weights.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(f"\nwrote {args.out / 'weights.json'}")
+    report = {"machine": {"platform": platform.platform(), "cpus": mp.cpu_count(), "gpu": where if args.gpu else None},
+              "torch": torch.__version__, "bucket_mb": args.bucket_mb, "gap_s": args.gap, "quick": args.quick, "results": rows}  # fmt: skip
+    path = args.out / ("weights_gpu.json" if args.gpu else "weights.json")
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import zmq
 from learner.weights import Published, WeightServer
 from protocol import messages as m
 from protocol.buckets import bucket_views, pack, plan
-from protocol.gpu import broadcast_buckets
+from protocol.gpu import broadcast_buckets, ipc_fields
 from protocol.transport import send_reply
 from protocol.weights import unique_tensors
 from protocol.wire import decode
@@ -47,8 +47,7 @@ class CudaIpcWeightServer(WeightServer):
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
         staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
-        device, handle, size, offset, ref_handle, ref_offset, event, event_sync = staged.flat.untyped_storage()._share_cuda_()
-        staged.reply = {"mode": "cuda_ipc", "ipc": [device, handle, size, offset, ref_handle, ref_offset, event, event_sync]}
+        staged.reply = {"mode": "cuda_ipc", "ipc": ipc_fields(staged.flat)}
         with self._lock:
             self._previous, self._latest = self._latest, staged  # the previous buffer lives on for readers copying it
 

@@ -17,6 +17,11 @@ def broadcast_buckets(comm: Any, buckets: list[torch.Tensor]) -> None:
     torch.cuda.current_stream().synchronize()
 
 
+def ipc_fields(tensor: torch.Tensor) -> list[Any]:
+    """What another process needs to open `tensor`'s CUDA storage (msgpack-able; the owner must keep it alive)."""
+    return list(tensor.untyped_storage()._share_cuda_())
+
+
 def open_ipc(fields: list[Any]) -> torch.Tensor:
     """The uint8 tensor behind a CUDA IPC handle (`UntypedStorage._share_cuda_()` fields, sent as msgpack)."""
     device, handle, size, offset, ref_handle, ref_offset, event, event_sync = fields

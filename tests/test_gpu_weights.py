@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from protocol.errors import WeightTransferError
 from tests.conftest import ROOT
 from tests.test_weights import assert_same, state
 
@@ -57,3 +58,24 @@ def test_nccl_broadcast_is_bit_exact(endpoints):
     finally:
         client.close()
         sender.kill()
+
+
+def test_nccl_bucket_broadcast_on_one_rank_round_trips():
+    """The cupy calls of the NCCL path (communicator, per-bucket broadcast on torch's stream) and device checksums."""
+    from cupy.cuda import nccl
+
+    from learner.gpu_weights import stage_on_gpu
+    from protocol.buckets import Assembler
+    from protocol.gpu import broadcast_buckets
+
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    staged = stage_on_gpu(1, state(1, 256), 1 << 16)
+    assert len(staged.buckets) > 1
+    broadcast_buckets(comm, staged.buckets)
+    assembler = Assembler(staged.manifest)
+    for index, bucket in enumerate(staged.buckets):
+        assembler.add(index, bucket)
+    assert_same({k: v.cpu() for k, v in assembler.state_dict().items()}, state(1, 256))
+    staged.buckets[0][:8] += 1  # a flipped byte on the device is caught by sum64
+    with pytest.raises(WeightTransferError, match="corrupted"):
+        Assembler(staged.manifest).add(0, staged.buckets[0])
