@@ -15,7 +15,7 @@ from actors.weights import WeightClient
 from protocol import messages as m
 from protocol.buckets import Assembler, bucket_views
 from protocol.errors import WeightTransferError
-from protocol.gpu import broadcast_buckets, open_ipc
+from protocol.gpu import broadcast_buckets, close_ipc, device_tensor, open_ipc
 from protocol.weights import Progress
 from protocol.wire import encode
 
@@ -28,17 +28,38 @@ def _own_buckets(assembler: Assembler) -> list[torch.Tensor]:
 class CudaIpcWeightClient(WeightClient):
     def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0) -> None:
         super().__init__(endpoint, identity, timeout_s, shm=False)
+        self._mapped: dict[bytes, tuple[int, torch.Tensor]] = {}  # the learner's buffers, mapped once each
 
     def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
         if body.get("mode") != "cuda_ipc":
             raise WeightTransferError("refused", f"expected cuda_ipc weights, got mode {body.get('mode')!r}")
-        shared = open_ipc(body["ipc"])[: assembler.manifest.total_bytes]
+        shared = self._map(body)[: assembler.manifest.total_bytes]
         buckets = _own_buckets(assembler)
         for index, (source, target) in enumerate(zip(bucket_views(shared, assembler.manifest), buckets)):
             target.copy_(source)
             assembler.add(index, target)
             if progress:
                 progress(index + 1, len(buckets))
+
+    def _map(self, body: dict[str, Any]) -> torch.Tensor:
+        handle, capacity = body.get("handle"), body.get("capacity")
+        if not isinstance(handle, bytes) or not isinstance(capacity, int):
+            raise WeightTransferError("bad_manifest", "cuda_ipc reply without a handle and capacity")
+        if handle not in self._mapped:
+            if len(self._mapped) >= 4:  # the learner outgrew its buffers: let go of the oldest mapping
+                close_ipc(self._mapped.pop(next(iter(self._mapped)))[0])
+            try:
+                ptr = open_ipc(handle)
+            except Exception as exc:  # cupy's CUDARuntimeError: a stale or foreign handle
+                raise WeightTransferError("refused", f"cannot map the learner's buffer: {exc}") from None
+            self._mapped[handle] = (ptr, device_tensor(ptr, capacity))
+        return self._mapped[handle][1]
+
+    def close(self) -> None:
+        for ptr, _ in self._mapped.values():
+            close_ipc(ptr)
+        self._mapped.clear()
+        super().close()
 
 
 class NcclWeightClient(WeightClient):

@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from bench.learner import make_batches, plain_hf_step, timed
+from bench.learner import make_batches, plain_hf_step, sync, timed
 from protocol.config import load_config
 from protocol.transport import free_port
 
@@ -60,7 +60,19 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def ours(model: torch.nn.Module, batches, micro: int) -> float:
+def profiled(step, batch, path: Path | None) -> None:
+    """One more step under the profiler, its busiest GPU operations written to `path`."""
+    if path is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        sync()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+def ours(model: torch.nn.Module, batches, micro: int, profile_to: Path | None = None) -> float:
     from learner.backend import FSDPBackend
     from learner.trainer import Trainer
 
@@ -69,34 +81,42 @@ def ours(model: torch.nn.Module, batches, micro: int) -> float:
     backend = FSDPBackend(config.learner)
     try:
         trainer = Trainer(backend.wrap(model), config, backend=backend)
-        return timed(trainer.step, batches)
+        tokens_per_s = timed(trainer.step, batches)
+        profiled(trainer.step, batches[0], profile_to)
+        return tokens_per_s
     finally:
         backend.close()
 
 
-def plain(model: torch.nn.Module, batches, micro: int) -> float:
+def plain(model: torch.nn.Module, batches, micro: int, profile_to: Path | None = None) -> float:
     model.cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    return timed(lambda b: plain_hf_step(model, optimizer, b, micro, "cuda"), batches)
+    tokens_per_s = timed(lambda b: plain_hf_step(model, optimizer, b, micro, "cuda"), batches)
+    profiled(lambda b: plain_hf_step(model, optimizer, b, micro, "cuda"), batches[0], profile_to)
+    return tokens_per_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps (one more runs untimed first)")
     parser.add_argument("--quick", action="store_true", help="a tiny shape, short sequences")
+    parser.add_argument("--micro", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--profile", action="store_true", help="write each loop's busiest GPU operations to --out")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.learner_gpu needs a CUDA GPU")
-    shape, prompt, completion, micro = ("tiny", 32, 96, 8) if args.quick else ("0.5b", 256, 768, 8)
+    shape, prompt, completion = ("tiny", 32, 96) if args.quick else ("0.5b", 256, 768)
+    micro = args.micro
     batches = make_batches(args.steps + 1, groups=8, n=8, prompt=prompt, completion=completion)
     sequences = 8 * 8
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for loop, run in (("streamrl Trainer.step (FSDP2, bf16)", ours), ("plain HF loop (bf16 autocast)", plain)):
         model = make_model(shape)
         params = sum(p.numel() for p in model.parameters())
         flops_per_token = step_flops(model, prompt, completion) / (prompt + completion)
-        tokens_per_s = run(model, batches, micro)
+        tokens_per_s = run(model, batches, micro, args.out / f"profile_{run.__name__}.txt" if args.profile else None)
         peak = peak_flops()
         rows.append({"loop": loop, "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,
                      "mfu": tokens_per_s * flops_per_token / peak if peak else None,
@@ -111,7 +131,6 @@ def main() -> None:
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"| {r['loop']} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {mfu} | {r['peak_memory_gb']:.1f} | {r['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x |")
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"platform": platform.platform(), "gpu": device}, "versions": {"torch": torch.__version__},
               "shape": shape, "params": params, "prompt": prompt, "completion": completion, "sequences": sequences,
               "micro_batch": micro, "steps": args.steps, "quick": args.quick, "results": rows,

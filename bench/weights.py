@@ -13,7 +13,7 @@ actors there are) is also shown on its own, and "rest" is the remaining per-acto
 delivery time compared with the broadcast.
 
 With `--gpu` (one GPU): our `cuda_ipc` channel between two processes on the GPU vs
-the receiver opening the sender's CUDA IPC handle of one flat buffer and copying it
+the receiver mapping the sender's buffer once (CUDA IPC) and copying it each time
 (the plain move), both from GPU-resident weights; and, in one process, a 1-rank cupy
 NCCL communicator: our bucket broadcast (staging, checksums on the device, per-bucket
 broadcasts, verification) vs one out-of-place broadcast of the same bytes.
@@ -70,16 +70,16 @@ def make_server(transport: str, endpoint: str, bucket_bytes: int):
 
 
 def receive_ipc_copies(nbytes: int, repeats: int, conn) -> None:
-    """The plain GPU move: open each handle the sender passes and copy the bytes into our own buffer."""
-    from protocol.gpu import open_ipc
+    """The plain GPU move: map the sender's buffer once, then copy its bytes into our own buffer on each signal."""
+    from protocol.gpu import device_tensor, open_ipc
 
+    shared = device_tensor(open_ipc(conn.recv()), nbytes)
     own = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     for _ in range(repeats):
-        shared = open_ipc(conn.recv())
-        own.copy_(shared[:nbytes])
+        conn.recv()
+        own.copy_(shared)
         torch.cuda.synchronize()
         conn.send(time.monotonic())
-        del shared
 
 
 def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> None:
@@ -125,14 +125,18 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
             time.sleep(gap)
         torch.distributed.destroy_process_group()
     elif transport.startswith("CUDA IPC"):
-        from protocol.gpu import ipc_fields
+        from protocol.gpu import IpcBuffer
 
-        flat = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+        buffer = IpcBuffer(nbytes)
+        buffer.tensor.fill_(1)
+        ours.send(buffer.handle)
         for _ in range(repeats):
             start = time.monotonic()
-            ours.send(ipc_fields(flat))
+            ours.send("go")
             times.append(ours.recv() - start)
             time.sleep(gap)
+        proc.join(60)
+        buffer.free()
     else:
         server = make_server(transport, endpoint, bucket_bytes)
         assert ours.recv() == "ready"

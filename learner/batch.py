@@ -26,6 +26,11 @@ class MicroBatch:
     mask: Tensor  # [B, T]
     behavior_logprobs: Tensor  # [B, T]
     advantages: Tensor  # [B]
+    keep: Tensor | None = None  # sorted next-token positions that predict a completion token, any row
+
+    def __post_init__(self) -> None:
+        if self.keep is None:  # on the CPU, where collate builds it: on a GPU this would wait for the device
+            self.keep = torch.unique(self.gather[self.mask] % (self.input_ids.shape[1] - 1))
 
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(*(t.to(device) if isinstance(t, Tensor) else t for t in vars(self).values()))

@@ -4,8 +4,9 @@ Both stage the bucketed layout of `protocol.buckets` on the learner's GPU with
 `sum64` checksums (computed on the device) and answer GET_WEIGHTS on the same
 ROUTER as the CPU channels, so the control plane is unchanged:
 
-- `cuda_ipc` (learner and actor on one GPU): the reply carries a CUDA IPC handle
-  of the flat bucket buffer; the actor copies it out and verifies it.
+- `cuda_ipc` (learner and actor on one GPU): the reply carries the CUDA IPC handle
+  of one of two device buffers the learner writes in turn; the actor maps it once,
+  copies each version out and verifies it.
 - `nccl` (actor GPUs): actors join a cupy NCCL communicator (the learner is rank 0;
   the unique id and ranks are handed out on this endpoint). When every actor has
   asked for the newest version, rank 0 answers them all and broadcasts the buckets
@@ -24,7 +25,7 @@ import zmq
 from learner.weights import Published, WeightServer
 from protocol import messages as m
 from protocol.buckets import bucket_views, pack, plan
-from protocol.gpu import broadcast_buckets, ipc_fields
+from protocol.gpu import IpcBuffer, broadcast_buckets
 from protocol.transport import send_reply
 from protocol.weights import unique_tensors
 from protocol.wire import decode
@@ -32,10 +33,11 @@ from protocol.wire import decode
 log = logging.getLogger("learner.gpu_weights")
 
 
-def stage_on_gpu(version: int, state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Published:
+def stage_on_gpu(version: int, state_dict: dict[str, torch.Tensor], bucket_bytes: int, allocate=None) -> Published:
+    """Pack the weights into GPU buckets with device checksums; `allocate(nbytes)` gives the flat buffer."""
     tensors = {k: v.cuda() for k, v in unique_tensors(state_dict, device=None).items()}
     manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
-    flat = torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
+    flat = allocate(manifest.total_bytes) if allocate else torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
     buckets = bucket_views(flat, manifest)
     pack(tensors, manifest, buckets)
     torch.cuda.synchronize()
@@ -43,13 +45,41 @@ def stage_on_gpu(version: int, state_dict: dict[str, torch.Tensor], bucket_bytes
 
 
 class CudaIpcWeightServer(WeightServer):
-    _previous: Published | None = None
+    """Two `IpcBuffer`s written in turn, like the CPU channels' spare: a reader maps each once and
+    keeps it mapped. A reader still copying when its buffer is rewritten two versions later gets a
+    checksum failure and keeps its old weights, never a mix."""
+
+    def __init__(self, endpoint: str, bucket_bytes: int) -> None:
+        self._buffers: list[IpcBuffer] = []
+        self._retired: list[IpcBuffer] = []  # outgrown, but a reader may still have them mapped
+        super().__init__(endpoint, bucket_bytes)
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
-        staged.reply = {"mode": "cuda_ipc", "ipc": ipc_fields(staged.flat)}
+        current = self._latest.reply["buffer"] if self._latest else -1
+        target = 1 if current == 0 else 0
+        staged = stage_on_gpu(version, state_dict, self.bucket_bytes, lambda n: self._buffer(target, n).tensor[:n])
+        buffer = self._buffers[target]
+        staged.reply = {"mode": "cuda_ipc", "handle": buffer.handle, "capacity": buffer.nbytes, "buffer": target}
         with self._lock:
-            self._previous, self._latest = self._latest, staged  # the previous buffer lives on for readers copying it
+            self._latest = staged
+
+    def _buffer(self, index: int, nbytes: int) -> IpcBuffer:
+        if index < len(self._buffers) and self._buffers[index].nbytes >= nbytes:
+            return self._buffers[index]
+        fresh = IpcBuffer(nbytes)
+        if index < len(self._buffers):
+            self._retired.append(self._buffers[index])
+            self._buffers[index] = fresh
+        else:
+            self._buffers.append(fresh)
+        return fresh
+
+    def close(self) -> None:
+        super().close()
+        torch.cuda.synchronize()
+        for buffer in self._buffers + self._retired:
+            buffer.free()
+        self._buffers, self._retired = [], []
 
 
 class NcclWeightServer(WeightServer):

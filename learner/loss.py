@@ -76,7 +76,11 @@ class Normalizer:
 
 @dataclass
 class LossStats:
-    """Sums over completion tokens, so micro-batches add up exactly."""
+    """Sums over completion tokens, so micro-batches add up exactly.
+
+    `policy_loss` fills them with 0-dim tensors, so no micro-batch waits for the GPU;
+    `numbers()` reads them all back at once when the step is done.
+    """
 
     is_weight_sum: float = 0.0
     truncated: int = 0
@@ -88,6 +92,18 @@ class LossStats:
 
     def __add__(self, other: LossStats) -> LossStats:
         return LossStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def numbers(self) -> LossStats:
+        values = to_numbers([getattr(self, f.name) for f in fields(self)])
+        return LossStats(*(int(v) if f.type == "int" else v for f, v in zip(fields(self), values)))
+
+
+def to_numbers(values: list[float | Tensor]) -> list[float]:
+    """Python floats for a mix of numbers and 0-dim tensors, read from the device in one transfer."""
+    device = next((v.device for v in values if isinstance(v, Tensor)), None)
+    if device is None:
+        return [float(v) for v in values]
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).tolist()
 
 
 def correction_weights(proximal: Tensor, behavior: Tensor, mask: Tensor, cfg: LossSection) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,13 +170,13 @@ def policy_loss(
     loss = aggregate(torch.where(mask, per_token, 0.0), mask, norm, cfg.aggregation)
     with torch.no_grad():
         stats = LossStats(
-            is_weight_sum=float(weight[mask].sum()),
-            truncated=int(truncated.sum()),
-            masked=int(masked.sum()),
-            clipped=int((objective != unclipped)[mask].sum()),
-            kl_sum=float(kl[mask].sum()) if kl is not None else 0.0,
-            entropy_sum=float(entropy[mask].sum()) if entropy is not None else 0.0,
-            tokens=int(mask.sum()),
+            is_weight_sum=torch.where(mask, weight, 0.0).sum(),
+            truncated=truncated.sum(),
+            masked=masked.sum(),
+            clipped=((objective != unclipped) & mask).sum(),
+            kl_sum=torch.where(mask, kl, 0.0).sum() if kl is not None else 0.0,
+            entropy_sum=torch.where(mask, entropy, 0.0).sum() if entropy is not None else 0.0,
+            tokens=mask.sum(),
         )
     return loss, stats
 

@@ -59,7 +59,8 @@ class Trainer:
         self.loss = config.loss
         self.temperature = config.sampling.temperature
         self.max_tokens = config.sampling.max_tokens
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay)
+        fused = self.backend.device.type == "cuda"  # one kernel per step for all parameters (FSDP2 supports it)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay, fused=fused)
         total = self.train.steps * self.train.updates_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, train=self.train, total=total))
         if self.loss.kl_coef > 0 and reference is None:
@@ -104,6 +105,7 @@ class Trainer:
             chunk_loss, stats, chunk_parity, chunk_norm = self._update(samples, advantages, trained, proximal, norm, compare)
             loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, chunk_norm), updates + 1
             totals, parity = totals + stats, parity + chunk_parity
+        totals, loss = totals.numbers(), float(loss)  # the step's only reads of the loss statistics from the device
         loss, *sums = self.backend.sum([loss, *(getattr(totals, f.name) for f in fields(LossStats))])
         totals = LossStats(*sums)
         parity = self._reduce_parity(parity)
@@ -130,6 +132,7 @@ class Trainer:
 
     def _reduce_parity(self, parity: ParityStats) -> ParityStats:
         """Every rank's parity stats combined (sums, and the largest difference)."""
+        parity = parity.numbers()
         tokens, abs_sum, kl_sum, outside = self.backend.sum([parity.tokens, parity.abs_diff_sum, parity.kl_sum, parity.outside_band])
         (abs_max,) = self.backend.max([parity.abs_diff_max])
         return ParityStats(int(tokens), abs_sum, abs_max, kl_sum, int(outside))
@@ -170,7 +173,7 @@ class Trainer:
             out.update({i: logprobs[row].cpu() for row, i in enumerate(part)})
         return out
 
-    def _update(self, samples, advantages, indices, proximal, norm: Normalizer, compare: set[int]) -> tuple[float, LossStats, ParityStats, float]:
+    def _update(self, samples, advantages, indices, proximal, norm: Normalizer, compare: set[int]) -> tuple[torch.Tensor | float, LossStats, ParityStats, float]:
         """Accumulate gradients over micro-batches of `indices`, then take one clipped optimizer step.
 
         Samples in `compare` also have their behavior log-probs compared with the pre-step ones (parity).
@@ -191,7 +194,7 @@ class Trainer:
             # FSDP averages gradients over ranks; scaling by the world size makes them the batch's sum.
             (loss * weight * self.backend.world_size).backward()
             if part:
-                total_loss += loss.item()
+                total_loss = total_loss + loss.detach()
                 totals += stats
                 rows = [r for r, i in enumerate(part) if i in compare]
                 parity += parity_stats(prox[rows], batch.behavior_logprobs[rows], batch.mask[rows])
@@ -213,7 +216,7 @@ def forward_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: flo
     Other positions read 0; the loss never looks at them (they are outside `batch.mask`).
     """
     rows, width = batch.input_ids.shape[0], batch.input_ids.shape[1] - 1
-    keep = torch.unique(batch.gather[batch.mask] % width)  # sorted next-token positions, shared by all rows
+    keep = batch.keep
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 logits_to_keep=keep)  # fmt: skip
     targets = batch.input_ids[:, 1:][:, keep]

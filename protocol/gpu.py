@@ -17,13 +17,41 @@ def broadcast_buckets(comm: Any, buckets: list[torch.Tensor]) -> None:
     torch.cuda.current_stream().synchronize()
 
 
-def ipc_fields(tensor: torch.Tensor) -> list[Any]:
-    """What another process needs to open `tensor`'s CUDA storage (msgpack-able; the owner must keep it alive)."""
-    return list(tensor.untyped_storage()._share_cuda_())
+class IpcBuffer:
+    """Device memory of our own (`cudaMalloc`, outside torch's and cupy's pools, so its IPC handle
+    covers exactly this buffer) that other processes on the GPU can map; freed by `free`."""
+
+    def __init__(self, nbytes: int) -> None:
+        from cupy.cuda import runtime
+
+        self.nbytes = nbytes
+        self.ptr = runtime.malloc(max(nbytes, 1))
+        self.handle = bytes(runtime.ipcGetMemHandle(self.ptr))
+        self.tensor = device_tensor(self.ptr, nbytes)
+
+    def free(self) -> None:
+        from cupy.cuda import runtime
+
+        runtime.free(self.ptr)
 
 
-def open_ipc(fields: list[Any]) -> torch.Tensor:
-    """The uint8 tensor behind a CUDA IPC handle (`UntypedStorage._share_cuda_()` fields, sent as msgpack)."""
-    device, handle, size, offset, ref_handle, ref_offset, event, event_sync = fields
-    storage = torch.UntypedStorage._new_shared_cuda(device, handle, size, offset, ref_handle, ref_offset, event, event_sync)
-    return torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}").set_(storage, 0, (size,), (1,))
+def device_tensor(ptr: int, nbytes: int) -> torch.Tensor:
+    """A uint8 torch view of raw device memory, no copy (the memory must outlive the view)."""
+    import cupy
+
+    memory = cupy.cuda.UnownedMemory(ptr, max(nbytes, 1), None)
+    array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
+    return torch.as_tensor(array, device="cuda")
+
+
+def open_ipc(handle: bytes) -> int:
+    """Map another process's `IpcBuffer` into ours; the pointer stays valid until `close_ipc`."""
+    from cupy.cuda import runtime
+
+    return runtime.ipcOpenMemHandle(handle, runtime.cudaIpcMemLazyEnablePeerAccess)
+
+
+def close_ipc(ptr: int) -> None:
+    from cupy.cuda import runtime
+
+    runtime.ipcCloseMemHandle(ptr)

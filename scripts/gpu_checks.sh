@@ -14,5 +14,5 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 timeout "${TESTS_S:-180}" python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py tests/test_gpu_weights.py 2>&1 | tee "$OUT/pytest.log"
-timeout "${WEIGHTS_S:-150}" python3 -m bench.weights --gpu --out "$OUT" 2>&1 | tee "$OUT/weights.log"
-timeout "${LEARNER_S:-200}" python3 -m bench.learner_gpu --out "$OUT" 2>&1 | tee "$OUT/learner.log"
+timeout "${WEIGHTS_S:-150}" python3 -m bench.weights --gpu --gap 0.5 --out "$OUT" 2>&1 | tee "$OUT/weights.log"
+timeout "${LEARNER_S:-200}" python3 -m bench.learner_gpu --profile --out "$OUT" 2>&1 | tee "$OUT/learner.log"

@@ -14,31 +14,42 @@ from tests.test_weights import assert_same, state
 
 pytestmark = pytest.mark.gpu
 SENDER = """
-import sys, time
+import sys
 from learner.gpu_weights import {cls}
 from tests.test_weights import state
 server = {cls}(sys.argv[1], 1 << 16{extra})
-server.publish(1, state(1, 256))
-print("published", flush=True)
-time.sleep(120)
+for line in sys.stdin:  # one version to publish per line
+    server.publish(int(line), state(int(line), 256))
+    print("published", flush=True)
 """
 
 
 def start(cls: str, endpoint: str, extra: str = "") -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", SENDER.format(cls=cls, extra=extra), endpoint], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "published"
+    proc = subprocess.Popen([sys.executable, "-c", SENDER.format(cls=cls, extra=extra), endpoint], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    publish(proc, 1)
     return proc
 
 
-def test_cuda_ipc_round_trip_is_bit_exact(endpoints):
+def publish(proc: subprocess.Popen, version: int) -> None:
+    proc.stdin.write(f"{version}\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "published"
+
+
+def test_cuda_ipc_round_trips_are_bit_exact_across_versions(endpoints):
+    """Versions 1-3: the learner's two buffers are each mapped once and rewritten in turn."""
     from actors.gpu_weights import CudaIpcWeightClient
 
     sender = start("CudaIpcWeightServer", endpoints["weights"])
     client = CudaIpcWeightClient(endpoints["weights"], "gpu-actor", timeout_s=30)
     try:
-        version, weights = client.fetch(have=0)
-        assert version == 1 and all(t.is_cuda for t in weights.values())
-        assert_same({k: v.cpu() for k, v in weights.items()}, state(1, 256))
+        for version in (1, 2, 3):
+            if version > 1:
+                publish(sender, version)
+            got, weights = client.fetch(have=version - 1)
+            assert got == version and all(t.is_cuda for t in weights.values())
+            assert_same({k: v.cpu() for k, v in weights.items()}, state(version, 256))
+        assert len(client._mapped) == 2
     finally:
         client.close()
         sender.kill()
