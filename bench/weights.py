@@ -214,15 +214,18 @@ def main() -> None:
         if args.gpu:
             results += nccl_one_rank(state, args.bucket_mb << 20, args.repeats)
         base = results[0]["seconds"]
-        rows += [{"params_m": size, **r, "vs_baseline": r["seconds"] / base, "delivery_vs_baseline": r["delivery_seconds"] / base} for r in results]
+        for r in results:  # each row against the baseline row above it
+            base = r["seconds"] if "(baseline)" in r["transport"] else base
+            rows.append({"params_m": size, **r, "vs_baseline": r["seconds"] / base, "delivery_vs_baseline": r["delivery_seconds"] / base})
         del state
     where = torch.cuda.get_device_name() if args.gpu else "2 local processes"
     print(f"fp32 synthetic state dicts, {args.bucket_mb} MB buckets, median of {args.repeats}, {args.gap} s between versions, {where}\n")
-    print("| params | MB | transport | sync s | GB/s | vs first row | of which publish s | rest vs first row |")
+    print("| params | MB | transport | sync | GB/s | vs baseline | of which publish | rest vs baseline |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    unit, scale = ("ms", 1e3) if args.gpu else ("s", 1.0)
     for r in rows:
-        pub = f"{r['publish_seconds']:.3f}" if r["publish_seconds"] is not None else "-"
-        print(f"| {r['params_m']}M | {r['bytes'] / 1e6:.0f} | {r['transport']} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} "
+        pub = f"{r['publish_seconds'] * scale:.3f} {unit}" if r["publish_seconds"] is not None else "-"
+        print(f"| {r['params_m']}M | {r['bytes'] / 1e6:.0f} | {r['transport']} | {r['seconds'] * scale:.3f} {unit} | {r['gb_per_s']:.2f} "
               f"| {r['vs_baseline']:.2f}x | {pub} | {r['delivery_vs_baseline']:.2f}x |")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"platform": platform.platform(), "cpus": mp.cpu_count(), "gpu": where if args.gpu else None},

@@ -1,4 +1,4 @@
-"""GPU pieces both ends of the GPU weight transports share (UNVERIFIED: written without a GPU)."""
+"""GPU pieces both ends of the GPU weight transports share (run on an H100: docs/gpu.md)."""
 
 from __future__ import annotations
 
