@@ -1,6 +1,7 @@
 """Broker ingest: streamrl's broker vs Redis Streams (PipelineRL's transport), same payloads, same run.
 
-One producer sends samples in messages of `--batch` samples and waits for each
+Each producer process (one actor; `--producers 1 4` runs one and four, sharing the
+same total) sends its samples in messages of `--batch` samples and waits for each
 acknowledgement (our SAMPLES -> ACK; Redis: a pipeline of XADDs); one consumer
 process drains them (our GET_BATCH with acknowledgement; Redis: XREADGROUP + XACK
 + XDEL). Throughput counts from the first send to the last acknowledgement; ack
@@ -40,27 +41,60 @@ CONSUMER_GROUPS = 16  # groups per learner batch (ours) / entries per XREADGROUP
 SIZES = {"1KB": (64, 96), "8KB": (256, 896), "64KB": (2048, 7168)}  # prompt, completion tokens: 4P + 8C bytes
 
 
-def make_samples(size: str, count: int) -> list[Sample]:
+def make_samples(size: str, count: int, actor: str = "bench") -> list[Sample]:
     prompt, completion = SIZES[size]
     rng = np.random.default_rng(0)
     ids, comp = rng.integers(0, 1000, prompt, dtype=np.int32), rng.integers(0, 1000, completion, dtype=np.int32)
     logprobs = -rng.random(completion, dtype=np.float32)
     incarnation = uuid.uuid4().hex[:8]
     return [
-        Sample(prompt_ids=ids, completion_ids=comp, behavior_logprobs=logprobs, reward=1.0, group_id=f"g{i // GROUP}",
-               group_size=GROUP, index=i % GROUP, version_start=0, version_end=0, actor_id="bench", incarnation=incarnation, seq=i)
+        Sample(prompt_ids=ids, completion_ids=comp, behavior_logprobs=logprobs, reward=1.0, group_id=f"{actor}-g{i // GROUP}",
+               group_size=GROUP, index=i % GROUP, version_start=0, version_end=0, actor_id=actor, incarnation=incarnation, seq=i)
         for i in range(count)
     ]  # fmt: skip
+
+
+def produce(system: str, address: str, size: str, count: int, batch: int, actor: str, ready, go, out) -> None:
+    """One producer process (one actor): its own samples in messages of `batch`, each waiting for its acknowledgement."""
+    samples = make_samples(size, count, actor)
+    send = _ours_sender(address, samples, batch) if system == "ours" else _redis_sender(int(address), samples, batch)
+    ready.release()
+    go.wait()
+    start = time.monotonic()
+    latencies = send()
+    out.put((start, time.monotonic(), latencies))
+
+
+def run(system: str, address: str, size: str, count: int, batch: int, producers: int, consumer) -> dict:
+    """Start the consumer and `producers` producers of `count` samples each; time from the first send to the last ack."""
+    ctx = mp.get_context("spawn")
+    ready, go, out, done = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Event()
+    drain = ctx.Process(target=consumer, args=(address, count * producers, done))
+    drain.start()
+    procs = [ctx.Process(target=produce, args=(system, address, size, count, batch, f"bench-{i}", ready, go, out)) for i in range(producers)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        assert ready.acquire(timeout=120), "a producer did not get ready"
+    go.set()
+    reports = [out.get(timeout=600) for _ in procs]
+    elapsed = max(end for _, end, _ in reports) - min(start for start, _, _ in reports)
+    for proc in [*procs, drain]:
+        proc.join(120)
+    assert done.is_set(), f"the {system} consumer did not get every sample"
+    prompt, completion = SIZES[size]
+    return _result(count * producers, count * producers * (4 * prompt + 8 * completion), elapsed, [t for *_, lat in reports for t in lat])
 
 
 # --- streamrl broker ---
 
 
-def start_broker(endpoint: str, run_dir: Path, durable: bool, credits: int) -> subprocess.Popen:
+def start_broker(endpoint: str, run_dir: Path, durable: bool, producers: int, credits: int) -> subprocess.Popen:
     cmd = [
         sys.executable, str(ROOT / "launch.py"), "--role", "broker", "--config", str(ROOT / "configs" / "tiny.yaml"),
         f"run.dir={run_dir}", f"endpoints.broker={endpoint}", f"sampling.group_size={GROUP}", "train.groups_per_step=1",
-        f"broker.durable={str(durable).lower()}", f"broker.credits_per_actor={credits}", "broker.memory_budget_mb=4096",
+        f"broker.durable={str(durable).lower()}", f"actor.count={producers}", f"broker.credits_per_actor={credits}",
+        "broker.memory_budget_mb=4096",
         "broker.max_policy_lag=1000", "broker.max_message_bytes=268435456", "run.log_level=WARNING",
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -77,18 +111,12 @@ def ours_consumer(endpoint: str, total: int, done) -> None:
     done.set()
 
 
-def run_ours(samples: list[Sample], batch: int, durable: bool, tmp: Path) -> dict:
-    endpoint = f"127.0.0.1:{free_port()}"
-    broker = start_broker(endpoint, tmp / f"ours-{uuid.uuid4().hex[:6]}", durable, credits=max(16 * batch, 1024))
-    client = Client(endpoint, "bench-producer")
-    try:
-        _wait(lambda: client.request(m.STATS, timeout_s=1.0), "our broker")
-        done = mp.Event()
-        consumer = mp.Process(target=ours_consumer, args=(endpoint, len(samples), done))
-        consumer.start()
-        body = {"actor_id": "bench", "incarnation": samples[0].incarnation}
+def _ours_sender(endpoint: str, samples: list[Sample], batch: int):
+    client = Client(endpoint, f"producer-{samples[0].actor_id}")
+    body = {"actor_id": samples[0].actor_id, "incarnation": samples[0].incarnation}
+
+    def send() -> list[float]:
         latencies, credits, sent = [], batch, 0
-        started = time.perf_counter()
         while sent < len(samples):
             chunk = samples[sent : sent + min(batch, credits)] if credits > 0 else []
             t0 = time.perf_counter()
@@ -100,12 +128,22 @@ def run_ours(samples: list[Sample], batch: int, durable: bool, tmp: Path) -> dic
             else:
                 time.sleep(0.0005)
             credits = reply["credits"]
-        elapsed = time.perf_counter() - started
-        done.wait(120)
-        consumer.join(10)
+        client.close()
+        return latencies
+
+    return send
+
+
+def run_ours(size: str, count: int, batch: int, producers: int, durable: bool, tmp: Path) -> dict:
+    endpoint = f"127.0.0.1:{free_port()}"
+    broker = start_broker(endpoint, tmp / f"ours-{uuid.uuid4().hex[:6]}", durable, producers, credits=max(16 * batch, 1024))
+    client = Client(endpoint, "bench-stats")
+    try:
+        _wait(lambda: client.request(m.STATS, timeout_s=1.0), "our broker")
+        result = run("ours", endpoint, size, count, batch, producers, ours_consumer)
         stats = client.request(m.STATS)[1]
-        assert stats["accepted"] == stats["consumed"] == len(samples), stats
-        return _result(samples, elapsed, latencies) | {"fsyncs": stats.get("fsyncs", 0)}
+        assert stats["accepted"] == stats["consumed"] == count * producers, stats
+        return result | {"fsyncs": stats.get("fsyncs", 0)}
     finally:
         client.close()
         broker.terminate()
@@ -122,10 +160,10 @@ def start_redis(port: int, fsync: str, data_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
-def redis_consumer(port: int, total: int, done) -> None:
+def redis_consumer(port: str, total: int, done) -> None:
     import redis
 
-    r, got = redis.Redis(port=port), 0
+    r, got = redis.Redis(port=int(port)), 0
     while got < total:
         reply = r.xreadgroup("learners", "c0", {"samples": ">"}, count=CONSUMER_GROUPS * GROUP, block=100)
         if not reply:
@@ -139,7 +177,28 @@ def redis_consumer(port: int, total: int, done) -> None:
     done.set()
 
 
-def run_redis(samples: list[Sample], batch: int, fsync: str, tmp: Path) -> dict:
+def _redis_sender(port: int, samples: list[Sample], batch: int):
+    import redis
+
+    r = redis.Redis(port=port)
+    payloads = [b"".join(bytes(f) for f in encode_samples(m.SAMPLES, [s])) for s in samples]  # the same bytes we send
+
+    def send() -> list[float]:
+        latencies = []
+        for first in range(0, len(payloads), batch):
+            t0 = time.perf_counter()
+            pipe = r.pipeline(transaction=False)
+            for payload in payloads[first : first + batch]:
+                pipe.xadd("samples", {"d": payload})
+            pipe.execute()
+            latencies.append(time.perf_counter() - t0)
+        r.close()
+        return latencies
+
+    return send
+
+
+def run_redis(size: str, count: int, batch: int, producers: int, fsync: str, tmp: Path) -> dict:
     import redis
 
     port = free_port()
@@ -148,23 +207,7 @@ def run_redis(samples: list[Sample], batch: int, fsync: str, tmp: Path) -> dict:
     try:
         _wait(r.ping, "redis-server")
         r.xgroup_create("samples", "learners", id="$", mkstream=True)
-        payloads = [b"".join(bytes(f) for f in encode_samples(m.SAMPLES, [s])) for s in samples]  # the same bytes we send
-        done = mp.Event()
-        consumer = mp.Process(target=redis_consumer, args=(port, len(samples), done))
-        consumer.start()
-        latencies = []
-        started = time.perf_counter()
-        for first in range(0, len(payloads), batch):
-            t0 = time.perf_counter()
-            pipe = r.pipeline(transaction=False)
-            for payload in payloads[first : first + batch]:
-                pipe.xadd("samples", {"d": payload})
-            pipe.execute()
-            latencies.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - started
-        done.wait(120)
-        consumer.join(10)
-        return _result(samples, elapsed, latencies)
+        return run("redis", str(port), size, count, batch, producers, redis_consumer)
     finally:
         r.close()
         server.terminate()
@@ -186,10 +229,9 @@ def _wait(probe, what: str, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-def _result(samples: list[Sample], elapsed: float, latencies: list[float]) -> dict:
-    nbytes = sum(s.prompt_ids.nbytes + s.completion_ids.nbytes + s.behavior_logprobs.nbytes for s in samples)
+def _result(samples: int, nbytes: int, elapsed: float, latencies: list[float]) -> dict:
     ms = np.array(latencies) * 1000
-    return {"samples_per_s": len(samples) / elapsed, "mb_per_s": nbytes / elapsed / 1e6,
+    return {"samples_per_s": samples / elapsed, "mb_per_s": nbytes / elapsed / 1e6,
             "ack_ms_p50": float(np.percentile(ms, 50)), "ack_ms_p99": float(np.percentile(ms, 99))}  # fmt: skip
 
 
@@ -197,41 +239,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=64, help="samples per message (ours) / per XADD pipeline (Redis)")
+    parser.add_argument("--producers", type=int, nargs="+", default=[1, 4], help="producer processes (actors); --quick: 1")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     counts = {"1KB": 4096, "8KB": 4096, "64KB": 640} if args.quick else {"1KB": 40960, "8KB": 20480, "64KB": 3072}
+    producers = [1] if args.quick else args.producers
     assert all(c % (CONSUMER_GROUPS * GROUP) == 0 for c in counts.values()), "the consumer takes whole batches"
     has_redis = shutil.which("redis-server") is not None
     if not has_redis:
         print("redis-server is not installed: Redis Streams is SKIPPED (apt-get install redis-server)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:  # on disk (not tmpfs): fsync costs what it costs
-        for size, count in counts.items():
-            samples = make_samples(size, count)
+        for size, n in ((size, n) for size in args.sizes for n in producers):
+            count = counts[size] // n  # the same total whatever the number of producers
             for durable, fsync in ((True, "always"), (False, "everysec")):
-                mode = "durable" if durable else "not durable"
-                rows.append({"size": size, "mode": mode, "system": "streamrl broker", **run_ours(samples, args.batch, durable, Path(tmp))})
+                mode, key = "durable" if durable else "not durable", {"size": size, "producers": n}
+                rows.append({**key, "mode": mode, "system": "streamrl broker", **run_ours(size, count, args.batch, n, durable, Path(tmp))})
                 if has_redis:
-                    rows.append({"size": size, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **run_redis(samples, args.batch, fsync, Path(tmp))})
-                print(f"  {size} {mode}: done", flush=True)
+                    redis = run_redis(size, count, args.batch, n, fsync, Path(tmp))
+                    rows.append({**key, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **redis})
+                print(f"  {size} x{n} {mode}: done", flush=True)
     ratios = _ratios(rows)
-    print("\n| sample | mode | system | samples/s | MB/s | ack p50 ms | ack p99 ms | vs Redis |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| sample | producers | mode | system | samples/s | MB/s | ack p50 ms | ack p99 ms | vs Redis |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        ratio = f"{ratios[(r['size'], r['mode'])]:.1f}x" if r["system"] == "streamrl broker" and (r["size"], r["mode"]) in ratios else ""
-        print(f"| {r['size']} | {r['mode']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:.0f} | {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} |")
+        key = (r["size"], r["mode"], r["producers"])
+        ratio = f"{ratios[key]:.1f}x" if r["system"] == "streamrl broker" and key in ratios else ""
+        print(f"| {r['size']} | {r['producers']} | {r['mode']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:.0f} "
+              f"| {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} |")  # fmt: skip
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": mp.cpu_count()},
               "redis": _redis_version() if has_redis else "not installed (skipped)", "quick": args.quick,
-              "batch": args.batch, "counts": counts, "results": rows,
-              "ours_vs_redis": {f"{k[0]} {k[1]}": v for k, v in ratios.items()}}  # fmt: skip
+              "batch": args.batch, "counts": counts, "producers": producers, "results": rows,
+              "ours_vs_redis": {f"{k[0]} {k[1]} x{k[2]}": v for k, v in ratios.items()}}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "broker.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {args.out / 'broker.json'}")
 
 
-def _ratios(rows: list[dict]) -> dict[tuple[str, str], float]:
-    ours = {(r["size"], r["mode"]): r["samples_per_s"] for r in rows if r["system"] == "streamrl broker"}
-    redis = {(r["size"], r["mode"]): r["samples_per_s"] for r in rows if r["system"].startswith("Redis")}
+def _ratios(rows: list[dict]) -> dict[tuple[str, str, int], float]:
+    ours = {(r["size"], r["mode"], r["producers"]): r["samples_per_s"] for r in rows if r["system"] == "streamrl broker"}
+    redis = {(r["size"], r["mode"], r["producers"]): r["samples_per_s"] for r in rows if r["system"].startswith("Redis")}
     return {k: ours[k] / redis[k] for k in ours if k in redis}
 
 

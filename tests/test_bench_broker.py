@@ -26,4 +26,5 @@ def test_broker_bench_quick_writes_json(tmp_path):
         assert len(report["results"]) == 12 and len(report["ours_vs_redis"]) == 6
     else:
         assert "SKIPPED" in result.stdout
-    assert "| sample | mode | system |" in result.stdout
+    assert "| sample | producers | mode | system |" in result.stdout
+    assert all(r["producers"] == 1 for r in report["results"])
