@@ -2,9 +2,10 @@
 
 One request names the version we hold, our host and whether we can map shared
 memory; the reply carries the manifest and tells us where the buckets are. Each
-bucket is checked as it arrives (streamed) or straight on the mapped segment
-(shm, no copy). A transfer that stalls, is cut off or fails a check raises
-`WeightTransferError`; the caller keeps its old weights and asks again later.
+bucket lands in a buffer of ours kept across versions (received into it, or copied
+out of the learner's segment) and is checked there. A transfer that stalls, is cut
+off or fails a check raises `WeightTransferError`; the caller keeps its old weights
+and asks again later. The state dict a fetch returns is valid until the next fetch.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class WeightClient(WeightReceiver):
         self.socket.connect(m.tcp(endpoint))
         self._ids = itertools.count()
         self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._mapped: dict[str, Any] = {}  # the learner's segments (it writes two in turn), mapped once each
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         rid = next(self._ids)
@@ -68,9 +70,7 @@ class WeightClient(WeightReceiver):
         a fetch returns is valid until the next fetch.
         """
         manifest, total = assembler.manifest, len(assembler.manifest.bucket_sizes)
-        if self._buffer.numel() < manifest.total_bytes:
-            self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
-        slots = bucket_views(self._buffer[: manifest.total_bytes], manifest)
+        slots = self._slots(manifest)
         while not assembler.complete:
             try:
                 index = self._next_bucket(rid, slots)
@@ -116,14 +116,30 @@ class WeightClient(WeightReceiver):
         while self.socket.getsockopt(zmq.RCVMORE):
             self.socket.recv_into(bytearray())
 
+    def _slots(self, manifest: Manifest) -> list[torch.Tensor]:
+        """Per-bucket views of our buffer. Fresh memory costs ~10x a warm copy here, so it is kept across versions."""
+        if self._buffer.numel() < manifest.total_bytes:
+            self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+        return bucket_views(self._buffer[: manifest.total_bytes], manifest)
+
     def _from_segment(self, assembler: Assembler, name: str, progress: Progress | None) -> None:
-        """Verify straight on the mapping: the sender never writes a segment after announcing it."""
+        """Copy each bucket out of the learner's segment, then verify the copy: the learner rewrites
+        a segment two versions later, and a copy torn by that fails its checksum."""
         manifest = assembler.manifest
-        flat = as_bytes(attach(name, manifest.total_bytes))[: manifest.total_bytes]
-        for index, bucket in enumerate(bucket_views(flat, manifest)):
-            assembler.add(index, bucket)
+        shared = as_bytes(self._map(name, manifest.total_bytes))[: manifest.total_bytes]
+        for index, (source, target) in enumerate(zip(bucket_views(shared, manifest), self._slots(manifest))):
+            target.copy_(source)
+            assembler.add(index, target)
             if progress:
                 progress(index + 1, len(manifest.bucket_sizes))
+
+    def _map(self, name: str, size: int) -> Any:
+        mapping = self._mapped.get(name)
+        if mapping is None or len(mapping) < size:
+            if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
+                self._mapped.pop(next(iter(self._mapped)))
+            mapping = self._mapped[name] = attach(name, size)
+        return mapping
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -5,12 +5,11 @@ process memory (`tcp`) or in a shared-memory segment (`shm`). An actor that asks
 with an older version gets the manifest, then either the name of the segment (same
 host, `shm`) or the buckets streamed as one ZeroMQ message each (everything else).
 Only the newest version is served, so a slow or late-joining actor catches up in one
-transfer; a superseded segment is unlinked at once (readers that mapped it keep it).
-Fresh memory costs ~10x a warm copy here, so `publish` writes into memory made ready
-earlier: `shm` prepares the next segment in the background right after a publish;
-`tcp` reuses the buffer of the version before (a stream of version v-1 still in
-flight when v+1 is written carries torn bytes, which the receiver's checksums reject,
-and it asks again).
+transfer. Fresh memory costs ~10x a warm copy here (a new 2 GB segment: about 0.9 s
+of the kernel zeroing pages), so `publish` writes into the memory of the version
+before: two segments (`shm`) or two buffers (`tcp`) are used in turn. A reader still
+copying version v-1 when v+1 is written gets torn bytes, which its checksums reject,
+and it asks again.
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ class WeightServer(WeightSender):
         self.served = {"shm": 0, "stream": 0}
         self._latest: Published | None = None
         self._spare: torch.Tensor | Segment | None = None  # where the next version will be written
-        self._preparing: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -68,31 +66,22 @@ class WeightServer(WeightSender):
         pack(tensors, manifest, buckets)
         with self._lock:
             old, self._latest = self._latest, Published(manifest, flat, buckets, segment)
-        if old and old.segment:
-            old.segment.unlink()
-        elif old:
-            self._spare = old.flat
-        if self.shm:
-            self._preparing = threading.Thread(target=self._prepare_segment, args=(manifest.total_bytes,), daemon=True)
-            self._preparing.start()
+        if old:
+            self._spare = old.segment or old.flat
 
     def _staging(self, nbytes: int) -> tuple[torch.Tensor, Segment | None]:
         """Where the next version is written: the spare if it is big enough, else fresh memory."""
-        if self._preparing:
-            self._preparing.join()
         spare, self._spare = self._spare, None
-        if isinstance(spare, Segment) and spare.size < nbytes:
+        if isinstance(spare, Segment):
+            if spare.size >= nbytes:
+                return as_bytes(spare.map)[:nbytes], spare
             spare.unlink()
-            spare = None
-        if self.shm:
-            segment = spare or Segment(nbytes)
-            return as_bytes(segment.map)[:nbytes], segment
-        if spare is not None and spare.numel() >= nbytes:
+        elif spare is not None and spare.numel() >= nbytes:
             return spare[:nbytes], None
+        if self.shm:
+            segment = Segment(nbytes)
+            return as_bytes(segment.map)[:nbytes], segment
         return torch.empty(nbytes, dtype=torch.uint8), None
-
-    def _prepare_segment(self, nbytes: int) -> None:
-        self._spare = Segment(nbytes)
 
     def _serve(self) -> None:
         socket = bind_router(self.endpoint, 1 << 20)
@@ -145,8 +134,6 @@ class WeightServer(WeightSender):
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if self._preparing:
-            self._preparing.join()
         with self._lock:
             latest, self._latest = self._latest, None
         for published in (latest.segment if latest else None, self._spare):

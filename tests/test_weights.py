@@ -91,20 +91,23 @@ def test_sync_is_bit_exact_and_the_newest_version_wins(endpoints, mode):
         server.close()
 
 
-def test_shm_unlinks_superseded_segments_while_readers_keep_theirs(endpoints):
+def test_shm_writes_two_segments_in_turn_and_readers_hold_their_own_copy(endpoints):
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
     try:
         server.publish(1, state(1))
-        server._preparing.join()
         first = our_segments(os.getpid())
-        assert len(first) == 2  # version 1 and the spare being made ready for version 2
         _, v1 = client.fetch(have=0)
         server.publish(2, state(2))
-        server._preparing.join()
-        second = our_segments(os.getpid())
-        assert len(second) == 2 and len(set(first) & set(second)) == 1  # v1's segment is gone, v2 took the spare
-        assert_same(v1, state(1))  # the unlinked v1 mapping is still intact for the reader that holds it
+        both = our_segments(os.getpid())
+        assert len(first) == 1 and len(both) == 2 and set(first) < set(both)
+        server.publish(3, state(3))  # written over version 1's segment: no new segment, no page zeroing
+        assert our_segments(os.getpid()) == both
+        assert_same(v1, state(1))  # the reader copied version 1 out: the rewrite does not touch it
+        version, v3 = client.fetch(have=1)
+        assert version == 3
+        assert_same(v3, state(3))
+        assert len(client._mapped) == 1  # versions 1 and 3 share a segment, mapped once
     finally:
         client.close()
         server.close()
@@ -124,9 +127,10 @@ def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
         server.close()
 
 
-def test_torn_bytes_are_rejected_and_the_next_version_arrives_clean(endpoints):
-    """What a stream overwritten by a later publish looks like: a bucket whose bytes no longer match."""
-    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=False)
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_torn_bytes_are_rejected_and_the_next_version_arrives_clean(endpoints, mode):
+    """What a stream or segment overwritten by a later publish looks like: a bucket whose bytes no longer match."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=mode == "shm")
     client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
     try:
         server.publish(1, state(1))
