@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +34,9 @@ from protocol.wire import decode
 log = logging.getLogger("learner.gpu_weights")
 
 
-def stage_on_gpu(version: int, state_dict: dict[str, torch.Tensor], bucket_bytes: int, allocate=None) -> Published:
+def stage_on_gpu(
+    version: int, state_dict: dict[str, torch.Tensor], bucket_bytes: int, allocate: Callable[[int], torch.Tensor] | None = None
+) -> Published:
     """Pack the weights into GPU buckets with device checksums; `allocate(nbytes)` gives the flat buffer."""
     tensors = {k: v.cuda() for k, v in unique_tensors(state_dict, device=None).items()}
     manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
@@ -52,14 +55,14 @@ class CudaIpcWeightServer(WeightServer):
     def __init__(self, endpoint: str, bucket_bytes: int) -> None:
         self._buffers: list[IpcBuffer] = []
         self._retired: list[IpcBuffer] = []  # outgrown, but a reader may still have them mapped
+        self._turn = 0  # the buffer the next version goes into
         super().__init__(endpoint, bucket_bytes)
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        current = self._latest.reply["buffer"] if self._latest else -1
-        target = 1 if current == 0 else 0
+        target, self._turn = self._turn, 1 - self._turn
         staged = stage_on_gpu(version, state_dict, self.bucket_bytes, lambda n: self._buffer(target, n).tensor[:n])
         buffer = self._buffers[target]
-        staged.reply = {"mode": "cuda_ipc", "handle": buffer.handle, "capacity": buffer.nbytes, "buffer": target}
+        staged.reply = {"mode": "cuda_ipc", "handle": buffer.handle, "capacity": buffer.nbytes}
         with self._lock:
             self._latest = staged
 

@@ -79,7 +79,7 @@ class LossStats:
     """Sums over completion tokens, so micro-batches add up exactly.
 
     `policy_loss` fills them with 0-dim tensors, so no micro-batch waits for the GPU;
-    `numbers()` reads them all back at once when the step is done.
+    the trainer reads them all back at once (`to_numbers`) when the step is done.
     """
 
     is_weight_sum: float = 0.0
@@ -92,10 +92,6 @@ class LossStats:
 
     def __add__(self, other: LossStats) -> LossStats:
         return LossStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def numbers(self) -> LossStats:
-        values = to_numbers([getattr(self, f.name) for f in fields(self)])
-        return LossStats(*(int(v) if f.type == "int" else v for f, v in zip(fields(self), values)))
 
 
 def to_numbers(values: list[float | Tensor]) -> list[float]:

@@ -36,6 +36,7 @@ from learner.loss import (
     flat_groups,
     group_advantages,
     policy_loss,
+    to_numbers,
     token_entropy,
     token_logprobs,
 )
@@ -105,8 +106,8 @@ class Trainer:
             chunk_loss, stats, chunk_parity, chunk_norm = self._update(samples, advantages, trained, proximal, norm, compare)
             loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, chunk_norm), updates + 1
             totals, parity = totals + stats, parity + chunk_parity
-        totals, loss = totals.numbers(), float(loss)  # the step's only reads of the loss statistics from the device
-        loss, *sums = self.backend.sum([loss, *(getattr(totals, f.name) for f in fields(LossStats))])
+        values = to_numbers([loss, *(getattr(totals, f.name) for f in fields(LossStats))])  # one read from the device
+        loss, *sums = self.backend.sum(values)
         totals = LossStats(*sums)
         parity = self._reduce_parity(parity)
         elapsed = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from learner.loss import (
     flat_groups,
     group_advantages,
     policy_loss,
+    to_numbers,
     token_entropy,
     token_logprobs,
 )
@@ -255,3 +257,13 @@ def test_token_logprobs_and_entropy_at_temperature():
 def test_loss_stats_add_up():
     total = LossStats(1.5, 1, 2, 3, 0.5, 1.0, 4) + LossStats(0.5, 0, 1, 1, 0.25, 2.0, 1)
     assert total == LossStats(2.0, 1, 3, 4, 0.75, 3.0, 5)
+
+
+def test_loss_stats_stay_on_the_device_until_read_once():
+    """The stats are 0-dim tensors (no per-micro-batch read from a GPU); `to_numbers` reads a mix exactly."""
+    lp, prox, beh, ref, ent, adv, mask = random_inputs(0)
+    _, stats = policy_loss(lp, prox, beh, adv, mask, normalizer(mask), LossSection(kl_coef=0.1, entropy_coef=0.01), ref, ent)
+    values = [getattr(stats, f.name) for f in fields(LossStats)]
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values)
+    assert to_numbers([*values, 2.5]) == [float(v) for v in values] + [2.5]
+    assert to_numbers([1, 2.5]) == [1.0, 2.5]
