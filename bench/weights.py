@@ -49,24 +49,12 @@ def synthetic(params_m: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     return out
 
 
-def make_client(transport: str, endpoint: str):
-    if transport == "cuda_ipc":
-        from actors.gpu_weights import CudaIpcWeightClient
+def channel_config(transport: str, endpoint: str, bucket_bytes: int):
+    """A run config naming our channel, so the bench builds both ends as the learner and actors do."""
+    from protocol.config import load_config
 
-        return CudaIpcWeightClient(endpoint, "bench-receiver", timeout_s=120)
-    from actors.weights import WeightClient
-
-    return WeightClient(endpoint, "bench-receiver", timeout_s=120, shm=transport == "shm")
-
-
-def make_server(transport: str, endpoint: str, bucket_bytes: int):
-    if transport == "cuda_ipc":
-        from learner.gpu_weights import CudaIpcWeightServer
-
-        return CudaIpcWeightServer(endpoint, bucket_bytes)
-    from learner.weights import WeightServer
-
-    return WeightServer(endpoint, bucket_bytes, shm=transport == "shm")
+    return load_config(None, [f"learner.weight_transport={transport}", f"endpoints.weights={endpoint}",
+                              f"learner.weight_bucket_mb={bucket_bytes >> 20}"])  # fmt: skip
 
 
 def receive_ipc_copies(nbytes: int, repeats: int, conn) -> None:
@@ -82,7 +70,7 @@ def receive_ipc_copies(nbytes: int, repeats: int, conn) -> None:
         conn.send(time.monotonic())
 
 
-def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> None:
+def receive(transport: str, endpoint: str, bucket_bytes: int, nbytes: int, repeats: int, conn) -> None:
     """The receiver process: report when each version (or broadcast) has fully arrived."""
     if transport.startswith("gloo"):
         torch.distributed.init_process_group("gloo", init_method=f"tcp://{endpoint}", rank=1, world_size=2)
@@ -95,7 +83,9 @@ def receive(transport: str, endpoint: str, nbytes: int, repeats: int, conn) -> N
         return
     if transport.startswith("CUDA IPC"):
         return receive_ipc_copies(nbytes, repeats, conn)
-    client = make_client(transport, endpoint)
+    from actors.weights import make_weight_receiver
+
+    client = make_weight_receiver(channel_config(transport, endpoint, bucket_bytes), "bench-receiver")
     conn.send("ready")
     for version in range(1, repeats + 1):
         got = None
@@ -113,7 +103,7 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
     endpoint = f"127.0.0.1:{free_port()}"
     ours, theirs = mp.Pipe()
     repeats += 1  # the first is the warm-up
-    proc = mp.get_context("spawn").Process(target=receive, args=(transport, endpoint, nbytes, repeats, theirs))
+    proc = mp.get_context("spawn").Process(target=receive, args=(transport, endpoint, bucket_bytes, nbytes, repeats, theirs))
     proc.start()
     times, publish = [], []
     if transport.startswith("gloo"):
@@ -140,7 +130,9 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
         proc.join(60)
         buffer.free()
     else:
-        server = make_server(transport, endpoint, bucket_bytes)
+        from learner.weights import make_weight_sender
+
+        server = make_weight_sender(channel_config(transport, endpoint, bucket_bytes))
         assert ours.recv() == "ready"
         for version in range(1, repeats + 1):
             start = time.monotonic()
