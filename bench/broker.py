@@ -239,12 +239,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=64, help="samples per message (ours) / per XADD pipeline (Redis)")
-    parser.add_argument("--producers", type=int, nargs="+", default=[1, 4], help="producer processes (actors); --quick: 1")
+    parser.add_argument("--producers", type=int, nargs="+", help="producer processes (actors); default 1 and 4, --quick: 1")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     counts = {"1KB": 4096, "8KB": 4096, "64KB": 640} if args.quick else {"1KB": 40960, "8KB": 20480, "64KB": 3072}
-    producers = [1] if args.quick else args.producers
+    producers = args.producers or ([1] if args.quick else [1, 4])
     assert all(c % (CONSUMER_GROUPS * GROUP) == 0 for c in counts.values()), "the consumer takes whole batches"
     has_redis = shutil.which("redis-server") is not None
     if not has_redis:

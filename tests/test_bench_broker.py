@@ -28,3 +28,13 @@ def test_broker_bench_quick_writes_json(tmp_path):
         assert "SKIPPED" in result.stdout
     assert "| sample | producers | mode | system |" in result.stdout
     assert all(r["producers"] == 1 for r in report["results"])
+
+
+def test_broker_bench_splits_the_same_total_over_several_producers(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.broker", "--quick", "--producers", "2", "--sizes", "8KB", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "broker.json").read_text())
+    ours = [r for r in report["results"] if r["system"] == "streamrl broker"]
+    assert [(r["size"], r["producers"], r["mode"]) for r in ours] == [("8KB", 2, "durable"), ("8KB", 2, "not durable")]
+    assert all(r["samples_per_s"] > 0 for r in report["results"])
