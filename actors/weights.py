@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ class WeightClient(WeightReceiver):
         self.socket.connect(m.tcp(endpoint))
         self._ids = itertools.count()
         self._buffer = torch.empty(0, dtype=torch.uint8)
-        self._mapped: dict[str, Any] = {}  # the learner's segments (it writes two in turn), mapped once each
+        self._mapped: dict[str, mmap.mmap] = {}  # the learner's segments (it writes two in turn), mapped once each
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         rid = next(self._ids)
@@ -133,7 +134,7 @@ class WeightClient(WeightReceiver):
             if progress:
                 progress(index + 1, len(manifest.bucket_sizes))
 
-    def _map(self, name: str, size: int) -> Any:
+    def _map(self, name: str, size: int) -> mmap.mmap:
         mapping = self._mapped.get(name)
         if mapping is None or len(mapping) < size:
             if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
