@@ -17,8 +17,8 @@ once; see `samples_from` for which defects cost one sample and which the message
 
 from __future__ import annotations
 
-import itertools
 import math
+import operator
 from operator import attrgetter
 from typing import Any
 
@@ -122,14 +122,23 @@ def encode_samples(kind: str, samples: list[Sample], extra: dict[str, Any] | Non
     prompts = [s.prompt_ids for s in samples]
     completions = [s.completion_ids for s in samples]
     logprobs = [s.behavior_logprobs for s in samples]
-    lengths = np.array([list(map(len, prompts)), list(map(len, completions)), list(map(len, logprobs))], dtype=_I4).reshape(3, n)
+    lengths = np.empty((3, n), dtype=_I4)
+    for row, parts in zip(lengths, (prompts, completions, logprobs)):
+        row[:] = np.fromiter(map(len, parts), _I4, n)
     arrays = [_concat(prompts, _I4), _concat(completions, _I4), _concat(logprobs, _F4), lengths]
     return encode(kind, {**(extra or {}), "samples": columns}, arrays)
 
 
 def _concat(parts: list, dtype: np.dtype) -> np.ndarray:
+    """The parts end to end as one flat array; one C call when they are all 1-D (the usual case)."""
     if not parts:
         return np.zeros(0, dtype)
+    try:
+        flat = np.concatenate(parts, dtype=dtype, casting="unsafe")
+        if flat.ndim == 1:
+            return flat
+    except ValueError:  # a scalar or parts of differing dimensions
+        pass
     return np.concatenate([np.asarray(p).reshape(-1) for p in parts], dtype=dtype, casting="unsafe")
 
 
@@ -154,16 +163,15 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     bounds = np.zeros((3, n + 1), dtype=np.int64)  # per frame, where each sample starts and ends
     np.cumsum(lengths, axis=1, out=bounds[:, 1:])
     po, co, lo = bounds.tolist()
+    prompts = [prompt[a:b] for a, b in zip(po, po[1:])]
+    completions = [completion[a:b] for a, b in zip(co, co[1:])]
+    logprob_parts = [logprobs[a:b] for a, b in zip(lo, lo[1:])]
+    fields = [columns.get(name) or [None] * n for name in _FIELD_NAMES]  # a missing column fails every sample
+    out: list[Sample | ProtocolError] = list(map(Sample, prompts, completions, logprob_parts, *fields))
     seqs = columns.get("seq")
-    rows = zip(*(columns.get(name) or itertools.repeat(None, n) for name in _FIELD_NAMES))  # a missing column fails every sample
-    out: list[Sample | ProtocolError] = []
-    for i, row in enumerate(rows):
-        err = errors.get(i)
-        if err is None:
-            out.append(Sample(prompt[po[i] : po[i + 1]], completion[co[i] : co[i + 1]], logprobs[lo[i] : lo[i + 1]], *row))
-        else:
-            err.seq = seqs[i] if seqs is not None else None
-            out.append(err)
+    for i, err in errors.items():
+        err.seq = seqs[i] if seqs is not None else None
+        out[i] = err
     return out
 
 
@@ -209,9 +217,11 @@ def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs
             fail(range(n), "bad_sample", f"field {name!r} is missing")
         elif not kinds.issuperset(map(type, column)):
             fail([i for i, v in enumerate(column) if type(v) not in kinds], "bad_sample", f"field {name!r} is not {'/'.join(sorted(t.__name__ for t in kinds))}")
-    typed = range(n) if not errors else [i for i in range(n) if i not in errors]  # values safe to compare
+    # with every value of the right type, the checks below run over whole columns in C (map, min, sum) first
+    all_typed = not errors
+    typed = range(n) if all_typed else [i for i in range(n) if i not in errors]  # values safe to compare
     seqs = columns.get("seq")
-    if typed and min(seqs[i] for i in typed) < 0:
+    if typed and (min(seqs) if all_typed else min(seqs[i] for i in typed)) < 0:
         fail([i for i in typed if seqs[i] < 0], "bad_sample", "seq is negative")
     # arrays
     if prompt.dtype != _I4 or completion.dtype != _I4 or logprobs.dtype != _F4:
@@ -226,7 +236,7 @@ def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs
             bad = ~(np.isfinite(logprobs) & (logprobs <= 1e-4))
             fail(_owners(bad, logprob_len, n), "bad_logprobs", "behavior log-probs must be finite and <= 0")
         rewards = columns.get("reward")
-        if rewards is not None:
+        if rewards is not None and not (all_typed and math.isfinite(sum(rewards))):  # a sum overflowing to inf only costs the loop
             fail([i for i in typed if not math.isfinite(rewards[i])], "bad_reward", "reward is not finite")
         for ids, lens in ((prompt, prompt_len), (completion, completion_len)):
             # one pass: as uint32 a negative id is >= 2**31, so max < vocab_size means all lie in [0, vocab_size)
@@ -235,11 +245,13 @@ def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs
                 fail(_owners(bad, lens, n), "token_out_of_vocab", f"token ids must lie in [0, {vocab_size})")
     if typed:
         index, size, start, end = columns["index"], columns["group_size"], columns["version_start"], columns["version_end"]
-        fail(
-            [i for i in typed if not (0 <= index[i] < size[i] and 0 <= start[i] <= end[i])],
-            "bad_sample",
-            "index must lie in [0, group_size) and versions be ordered",
-        )
+        in_order = all_typed and min(index) >= 0 and min(start) >= 0
+        if not (in_order and all(map(operator.lt, index, size)) and all(map(operator.le, start, end))):
+            fail(
+                [i for i in typed if not (0 <= index[i] < size[i] and 0 <= start[i] <= end[i])],
+                "bad_sample",
+                "index must lie in [0, group_size) and versions be ordered",
+            )
     return errors
 
 

@@ -159,6 +159,24 @@ def test_samples_round_trip_without_vocab_check():
     assert_same_sample(got, big)
 
 
+def test_finite_rewards_whose_sum_overflows_are_accepted():
+    samples = [make_sample(seq=i, index=i, reward=1e308) for i in range(2)]  # the column's sum is inf, each reward finite
+    out = relay(samples)
+    assert [s.reward for s in out] == [1e308, 1e308]
+
+
+def test_array_parts_of_any_shape_or_type_are_sent_flat():
+    """The one-call concatenation needs 1-D parts; lists, a column-shaped array and other dtypes still arrive as the flat sequence."""
+    odd = [
+        make_sample(seq=0, index=0, prompt_ids=[5, 6], completion_ids=[7, 8], behavior_logprobs=[-0.5, -1.0]),
+        make_sample(seq=1, index=1, prompt_ids=np.array([[9], [10]], I32), completion_ids=np.array([11], np.int64)),
+    ]
+    odd[1].behavior_logprobs = np.array([-0.25])  # float64 goes as float32
+    _, body, arrays = decode(over_wire(encode_samples("samples", odd)))
+    assert arrays[0].tolist() == [5, 6, 9, 10] and arrays[1].tolist() == [7, 8, 11]
+    assert arrays[2].tolist() == [-0.5, -1.0, -0.25] and arrays[3].tolist() == [[2, 2], [2, 1], [2, 1]]
+
+
 def test_empty_samples_message():
     kind, body, arrays = decode(over_wire(encode_samples("samples", [])))
     assert (kind, len(arrays)) == ("samples", SAMPLE_FRAMES)
