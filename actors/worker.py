@@ -44,7 +44,7 @@ from protocol.weights import WeightReceiver
 
 log = logging.getLogger("actor")
 IDLE_POLL_S = 0.05
-ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
+ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
 
 
 @dataclass
@@ -135,8 +135,7 @@ class Actor:
             for group in self.groups.values():
                 group.running = dict.fromkeys(group.running, now)
         self.meter.add(sum(len(c.token_ids) for c in finished), time.perf_counter() - started)
-        for c in finished:
-            self._finish(c)
+        self._send([s for c in finished for s in self._finish(c)])  # one round trip for every group this step completed
 
     def _admit(self) -> None:
         """Start new groups while the broker has room for them and the weights are current.
@@ -161,24 +160,24 @@ class Actor:
                 self.engine.submit(request_id, problem.prompt_ids)
             self.counters["groups_started"] += 1
 
-    def _finish(self, c: Completion) -> None:
-        """File a finished request; when its group has group_size of them, cancel the spares and send the group."""
+    def _finish(self, c: Completion) -> list[Sample]:
+        """File a finished request; when its group has group_size of them, cancel the spares and return its scored samples."""
         group_id = c.request_id.rpartition("/")[0]
         group = self.groups.get(group_id)
         if group is None or group.running.pop(c.request_id, None) is None:
-            return  # its group was dropped meanwhile
+            return []  # its group was dropped meanwhile
         group.done.append(c)
         if len(group.done) < self.config.sampling.group_size:
-            return
+            return []
         if group.running:
             self.engine.abort(list(group.running))
             self.counters["oversample_cancelled"] += len(group.running)
         del self.groups[group_id]
-        samples = self._score(group_id, group)
+        samples = self._score(group_id, group) or []
         if samples:
-            self._send(samples)
             self.counters["groups_sent"] += 1
             self.counters["samples_sent"] += len(samples)
+        return samples
 
     def _score(self, group_id: str, group: OpenGroup) -> list[Sample] | None:
         """The group's samples with their rewards, or None (dropped, counted) if any reward could not be computed."""
@@ -244,12 +243,13 @@ class Actor:
             self.counters["aborted_stale_groups"] += len(stale)
 
     def _send(self, samples: list[Sample]) -> None:
-        if not samples:
-            return
+        """Send in as few messages as the broker's size limit allows (half of it, leaving room for the header)."""
         now = time.monotonic()
         for s in samples:
             self.unacked[s.seq] = (s, now)
-        self._call(m.SAMPLES, {}, samples)
+        for chunk in _chunks(samples, self.config.broker.max_message_bytes // 2):
+            self._call(m.SAMPLES, {}, chunk)
+            self.counters["sample_messages"] += 1
 
     def _resend_overdue(self) -> None:
         now = time.monotonic()
@@ -293,6 +293,19 @@ class Actor:
         self.started_at_version = 0
         self.weight_updates += 1
         log.info("%s applied weights v%d in %.2f s", self.actor_id, version, time.monotonic() - started)
+
+
+def _chunks(samples: list[Sample], max_bytes: int) -> list[list[Sample]]:
+    """Consecutive runs of samples whose arrays hold at most `max_bytes` together (a larger sample goes alone)."""
+    chunks: list[list[Sample]] = []
+    size = max_bytes
+    for sample in samples:
+        if size + sample.nbytes > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(sample)
+        size += sample.nbytes
+    return chunks
 
 
 def _sync_quota(config: RunConfig, index: int) -> int | None:

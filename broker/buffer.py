@@ -86,7 +86,7 @@ class ReplayBuffer:
         group = self.partial.setdefault(sample.group_id, [])
         group.append(sample)
         self.held[sample.actor_id] += 1
-        self.held_bytes[sample.actor_id] += sample_bytes(sample)
+        self.held_bytes[sample.actor_id] += sample.nbytes
         if len(group) == sample.group_size:
             del self.partial[sample.group_id]
             self.ready.append(sorted(group, key=lambda s: s.index))
@@ -170,11 +170,7 @@ class ReplayBuffer:
     def _release(self, group: list[Sample]) -> None:
         for sample in group:
             self.held[sample.actor_id] -= 1
-            self.held_bytes[sample.actor_id] -= sample_bytes(sample)
-
-
-def sample_bytes(sample: Sample) -> int:
-    return sample.prompt_ids.nbytes + sample.completion_ids.nbytes + sample.behavior_logprobs.nbytes
+            self.held_bytes[sample.actor_id] -= sample.nbytes
 
 
 def _oldest(group: list[Sample]) -> int:

@@ -39,5 +39,10 @@ class Sample:
         return (self.actor_id, self.incarnation, self.seq)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays on the wire and in the broker (int32 ids, float32 log-probs), whatever holds them here."""
+        return 4 * (len(self.prompt_ids) + len(self.completion_ids) + len(self.behavior_logprobs))
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)

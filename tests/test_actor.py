@@ -1,11 +1,13 @@
-"""Actor pieces that need no engine: the synchronous quota and the generation rate meter."""
+"""Actor pieces that need no engine: the synchronous quota, the generation rate meter and message sizing."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from actors.worker import RateMeter, _sync_quota
+from actors.worker import RateMeter, _chunks, _sync_quota
 from protocol.config import load_config
+from tests.helpers import make_sample
 
 
 @pytest.mark.parametrize("groups,actors,expected", [(4, 1, [4]), (5, 2, [3, 2]), (6, 4, [2, 2, 1, 1])])
@@ -28,3 +30,14 @@ def test_rate_meter_counts_engine_time_only():
     assert meter.rate() == 150.0
     meter.add(0, 1.0)  # the window keeps the last two steps
     assert meter.rate() == pytest.approx(50 / 1.5)
+
+
+def test_samples_finished_together_go_in_as_few_messages_as_the_size_limit_allows():
+    samples = [make_sample(seq=i, completion_ids=np.zeros(n, np.int32), behavior_logprobs=np.zeros(n, np.float32))
+               for i, n in enumerate([10, 10, 10, 40, 10])]  # fmt: skip
+    sizes = [s.nbytes for s in samples]  # prompt 3 tokens: 12 bytes, plus 8 bytes per completion token
+    assert sizes == [92, 92, 92, 332, 92]
+    chunks = _chunks(samples, max_bytes=200)
+    assert [[s.seq for s in chunk] for chunk in chunks] == [[0, 1], [2], [3], [4]]  # the 332-byte one goes alone
+    assert [s.seq for chunk in _chunks(samples, max_bytes=1 << 20) for s in chunk] == [0, 1, 2, 3, 4]
+    assert len(_chunks(samples, max_bytes=1 << 20)) == 1 and _chunks([], 100) == []

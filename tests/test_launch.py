@@ -74,6 +74,9 @@ def test_all_roles_train_the_tiny_model_end_to_end(tmp_path, endpoints):
     assert stats["accepted"] == stats["served"] + stats["dropped_stale"] + stats["buffered"]
     assert stats["served"] == sum(r["samples"] for r in rows)
 
+    actor = json.loads((run_dir / "actor-0_stats.json").read_text())
+    # The groups an engine step completes share one message (here 4 in flight, all max_tokens long: 33 for 132 groups)
+    assert actor["sample_messages"] <= actor["groups_sent"] // 2, actor
     actor_log = (run_dir / "logs" / "actor-0.log").read_text()
     assert actor_log.count("applied weights") >= steps - lag_bound - 1
     assert (run_dir / "checkpoints" / f"step_{steps:06d}" / "model.safetensors").exists()
