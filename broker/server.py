@@ -14,6 +14,7 @@ share one fsync (group commit). A restarted broker replays the log (broker/durab
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket as socket_module
 import threading
@@ -42,6 +43,7 @@ COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resen
 Owner = tuple[str, str]  # (actor id, incarnation)
 PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
 MAX_WAIT_MS = 60_000
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 class Broker:
@@ -73,6 +75,7 @@ class Broker:
 
     def serve(self, stop: threading.Event) -> None:
         """Answer requests until `stop` is set, or until the learner finished and every actor was told."""
+        keep_freed_memory()
         socket = self._bind()
         log.info("broker listening on %s (vocab %s, durable %s)", self.config.endpoints.broker, self.vocab_size, self.log is not None)
         last_tick = 0.0
@@ -362,6 +365,22 @@ class Broker:
             tmp = self.stats_path.with_suffix(".tmp")
             tmp.write_bytes(orjson.dumps(self.stats(), option=orjson.OPT_INDENT_2))
             tmp.replace(self.stats_path)
+
+
+def keep_freed_memory(trim_bytes: int = 256 << 20) -> bool:
+    """Let glibc reuse freed message buffers instead of giving them back to the kernel; False where there is no glibc.
+
+    libzmq mallocs every message. With glibc's defaults a large one is mmapped, or trimmed off
+    the top of the heap once freed, so the next message faults its pages in again. Measured with
+    bench/broker.py's 8 KB samples: 11k-36k page faults per 20k samples, about 1k with this,
+    and about 12% less broker CPU. Blocks up to 32 MB (glibc's largest mmap threshold) come from
+    the heap, and up to `trim_bytes` of it stay free for reuse.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, trim_bytes))
 
 
 def _actor_id(body: dict[str, Any]) -> str:
