@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import psutil
 
 from protocol import messages as m
 from protocol.sample import Sample
@@ -60,30 +61,46 @@ def produce(system: str, address: str, size: str, count: int, batch: int, actor:
     send = _ours_sender(address, samples, batch) if system == "ours" else _redis_sender(int(address), samples, batch)
     ready.release()
     go.wait()
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     latencies = send()
-    out.put((start, time.monotonic(), latencies))
+    out.put((start, time.monotonic(), latencies, time.process_time() - cpu))
 
 
-def run(system: str, address: str, size: str, count: int, batch: int, producers: int, consumer) -> dict:
-    """Start the consumer and `producers` producers of `count` samples each; time from the first send to the last ack."""
+def run(system: str, address: str, size: str, count: int, batch: int, producers: int, consumer, server_pid: int) -> dict:
+    """Start the consumer and `producers` producers of `count` samples each; time from the first send to the last ack.
+
+    Also counts the CPU time each role spent (the producers' send loops, the consumer, the
+    server process) per sample: on 2 cores, where all of them compete, that is what sets the pace.
+    """
     ctx = mp.get_context("spawn")
-    ready, go, out, done = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Event()
-    drain = ctx.Process(target=consumer, args=(address, count * producers, done))
+    ready, go, out, done, consumer_cpu = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Event(), ctx.Queue()
+    drain = ctx.Process(target=_timed_consumer, args=(consumer, address, count * producers, done, consumer_cpu))
     drain.start()
     procs = [ctx.Process(target=produce, args=(system, address, size, count, batch, f"bench-{i}", ready, go, out)) for i in range(producers)]
     for proc in procs:
         proc.start()
     for _ in procs:
         assert ready.acquire(timeout=120), "a producer did not get ready"
+    server = psutil.Process(server_pid)
+    server_cpu = sum(server.cpu_times()[:2])
     go.set()
     reports = [out.get(timeout=600) for _ in procs]
-    elapsed = max(end for _, end, _ in reports) - min(start for start, _, _ in reports)
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu
+    elapsed = max(end for _, end, *_ in reports) - min(start for start, *_ in reports)
     for proc in [*procs, drain]:
         proc.join(120)
     assert done.is_set(), f"the {system} consumer did not get every sample"
+    total = count * producers
     prompt, completion = SIZES[size]
-    return _result(count * producers, count * producers * (4 * prompt + 8 * completion), elapsed, [t for *_, lat in reports for t in lat])
+    cpu_us = {"producers": sum(r[3] for r in reports), "server": server_cpu, "consumer": consumer_cpu.get(timeout=10)}
+    return _result(total, total * (4 * prompt + 8 * completion), elapsed, [t for r in reports for t in r[2]]) | {
+        "cpu_us_per_sample": {role: seconds / total * 1e6 for role, seconds in cpu_us.items()}}  # fmt: skip
+
+
+def _timed_consumer(consumer, address: str, total: int, done, cpu) -> None:
+    started = time.process_time()
+    consumer(address, total, done)
+    cpu.put(time.process_time() - started)
 
 
 # --- streamrl broker ---
@@ -140,7 +157,7 @@ def run_ours(size: str, count: int, batch: int, producers: int, durable: bool, t
     client = Client(endpoint, "bench-stats")
     try:
         _wait(lambda: client.request(m.STATS, timeout_s=1.0), "our broker")
-        result = run("ours", endpoint, size, count, batch, producers, ours_consumer)
+        result = run("ours", endpoint, size, count, batch, producers, ours_consumer, broker.pid)
         stats = client.request(m.STATS)[1]
         assert stats["accepted"] == stats["consumed"] == count * producers, stats
         return result | {"fsyncs": stats.get("fsyncs", 0)}
@@ -207,7 +224,7 @@ def run_redis(size: str, count: int, batch: int, producers: int, fsync: str, tmp
     try:
         _wait(r.ping, "redis-server")
         r.xgroup_create("samples", "learners", id="$", mkstream=True)
-        return run("redis", str(port), size, count, batch, producers, redis_consumer)
+        return run("redis", str(port), size, count, batch, producers, redis_consumer, server.pid)
     finally:
         r.close()
         server.terminate()
@@ -261,13 +278,14 @@ def main() -> None:
                     rows.append({**key, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **redis})
                 print(f"  {size} x{n} {mode}: done", flush=True)
     ratios = _ratios(rows)
-    print("\n| sample | producers | mode | system | samples/s | MB/s | ack p50 ms | ack p99 ms | vs Redis |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| sample | producers | mode | system | samples/s | MB/s | ack p50 ms | ack p99 ms | vs Redis | CPU us/sample: producers / server / consumer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         key = (r["size"], r["mode"], r["producers"])
         ratio = f"{ratios[key]:.1f}x" if r["system"] == "streamrl broker" and key in ratios else ""
+        cpu = " / ".join(f"{us:.0f}" for us in r["cpu_us_per_sample"].values())
         print(f"| {r['size']} | {r['producers']} | {r['mode']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:.0f} "
-              f"| {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} |")  # fmt: skip
+              f"| {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} | {cpu} |")  # fmt: skip
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": mp.cpu_count()},
               "redis": _redis_version() if has_redis else "not installed (skipped)", "quick": args.quick,
               "batch": args.batch, "counts": counts, "producers": producers, "results": rows,
