@@ -37,14 +37,14 @@ from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.curve import client_keys_dir
-from protocol.errors import WeightTransferError
+from protocol.errors import PeerRefused, WeightTransferError
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightReceiver
 
 log = logging.getLogger("actor")
 IDLE_POLL_S = 0.05
-ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
+ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
 
 
 @dataclass
@@ -259,7 +259,7 @@ class Actor:
             self._send(overdue)
 
     def _call(self, kind: str, body: dict[str, Any], samples: list[Sample] = ()) -> None:
-        """One request to the broker; a timeout is logged and retried later, never fatal."""
+        """One request to the broker; a timeout or an ERROR reply is logged and counted, and what it carried is sent again later."""
         body = {**body, "actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate(),
                 "counters": self.stats()}  # fmt: skip
         try:
@@ -267,6 +267,10 @@ class Actor:
             self.last_heard = time.monotonic()
         except TimeoutError as err:
             log.warning("%s: %s", self.actor_id, err)
+            return
+        except PeerRefused as err:  # the broker is up but refused this message (e.g. its own internal error): keep going
+            log.error("%s: %s", self.actor_id, err)
+            self.counters["broker_refusals"] += 1
             return
         for seq in reply.get("acked", []):
             self.unacked.pop(seq, None)

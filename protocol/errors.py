@@ -33,3 +33,12 @@ class GenerationFailuresExceeded(RoleFailed):
 
 class WeightTransferError(ProtocolError):
     """A weight transfer failed (`reason`: bad_manifest, size, checksum, incomplete, timeout, ...); the old weights stay."""
+
+
+class PeerRefused(RuntimeError):
+    """The peer answered a request with an ERROR naming `reason` (e.g. internal_error, too_large)."""
+
+    def __init__(self, endpoint: str, reason: str, detail: str) -> None:
+        super().__init__(f"{endpoint} refused the request: {reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from protocol.errors import PeerRefused
 from protocol.messages import ERROR, tcp
 from protocol.sample import Sample
 from protocol.wire import decode, encode, encode_samples
@@ -50,7 +51,7 @@ class Client:
         samples: list[Sample] = (),
         timeout_s: float = 10.0,
     ) -> Reply:
-        """Send one request and wait for its reply; raise TimeoutError, or RuntimeError on an ERROR reply."""
+        """Send one request and wait for its reply; raise TimeoutError, or PeerRefused on an ERROR reply."""
         rid = next(self._ids)
         body = {**(body or {}), "rid": rid}
         frames = encode_samples(kind, samples, body) if samples else encode(kind, body, arrays)
@@ -64,7 +65,7 @@ class Client:
             kind, body, arrays = decode(self.socket.recv_multipart(copy=False), self.max_bytes)
             if body.get("rid") == rid:
                 if kind == ERROR:
-                    raise RuntimeError(f"{self.endpoint} refused the request: {body.get('reason')}: {body.get('detail')}")
+                    raise PeerRefused(self.endpoint, str(body.get("reason")), str(body.get("detail")))
                 return kind, body, arrays
         raise TimeoutError(f"no reply from {self.endpoint} within {timeout_s:.1f} s")
 

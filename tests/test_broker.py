@@ -15,6 +15,7 @@ import zmq
 from broker.server import Broker
 from protocol import messages as m
 from protocol.config import load_config
+from protocol.errors import PeerRefused
 from protocol.sample import Sample
 from protocol.transport import Client, tcp
 from protocol.wire import encode
@@ -168,8 +169,9 @@ def test_a_waiting_get_batch_is_answered_as_soon_as_its_batch_completes(broker):
     kind, body, _ = get_batch(learner, 1, 0, wait_ms=20_000)
     assert kind == m.BATCH and body["samples"]["seq"] == [0, 1, 2, 3]
     assert time.monotonic() - started < 5  # woken by the group, not by the 20 s wait
-    with pytest.raises(RuntimeError, match="wait_ms"):
+    with pytest.raises(PeerRefused, match="wait_ms") as refused:
         get_batch(learner, 1, 0, wait_ms=-1)
+    assert refused.value.reason == "bad_request"
     assert actor.request(m.STATS)[1]["served"] == 4
 
 

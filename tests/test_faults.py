@@ -11,8 +11,8 @@ from actors.faults import FailureBudget, group_ordinal
 from protocol import messages as m
 from protocol.errors import GenerationFailuresExceeded
 from protocol.sample import Sample
-from protocol.transport import Client
-from protocol.wire import samples_from
+from protocol.transport import Client, bind_router, send_reply
+from protocol.wire import decode, samples_from
 from tests.helpers import start_role
 
 # The engine error drops every group in flight (0-3), so the other faults come after it.
@@ -100,3 +100,37 @@ def test_a_flood_of_failures_stops_the_actor_by_name(tmp_path, endpoints):
     log = (tmp_path / "actor.log").read_text()
     assert "error: actor stopped: 4 generation failures within 300 s (limit 3); last: reward_error" in log
     assert json.loads((tmp_path / "actor-0_stats.json").read_text())["groups_sent"] == 0
+
+
+@pytest.mark.slow
+def test_an_error_reply_costs_a_resend_never_the_actor(tmp_path, endpoints):
+    """A broker that answers SAMPLES with ERROR (its own internal error, say) gets those samples again; the actor keeps running."""
+    router = bind_router(endpoints["broker"], 1 << 30)  # the test plays the broker: refuses the first SAMPLES, acks the rest
+    actor = start_role("actor", tmp_path, endpoints, "actor.resend_after_s=1")
+    refused, acked, stop = None, set(), False
+    try:
+        deadline = time.monotonic() + 240
+        while not stop or actor.poll() is None:
+            assert time.monotonic() < deadline and (stop or actor.poll() is None), (tmp_path / "actor.log").read_text()[-3000:]
+            if not router.poll(500):
+                continue
+            identity, *frames = router.recv_multipart()
+            kind, body, _ = decode(frames)
+            status = {"credits": 32, "policy_version": 0, "stop": stop}
+            if kind == m.SAMPLES and refused is None:
+                refused = body["samples"]["seq"]
+                send_reply(router, identity, body["rid"], m.ERROR, {"reason": "internal_error", "detail": "injected by the test"})
+            elif kind == m.SAMPLES:
+                acked.update(body["samples"]["seq"])
+                send_reply(router, identity, body["rid"], m.ACK, {"acked": body["samples"]["seq"], "rejected": [], "refused": [], **status})
+            else:
+                send_reply(router, identity, body["rid"], m.STATUS, status)
+            stop = refused is not None and set(refused) <= acked and len(acked) >= 24
+        assert actor.wait(timeout=30) == 0, (tmp_path / "actor.log").read_text()[-3000:]
+    finally:
+        router.close(linger=0)
+        if actor.poll() is None:
+            actor.kill()
+    stats = json.loads((tmp_path / "actor-0_stats.json").read_text())
+    assert stats["broker_refusals"] == 1 and stats["samples_sent"] >= 24
+    assert "refused the request: internal_error: injected by the test" in (tmp_path / "actor.log").read_text()
