@@ -393,6 +393,14 @@ class RunConfig(Section):
                 f"broker.credits_per_actor x actor.count = {self.broker.credits_per_actor * self.actor.count} "
                 f"cannot hold one step of {step_samples} samples; the run would deadlock"
             )
+        largest = 4 * (self.model.max_model_len + self.sampling.max_tokens)  # int32 ids of the whole sequence, float32 log-probs
+        per_actor = int(self.broker.memory_budget_mb * (1 << 20)) // self.actor.count
+        if per_actor // largest * self.actor.count < step_samples:
+            raise ValueError(
+                f"broker.memory_budget_mb = {self.broker.memory_budget_mb:g} split over actor.count = {self.actor.count} actors "
+                f"holds {per_actor // largest} samples of up to {largest} bytes (model.max_model_len + sampling.max_tokens) "
+                f"per actor, less than one step of {step_samples} samples; the run could deadlock"
+            )
         return self
 
 

@@ -273,6 +273,15 @@ def test_credits_cannot_hold_one_step_deadlock():
     assert "16 samples" in message
 
 
+def test_a_memory_budget_below_one_step_of_the_longest_samples_is_refused():
+    # a sample of max_model_len 1024 + max_tokens 16 tokens holds up to 4160 bytes; 2 actors get 64 KiB each: 15 samples
+    sizes = ["model.max_model_len=1024", "sampling.max_tokens=16", "sampling.group_size=8", "train.groups_per_step=4", "actor.count=2"]
+    message = config_error(None, [*sizes, "broker.memory_budget_mb=0.125"])
+    assert "broker.memory_budget_mb = 0.125 split over actor.count = 2 actors holds 15 samples of up to 4160 bytes" in message
+    assert "one step of 32 samples" in message
+    load_config(None, [*sizes, "broker.memory_budget_mb=0.127"])  # 66584 bytes each: 16 samples x 2 actors = one step
+
+
 def test_credits_exactly_one_step_is_enough():
     overrides = ["sampling.group_size=8", "broker.credits_per_actor=8", "train.groups_per_step=2", "actor.count=2"]
     config = load_config(None, overrides)
