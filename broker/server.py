@@ -43,6 +43,7 @@ COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resen
 Owner = tuple[str, str]  # (actor id, incarnation)
 PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
 MAX_WAIT_MS = 60_000
+REJECT_LOG_S = 1.0  # at most one log line per second about rejected input
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -53,6 +54,7 @@ class Broker:
         self.stats_path = stats_path
         self.buffer = ReplayBuffer(config.broker.max_policy_lag, self._retired)
         self.rejected: Counter[str] = Counter()
+        self.reject_log_after, self.unlogged_rejects = 0.0, 0
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.actor_seen: dict[str, float] = {}  # actor -> monotonic time of its last message
         self.owner_seen: dict[Owner, float] = {}  # (actor, incarnation) -> its last message, for expiry
@@ -331,8 +333,16 @@ class Broker:
         self.log.start_segment(self.next_batch_id)
 
     def _reject(self, err: ProtocolError) -> None:
+        """Count every rejection; log at most one line per REJECT_LOG_S, saying how many went unlogged, so a flood
+        of bad input cannot flood the log (every count is in the stats)."""
         self.rejected[err.reason] += 1
-        log.warning("rejected: %s", err)
+        now = time.monotonic()
+        if now < self.reject_log_after:
+            self.unlogged_rejects += 1
+            return
+        more = f" (and {self.unlogged_rejects} more rejections since the last line, counted in the stats)" if self.unlogged_rejects else ""
+        log.warning("rejected: %s%s", err, more)
+        self.unlogged_rejects, self.reject_log_after = 0, now + REJECT_LOG_S
 
     def _done(self) -> bool:
         """After FINISH, exit once every live actor has been told to stop (or after a grace period)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import subprocess
 import sys
 import threading
@@ -142,6 +143,27 @@ def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
     raw.close()
     stats = Client(endpoint, "probe").request(m.STATS)[1]
     assert stats["rejected_by_reason"] == {"bad_header": 1, "unknown_type": 1, "frame_count": 1}
+
+
+def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_in_a_few_lines(broker, caplog):
+    _, endpoint = broker
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(tcp(endpoint))
+    started, sent = time.monotonic(), 0
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        while time.monotonic() - started < 2.5:  # a flood lasting 2.5 s
+            raw.send_multipart([b"\xc1garbage"])
+            assert raw.poll(5000)
+            raw.recv_multipart()
+            sent += 1
+    raw.close()
+    assert Client(endpoint, "probe").request(m.STATS)[1]["rejected_by_reason"] == {"bad_header": sent}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected:")]
+    assert 2 <= len(lines) <= 4 and sent > 100  # at most one a second
+    assert all(line.startswith("rejected: bad_header: header is not msgpack") for line in lines)
+    more = [int(line.split("(and ")[1].split()[0]) for line in lines[1:]]  # each later line says how many it stands for
+    assert min(more) > 0 and len(lines) + sum(more) <= sent
 
 
 def test_sample_from_another_actor_id_is_rejected(broker):
