@@ -7,6 +7,7 @@ device before the state dict is returned.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +27,8 @@ def _own_buckets(assembler: Assembler) -> list[torch.Tensor]:
 
 
 class CudaIpcWeightClient(WeightClient):
-    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0) -> None:
-        super().__init__(endpoint, identity, timeout_s, shm=False)
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0, curve_dir: Path | None = None) -> None:
+        super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir)
         self._mapped: dict[bytes, tuple[int, torch.Tensor]] = {}  # the learner's buffers, mapped once each
 
     def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
@@ -63,8 +64,8 @@ class CudaIpcWeightClient(WeightClient):
 
 
 class NcclWeightClient(WeightClient):
-    def __init__(self, endpoint: str, identity: str, timeout_s: float = 600.0) -> None:
-        super().__init__(endpoint, identity, timeout_s, shm=False)
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = 600.0, curve_dir: Path | None = None) -> None:
+        super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir)
         self.comm = self._join()
 
     def _join(self) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import mmap
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import zmq
 from protocol import messages as m
 from protocol.buckets import Assembler, Manifest, as_bytes, bucket_views
 from protocol.config import RunConfig
+from protocol.curve import arm_client, curve_keys_dir
 from protocol.errors import ProtocolError, WeightTransferError
 from protocol.shm import attach, host_id, shm_available
 from protocol.weights import Progress, WeightReceiver, resolve_transport
@@ -30,7 +32,8 @@ log = logging.getLogger("actor.weights")
 
 
 class WeightClient(WeightReceiver):
-    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0, shm: bool = True) -> None:
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0, shm: bool = True, curve_dir: Path | None = None) -> None:
+        """`curve_dir`: connect with CURVE, using the client and server keys there (protocol/curve.py)."""
         super().__init__()
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -39,6 +42,8 @@ class WeightClient(WeightReceiver):
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt_string(zmq.IDENTITY, identity)
+        if curve_dir is not None:
+            arm_client(self.socket, curve_dir)
         self.socket.connect(m.tcp(endpoint))
         self._ids = itertools.count()
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -148,10 +153,10 @@ class WeightClient(WeightReceiver):
 
 def make_weight_receiver(config: RunConfig, identity: str) -> WeightReceiver:
     """The receiver matching the learner's sender (both resolve `learner.weight_transport` the same way)."""
-    transport = resolve_transport(config.learner.weight_transport, config.endpoints.weights)
+    transport, curve_dir = resolve_transport(config.learner.weight_transport, config.endpoints.weights), curve_keys_dir(config)
     if transport in ("tcp", "shm"):
-        return WeightClient(config.endpoints.weights, identity, shm=transport == "shm")
+        return WeightClient(config.endpoints.weights, identity, shm=transport == "shm", curve_dir=curve_dir)
     from actors.gpu_weights import CudaIpcWeightClient, NcclWeightClient
 
     cls = CudaIpcWeightClient if transport == "cuda_ipc" else NcclWeightClient
-    return cls(config.endpoints.weights, identity)
+    return cls(config.endpoints.weights, identity, curve_dir=curve_dir)

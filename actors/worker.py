@@ -36,7 +36,7 @@ from actors.reward_guard import RewardFailed
 from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import RunConfig
-from protocol.curve import client_keys_dir
+from protocol.curve import curve_keys_dir
 from protocol.errors import PeerRefused, WeightTransferError
 from protocol.sample import Sample
 from protocol.transport import Client
@@ -334,7 +334,7 @@ def run_actor(config: RunConfig, index: int, model_dir: Path, stop: threading.Ev
     faults = config.actor.inject_faults
     if faults.enabled:
         engine = FaultyEngine(engine, faults, faults.slowdown if index in faults.slow_actors else 1.0)
-    broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}", curve_dir=client_keys_dir(config))
+    broker = Client(config.endpoints.broker, f"actor-{index}-{uuid.uuid4().hex[:6]}", curve_dir=curve_keys_dir(config))
     weights = make_weight_receiver(config, f"actor-{index}-weights-{uuid.uuid4().hex[:6]}")
     actor = Actor(config, index, engine, make_task(config.task, tokenizer, seed), weights, broker)
     try:

@@ -26,12 +26,12 @@ from typing import Any
 import orjson
 import zmq
 
-from broker.auth import Guard
 from broker.buffer import ReplayBuffer
 from broker.durable import DurableLog
 from broker.wal import LogWriteError, WriteAheadLog
 from protocol import messages as m
 from protocol.config import RunConfig
+from protocol.curve import Guard
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
 from protocol.transport import bind_router, send_frames, send_reply

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,11 +53,11 @@ class CudaIpcWeightServer(WeightServer):
     keeps it mapped. A reader still copying when its buffer is rewritten two versions later gets a
     checksum failure and keeps its old weights, never a mix."""
 
-    def __init__(self, endpoint: str, bucket_bytes: int) -> None:
+    def __init__(self, endpoint: str, bucket_bytes: int, curve_dir: Path | None = None) -> None:
         self._buffers: list[IpcBuffer] = []
         self._retired: list[IpcBuffer] = []  # outgrown, but a reader may still have them mapped
         self._turn = 0  # the buffer the next version goes into
-        super().__init__(endpoint, bucket_bytes)
+        super().__init__(endpoint, bucket_bytes, curve_dir=curve_dir)
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
         target, self._turn = self._turn, 1 - self._turn
@@ -86,7 +87,7 @@ class CudaIpcWeightServer(WeightServer):
 
 
 class NcclWeightServer(WeightServer):
-    def __init__(self, endpoint: str, bucket_bytes: int, actors: int) -> None:
+    def __init__(self, endpoint: str, bucket_bytes: int, actors: int, curve_dir: Path | None = None) -> None:
         from cupy.cuda import nccl
 
         self.world = actors + 1
@@ -95,7 +96,7 @@ class NcclWeightServer(WeightServer):
         self.waiting: dict[bytes, tuple[int, int]] = {}  # identity -> (rid, version it asked about)
         self.comm = None
         threading.Thread(target=self._connect, name="nccl-init", daemon=True).start()
-        super().__init__(endpoint, bucket_bytes)
+        super().__init__(endpoint, bucket_bytes, curve_dir=curve_dir)
 
     def _connect(self) -> None:
         import cupy

@@ -26,7 +26,7 @@ from learner.trainer import Trainer
 from learner.weights import make_weight_sender
 from protocol import messages as m
 from protocol.config import RunConfig
-from protocol.curve import client_keys_dir
+from protocol.curve import curve_keys_dir
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightSender
@@ -117,7 +117,7 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
         train_loop(config, trainer, None, None, None, run_dir, model_dir, version, stop)
         return
     weights = make_weight_sender(config)
-    client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}", curve_dir=client_keys_dir(config))
+    client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}", curve_dir=curve_keys_dir(config))
     try:
         if version:
             weights.publish(version, resumed_weights)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import zmq
 from protocol import messages as m
 from protocol.buckets import Manifest, as_bytes, bucket_views, pack, plan
 from protocol.config import RunConfig
+from protocol.curve import Guard, curve_keys_dir
 from protocol.shm import Segment, host_id
 from protocol.transport import bind_router, send_frames, send_reply
 from protocol.weights import WeightSender, resolve_transport, unique_tensors
@@ -43,8 +45,10 @@ class Published:
 
 
 class WeightServer(WeightSender):
-    def __init__(self, endpoint: str, bucket_bytes: int = 16 << 20, shm: bool = False) -> None:
+    def __init__(self, endpoint: str, bucket_bytes: int = 16 << 20, shm: bool = False, curve_dir: Path | None = None) -> None:
+        """`curve_dir`: admit only CURVE clients whose key is allowed there (protocol/curve.py), as the broker does."""
         self.endpoint = endpoint
+        self.guard = Guard(curve_dir) if curve_dir is not None else None
         self.bucket_bytes = bucket_bytes
         self.shm = shm
         self.host = host_id()
@@ -84,7 +88,7 @@ class WeightServer(WeightSender):
         return torch.empty(nbytes, dtype=torch.uint8), None
 
     def _serve(self) -> None:
-        socket = bind_router(self.endpoint, 1 << 20)
+        socket = bind_router(self.endpoint, 1 << 20, self.guard and self.guard.arm)
         socket.setsockopt(zmq.SNDHWM, 0)  # a stream of buckets must never be dropped at the high-water mark
         self._ready.set()
         try:
@@ -92,7 +96,11 @@ class WeightServer(WeightSender):
                 if socket.poll(100):
                     frames = socket.recv_multipart(copy=False)
                     self._answer(socket, frames[0].bytes, frames[1:])
+                if self.guard is not None:
+                    self.guard.poll()
         finally:
+            if self.guard is not None:
+                self.guard.close()
             socket.close(linger=0)
 
     def _answer(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
@@ -145,11 +153,11 @@ def make_weight_sender(config: RunConfig) -> WeightSender:
     """The sender for `learner.weight_transport` (resolved as in `protocol.weights.resolve_transport`), logged."""
     transport = resolve_transport(config.learner.weight_transport, config.endpoints.weights)
     log.info("weight transport: %s (learner.weight_transport=%s)", transport, config.learner.weight_transport)
-    bucket_bytes = config.learner.weight_bucket_mb << 20
+    bucket_bytes, curve_dir = config.learner.weight_bucket_mb << 20, curve_keys_dir(config)
     if transport in ("tcp", "shm"):
-        return WeightServer(config.endpoints.weights, bucket_bytes, shm=transport == "shm")
+        return WeightServer(config.endpoints.weights, bucket_bytes, shm=transport == "shm", curve_dir=curve_dir)
     from learner.gpu_weights import CudaIpcWeightServer, NcclWeightServer
 
     if transport == "cuda_ipc":
-        return CudaIpcWeightServer(config.endpoints.weights, bucket_bytes)
-    return NcclWeightServer(config.endpoints.weights, bucket_bytes, actors=config.learner.nccl_actors)
+        return CudaIpcWeightServer(config.endpoints.weights, bucket_bytes, curve_dir)
+    return NcclWeightServer(config.endpoints.weights, bucket_bytes, actors=config.learner.nccl_actors, curve_dir=curve_dir)

@@ -1,4 +1,4 @@
-"""CURVE on the broker's socket: only clients whose public key is allowed can push or pull; the others are counted."""
+"""CURVE on the broker's socket and the weight channel: only clients whose public key is allowed get in; the others are counted."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import threading
 import time
 
 import pytest
+import torch
 import zmq.auth
 
+from actors.weights import WeightClient
 from broker.server import Broker
+from learner.weights import WeightServer
 from protocol import messages as m
 from protocol.config import load_config
-from protocol.curve import keygen, keygen_main
+from protocol.curve import Guard, keygen, keygen_main
+from protocol.errors import WeightTransferError
 from protocol.transport import Client
 from tests.test_broker import VOCAB, get_batch, group_samples, send
+from tests.test_launch import launch, read_metrics
 
 
 @pytest.fixture
@@ -33,6 +38,15 @@ def curve_broker(tmp_path, endpoints):
     thread.join(5)
 
 
+def stranger_keys(tmp_path, keys):
+    """A valid client key pair that is not on the allow-list, trusting the right server."""
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    zmq.auth.create_certificates(stranger, "client")
+    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    return stranger
+
+
 def test_keygen_writes_server_and_client_pairs_and_the_allow_list(tmp_path, capsys):
     assert keygen_main([str(tmp_path / "k"), "actor-7"]) == 0
     names = sorted(p.relative_to(tmp_path / "k").as_posix() for p in (tmp_path / "k").rglob("*") if p.is_file())
@@ -47,10 +61,7 @@ def test_allowed_key_can_push_and_pull_others_cannot_and_are_counted(curve_broke
     assert send(actor, group_samples(0, 0))["acked"] == [0, 1, 2, 3]
     assert get_batch(learner, 1, 0)[0] == m.BATCH
 
-    stranger = tmp_path / "stranger"  # a valid key pair that is not on the allow-list
-    stranger.mkdir()
-    zmq.auth.create_certificates(stranger, "client")
-    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    stranger = stranger_keys(tmp_path, keys)
     for client in [Client(endpoint, "plain"), Client(endpoint, "stranger", curve_dir=stranger)]:  # no key, wrong key
         with pytest.raises(TimeoutError):
             client.request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(1, 4), timeout_s=1.0)
@@ -60,3 +71,50 @@ def test_allowed_key_can_push_and_pull_others_cannot_and_are_counted(curve_broke
     time.sleep(0.3)
     stats = actor.request(m.STATS)[1]
     assert stats["auth_refused"] >= 2 and stats["accepted"] == 4 and stats["served"] == 4
+
+
+def test_the_weight_channel_admits_only_allowed_keys_beside_the_broker(curve_broker, tmp_path, endpoints):
+    """The learner's weight server guards its socket like the broker (here both in one process, sharing ZAP)."""
+    _, broker_endpoint, keys = curve_broker
+    server = WeightServer(endpoints["weights"], 1 << 12, curve_dir=keys)
+    try:
+        weights = {"w": torch.arange(3000, dtype=torch.float32), "b": torch.ones(7, dtype=torch.bfloat16)}
+        server.publish(1, weights)
+        version, got = WeightClient(endpoints["weights"], "actor", timeout_s=5, shm=False, curve_dir=keys).fetch(0)
+        assert version == 1 and all(torch.equal(got[k], weights[k]) for k in weights)
+        stranger = stranger_keys(tmp_path, keys)
+        for client in [WeightClient(endpoints["weights"], "plain", timeout_s=1, shm=False),
+                       WeightClient(endpoints["weights"], "stranger", timeout_s=1, shm=False, curve_dir=stranger)]:  # fmt: skip
+            with pytest.raises(WeightTransferError, match="timeout"):
+                client.fetch(0)
+            client.close()
+        deadline = time.monotonic() + 5
+        while server.guard.refused < 2:
+            assert time.monotonic() < deadline, server.guard.refused
+            time.sleep(0.1)
+        assert Client(broker_endpoint, "learner", curve_dir=keys).request(m.STATS)[1]["auth_refused"] == 0  # counted apart
+    finally:
+        server.close()
+
+
+def test_one_process_guards_sockets_with_one_set_of_keys(curve_broker, tmp_path, endpoints):
+    other = tmp_path / "other-keys"
+    keygen(other)
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    with pytest.raises(ValueError, match="this process already guards sockets with the keys in"):
+        Guard(other).arm(socket)
+    socket.close(linger=0)
+
+
+@pytest.mark.slow
+def test_a_whole_run_works_with_curve_on_both_channels(tmp_path, endpoints):
+    keys = tmp_path / "keys"
+    keygen(keys)
+    for transport in ("shm", "tcp"):  # the weight channel's control plane is guarded either way
+        run_dir = tmp_path / transport
+        result = launch(run_dir, endpoints, "train.steps=3", "broker.curve.enabled=true", f"broker.curve.keys_dir={keys}",
+                        f"learner.weight_transport={transport}", timeout=400)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+        assert [r["policy_version"] for r in read_metrics(run_dir)] == [1, 2, 3]
+        assert "applied weights v2" in (run_dir / "logs" / "actor-0.log").read_text()
+        assert "CURVE on" in (run_dir / "logs" / "learner.log").read_text()
