@@ -5,8 +5,9 @@ from a sender process to a receiver process. For our channels the clock runs fro
 `publish` (bucketing and checksumming included) until the receiver holds the
 verified state dict; the baseline is `torch.distributed.broadcast` (gloo, 2 local
 processes) of one flat tensor of the same bytes, with no checks. Both clocks are
-CLOCK_MONOTONIC, which every process on the machine shares. Steady state: one
-untimed warm-up transfer first (as a learner publishes every step) and a pause of
+CLOCK_MONOTONIC, which every process on the machine shares. Steady state: two
+untimed warm-up transfers first (as a learner publishes every step; our senders write two
+buffers in turn, each fresh the first time) and a pause of
 `--gap` seconds between versions (the training step), then the median of the
 repeats. `publish` (snapshot copy + checksums, paid once per version however many
 actors there are) is also shown on its own, and "rest" is the remaining per-actor
@@ -38,6 +39,7 @@ from protocol.transport import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TENSOR = 4 << 20  # parameters per synthetic tensor
+WARMUP = 2  # untimed versions first: the shm and tcp senders write two buffers in turn, both fresh the first time
 CPU_TRANSPORTS = ("gloo broadcast (baseline)", "shm", "tcp")
 GPU_TRANSPORTS = ("CUDA IPC copy (baseline)", "cuda_ipc")
 
@@ -102,7 +104,7 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
     nbytes = plan(state, bucket_bytes, 0).total_bytes
     endpoint = f"127.0.0.1:{free_port()}"
     ours, theirs = mp.Pipe()
-    repeats += 1  # the first is the warm-up
+    repeats += WARMUP
     proc = mp.get_context("spawn").Process(target=receive, args=(transport, endpoint, bucket_bytes, nbytes, repeats, theirs))
     proc.start()
     times, publish = [], []
@@ -142,11 +144,11 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
             time.sleep(gap)
         server.close()
     proc.join(60)
-    seconds = statistics.median(times[1:])
-    delivery = statistics.median(t - p for t, p in zip(times[1:], publish[1:])) if publish else seconds
+    seconds = statistics.median(times[WARMUP:])
+    delivery = statistics.median(t - p for t, p in zip(times[WARMUP:], publish[WARMUP:])) if publish else seconds
     return {"transport": transport, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
-            "publish_seconds": statistics.median(publish[1:]) if publish else None, "delivery_seconds": delivery,
-            "all_seconds": times[1:]}  # fmt: skip
+            "publish_seconds": statistics.median(publish[WARMUP:]) if publish else None, "delivery_seconds": delivery,
+            "all_seconds": times[WARMUP:]}  # fmt: skip
 
 
 def nccl_one_rank(state: dict[str, torch.Tensor], bucket_bytes: int, repeats: int) -> list[dict]:
