@@ -9,7 +9,9 @@ CLOCK_MONOTONIC, which every process on the machine shares. Steady state: two
 untimed warm-up transfers first (as a learner publishes every step; our senders write two
 buffers in turn, each fresh the first time) and a pause of
 `--gap` seconds between versions (the training step), then the median of the
-repeats. `publish` (snapshot copy + checksums, paid once per version however many
+repeats. Before each version every parameter is written, as the optimizer step does (on this
+VM, memory left alone for a second costs up to 20x on its next read; docs/weights.md), and the
+baseline's flat tensor likewise. `publish` (snapshot copy + checksums, paid once per version however many
 actors there are) is also shown on its own, and "rest" is the remaining per-actor
 delivery time compared with the broadcast.
 
@@ -49,6 +51,12 @@ def synthetic(params_m: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     for i in range(0, total, TENSOR):
         out[f"layers.{i // TENSOR}.weight"] = torch.full((min(TENSOR, total - i),), float(i), dtype=torch.float32, device=device)
     return out
+
+
+def train_step(state: dict[str, torch.Tensor]) -> None:
+    """What the optimizer step does before a publish: write every parameter (so it is in cache, not cold)."""
+    for tensor in state.values():
+        tensor.add_(1.0)
 
 
 def channel_config(transport: str, endpoint: str, bucket_bytes: int):
@@ -112,6 +120,7 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
         torch.distributed.init_process_group("gloo", init_method=f"tcp://{endpoint}", rank=0, world_size=2)
         flat = torch.ones(nbytes, dtype=torch.uint8)
         for _ in range(repeats):
+            flat.add_(1)  # the training step wrote the bytes just now
             torch.distributed.barrier()
             start = time.monotonic()
             torch.distributed.broadcast(flat, src=0)
@@ -137,6 +146,7 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
         server = make_weight_sender(channel_config(transport, endpoint, bucket_bytes))
         assert ours.recv() == "ready"
         for version in range(1, repeats + 1):
+            train_step(state)
             start = time.monotonic()
             server.publish(version, state)
             publish.append(time.monotonic() - start)
