@@ -74,7 +74,7 @@ class NcclWeightClient(WeightClient):
         from cupy.cuda import nccl
 
         rid = next(self._ids)
-        self.socket.send_multipart(encode(m.GET_WEIGHTS, {"rid": rid, "have": -1, "nccl_join": True}))
+        self._send(encode(m.GET_WEIGHTS, {"rid": rid, "have": -1, "nccl_join": True}))
         _, body, _ = self._next_header(rid)
         self._drain()
         cupy.cuda.Device(torch.cuda.current_device()).use()

@@ -42,6 +42,7 @@ class WeightClient(WeightReceiver):
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt_string(zmq.IDENTITY, identity)
+        self.socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         if curve_dir is not None:
             arm_client(self.socket, curve_dir)
         self.socket.connect(m.tcp(endpoint))
@@ -51,7 +52,7 @@ class WeightClient(WeightReceiver):
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         rid = next(self._ids)
-        self.socket.send_multipart(encode(m.GET_WEIGHTS, {"rid": rid, "have": have, "host": self.host, "shm": self.shm}))
+        self._send(encode(m.GET_WEIGHTS, {"rid": rid, "have": have, "host": self.host, "shm": self.shm}))
         kind, body, _ = self._next_header(rid)
         self._drain()
         if kind == m.NO_UPDATE:
@@ -61,6 +62,13 @@ class WeightClient(WeightReceiver):
         assembler = Assembler(Manifest.from_wire(body.get("manifest")))
         self._receive(assembler, body, rid, progress)
         return assembler.manifest.version, assembler.state_dict()
+
+    def _send(self, frames: list) -> None:
+        """Send a request; with no connection (e.g. refused by CURVE) a send would block, so it times out instead."""
+        try:
+            self.socket.send_multipart(frames)
+        except zmq.Again:
+            raise WeightTransferError("timeout", f"cannot send to {self.endpoint}: no connection within {self.timeout_s:.1f} s") from None
 
     def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
         """Fill `assembler` from where the reply says the buckets are (GPU transports override this)."""
@@ -79,17 +87,17 @@ class WeightClient(WeightReceiver):
         slots = self._slots(manifest)
         while not assembler.complete:
             try:
-                index = self._next_bucket(rid, slots)
+                index, expected = self._next_bucket(rid, slots)
             except WeightTransferError as err:
                 if err.reason != "timeout":
                     raise
                 raise WeightTransferError("incomplete", f"{len(assembler.buckets)} of {total} buckets, then silence: {err.detail}") from None
-            assembler.add(index, slots[index])
+            assembler.add(index, slots[index], expected)
             if progress:
                 progress(len(assembler.buckets), total)
 
-    def _next_bucket(self, rid: int, slots: list[torch.Tensor]) -> int:
-        """Receive the next bucket of request `rid` into its slot; returns its index."""
+    def _next_bucket(self, rid: int, slots: list[torch.Tensor]) -> tuple[int, Any]:
+        """Receive the next bucket of request `rid` into its slot; returns its index and the checksum that came with it."""
         while True:
             kind, body, more = self._next_header(rid)
             index = body.get("index")
@@ -100,7 +108,7 @@ class WeightClient(WeightReceiver):
             if received != slots[index].numel() or self.socket.getsockopt(zmq.RCVMORE):
                 self._drain()
                 raise WeightTransferError("size", f"bucket {index}: {received} bytes, manifest says {slots[index].numel()}")
-            return index
+            return index, body.get("checksum")
 
     def _next_header(self, rid: int) -> tuple[str, dict[str, Any], bool]:
         """The first frame of the next message of request `rid` (others are skipped), and whether frames follow."""

@@ -148,7 +148,8 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
         for version in range(1, repeats + 1):
             train_step(state)
             start = time.monotonic()
-            server.publish(version, state)
+            server.publish(version, state, wait=False)  # as the learner does: actors may stream buckets as they are packed
+            server.settle()
             publish.append(time.monotonic() - start)
             times.append(ours.recv() - start)
             time.sleep(gap)

@@ -59,7 +59,7 @@ class CudaIpcWeightServer(WeightServer):
         self._turn = 0  # the buffer the next version goes into
         super().__init__(endpoint, bucket_bytes, curve_dir=curve_dir)
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
         target, self._turn = self._turn, 1 - self._turn
         staged = stage_on_gpu(version, state_dict, self.bucket_bytes, lambda n: self._buffer(target, n).tensor[:n])
         buffer = self._buffers[target]
@@ -106,7 +106,7 @@ class NcclWeightServer(WeightServer):
         self.comm = nccl.NcclCommunicator(self.world, tuple(self.uid), 0)  # blocks until every actor joined
         log.info("NCCL weight group of %d ranks is up", self.world)
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
         staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
         staged.reply = {"mode": "nccl"}
         with self._lock:

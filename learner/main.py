@@ -151,6 +151,8 @@ def train_loop(
         groups = backend.share(got[0] if got else None)
         if groups is None:
             break
+        if weights is not None:
+            weights.settle()  # the last version's buckets are packed: the optimizer may change the parameters
         row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups, version)}
         version = step
         state = backend.full_state_dict(trainer.model)
@@ -158,7 +160,7 @@ def train_loop(
             save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state)
         if not backend.is_main:
             continue
-        weights.publish(version, state)
+        weights.publish(version, state, wait=False)  # packed while the next batch is fetched; actors stream it as it is
         row.update(
             policy_version=version,
             lr=trainer.lr,

@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from protocol import messages as m
-from protocol.buckets import Manifest, as_bytes, bucket_views, pack, plan
+from protocol.buckets import Manifest, as_bytes, bucket_views, pack_bucket, plan
 from protocol.config import RunConfig
 from protocol.curve import Guard, curve_keys_dir
 from protocol.shm import Segment, host_id
@@ -42,6 +42,15 @@ class Published:
     buckets: list[torch.Tensor]
     segment: Segment | None = None
     reply: dict[str, Any] = field(default_factory=dict)  # GPU transports: mode and where the buckets are
+    sums: list[int] = field(default_factory=list)  # checksums of the buckets packed so far, in order
+    failed: bool = False  # packing raised: the version will never be complete
+    progress: threading.Condition = field(default_factory=threading.Condition)
+
+    def packed(self, count: int, timeout: float = 60.0) -> bool:
+        """Wait until the first `count` buckets are packed; False if packing failed or took too long."""
+        with self.progress:
+            self.progress.wait_for(lambda: len(self.sums) >= count or self.failed, timeout)
+            return len(self.sums) >= count
 
 
 class WeightServer(WeightSender):
@@ -55,6 +64,8 @@ class WeightServer(WeightSender):
         self.served = {"shm": 0, "stream": 0}
         self._latest: Published | None = None
         self._spare: torch.Tensor | Segment | None = None  # where the next version will be written
+        self._packer: threading.Thread | None = None
+        self._pack_error: BaseException | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -62,16 +73,47 @@ class WeightServer(WeightSender):
         self._thread.start()
         self._ready.wait(10)
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
+        """Serve `version` from now on. A thread packs its buckets; a stream sends each one as soon as it is
+        packed, a shm reply waits for all. With `wait=False` this returns at once: the caller must
+        not change the tensors before `settle()` returns (the learner settles before its next step)."""
+        self.settle()
         tensors = unique_tensors(state_dict)
         manifest = plan(tensors, self.bucket_bytes, version)
         flat, segment = self._staging(manifest.total_bytes)
-        buckets = bucket_views(flat, manifest)
-        pack(tensors, manifest, buckets)
+        published = Published(manifest, flat, bucket_views(flat, manifest), segment)
         with self._lock:
-            old, self._latest = self._latest, Published(manifest, flat, buckets, segment)
+            old, self._latest = self._latest, published
         if old:
             self._spare = old.segment or old.flat
+        self._packer = threading.Thread(target=self._pack, args=(published, tensors), name="weight-packer", daemon=True)
+        self._packer.start()
+        if wait:
+            self.settle()
+
+    def settle(self) -> None:
+        """Wait until the last published version is packed (the tensors it came from may change after)."""
+        if self._packer is not None:
+            self._packer.join()
+            self._packer = None
+        error, self._pack_error = self._pack_error, None
+        if error is not None:
+            raise error
+
+    def _pack(self, published: Published, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            for index, bucket in enumerate(published.buckets):
+                total = pack_bucket(tensors, published.manifest, index, bucket)
+                with published.progress:
+                    published.sums.append(total)
+                    if len(published.sums) == len(published.buckets):  # complete: shm replies carry them all
+                        published.manifest.checksums = list(published.sums)
+                    published.progress.notify_all()
+        except BaseException as err:  # re-raised by settle() in the learner's thread
+            self._pack_error = err
+            with published.progress:
+                published.failed = True
+                published.progress.notify_all()
 
     def _staging(self, nbytes: int) -> tuple[torch.Tensor, Segment | None]:
         """Where the next version is written: the spare if it is big enough, else fresh memory."""
@@ -124,6 +166,9 @@ class WeightServer(WeightSender):
         if latest.reply:
             send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), **latest.reply})
         elif latest.segment and body.get("shm") and body.get("host") == self.host:
+            if not latest.packed(len(latest.buckets)):  # the reader copies the whole segment at once
+                log.warning("version %d was not packed in time; not served", latest.manifest.version)
+                return
             self.served["shm"] += 1
             send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "shm", "segment": latest.segment.name})
         else:
@@ -131,15 +176,23 @@ class WeightServer(WeightSender):
             self._stream(socket, identity, rid, latest)
 
     def _stream(self, socket: zmq.Socket, identity: bytes, rid: int, latest: Published) -> None:
-        """The manifest, then one message per bucket (zero-copy; ZeroMQ's I/O thread does the sending)."""
-        if not send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "stream"}):
+        """The manifest, then one message per bucket with its checksum, each as soon as it is packed
+        (zero-copy; ZeroMQ's I/O thread does the sending)."""
+        manifest = {**latest.manifest.to_wire(), "checksums": []}  # each bucket brings its own
+        if not send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": manifest, "mode": "stream"}):
             return
         for index, bucket in enumerate(latest.buckets):
-            if not send_frames(socket, identity, [*encode(m.BUCKET, {"rid": rid, "index": index}), memoryview(bucket.numpy())]):
+            if not latest.packed(index + 1):
+                log.warning("weight stream to %r stopped at bucket %d: version %d was not packed", identity, index, latest.manifest.version)
+                return
+            header = encode(m.BUCKET, {"rid": rid, "index": index, "checksum": latest.sums[index]})
+            if not send_frames(socket, identity, [*header, memoryview(bucket.numpy())]):
                 log.warning("weight stream to %r broke at bucket %d", identity, index)
                 return
 
     def close(self) -> None:
+        if self._packer is not None:
+            self._packer.join()
         self._stop.set()
         self._thread.join(timeout=5)
         with self._lock:

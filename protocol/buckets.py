@@ -2,7 +2,9 @@
 
 A state dict is laid out into buckets of about `bucket_bytes` (a tensor never spans
 two buckets; one larger than a bucket gets its own). The manifest names each
-tensor's dtype, shape, bucket and byte offset, and each bucket's size and checksum.
+tensor's dtype, shape, bucket and byte offset, and each bucket's size and checksum
+(or no checksums, when each bucket's travels with it: a stream that starts before
+every bucket is packed).
 A receiver checks every bucket against the manifest as it arrives and rebuilds the
 state dict only when all of them arrived and verified, so a torn or corrupted
 transfer is a `WeightTransferError` and never a half-applied model.
@@ -80,7 +82,7 @@ class Manifest:
         return manifest
 
     def validate(self) -> None:
-        if self.checksum not in CHECKSUMS or len(self.checksums) != len(self.bucket_sizes):
+        if self.checksum not in CHECKSUMS or len(self.checksums) not in (0, len(self.bucket_sizes)):
             raise WeightTransferError("bad_manifest", f"checksum {self.checksum!r} with {len(self.checksums)} values for {len(self.bucket_sizes)} buckets")
         for t in self.tensors:
             if t.dtype not in DTYPES or not 0 <= t.bucket < len(self.bucket_sizes):
@@ -115,11 +117,16 @@ def bucket_views(flat: torch.Tensor, manifest: Manifest) -> list[torch.Tensor]:
 
 def pack(state_dict: dict[str, torch.Tensor], manifest: Manifest, buckets: list[torch.Tensor]) -> None:
     """Copy every tensor into its place in `buckets` (uint8, on any device) and record each bucket's checksum."""
+    manifest.checksums = [pack_bucket(state_dict, manifest, index, bucket) for index, bucket in enumerate(buckets)]
+
+
+def pack_bucket(state_dict: dict[str, torch.Tensor], manifest: Manifest, index: int, bucket: torch.Tensor) -> int:
+    """Copy the tensors of bucket `index` into `bucket`; returns its checksum."""
     for t in manifest.tensors:
-        if t.nbytes:
+        if t.bucket == index and t.nbytes:
             source = state_dict[t.name].detach().contiguous().reshape(-1).view(torch.uint8)
-            buckets[t.bucket][t.offset : t.offset + t.nbytes].copy_(source)
-    manifest.checksums = [checksum(manifest.checksum, b) for b in buckets]
+            bucket[t.offset : t.offset + t.nbytes].copy_(source)
+    return checksum(manifest.checksum, bucket)
 
 
 def checksum(kind: str, bucket: torch.Tensor) -> int:
@@ -130,13 +137,17 @@ def checksum(kind: str, bucket: torch.Tensor) -> int:
     return int((words * weights).sum()) & 0xFFFFFFFFFFFFFFFF
 
 
-def verify(manifest: Manifest, index: int, bucket: torch.Tensor) -> None:
-    """Raise `WeightTransferError` unless bucket `index` has the size and checksum the manifest promises."""
+def verify(manifest: Manifest, index: int, bucket: torch.Tensor, expected: int | None = None) -> None:
+    """Raise `WeightTransferError` unless bucket `index` has the size the manifest promises and the checksum
+    it promises (or `expected`, the one that came with the bucket, when the manifest carries none)."""
     if not 0 <= index < len(manifest.bucket_sizes):
         raise WeightTransferError("bad_bucket", f"bucket {index} of {len(manifest.bucket_sizes)}")
     if bucket.numel() != manifest.bucket_sizes[index]:
         raise WeightTransferError("size", f"bucket {index}: {bucket.numel()} bytes, manifest says {manifest.bucket_sizes[index]}")
-    if checksum(manifest.checksum, bucket) != manifest.checksums[index]:
+    promised = manifest.checksums[index] if manifest.checksums else expected
+    if type(promised) is not int:
+        raise WeightTransferError("bad_bucket", f"bucket {index} of version {manifest.version} came without a checksum")
+    if checksum(manifest.checksum, bucket) != promised:
         raise WeightTransferError("checksum", f"bucket {index} of version {manifest.version} is corrupted")
 
 
@@ -156,8 +167,8 @@ class Assembler:
         self.manifest = manifest
         self.buckets: dict[int, torch.Tensor] = {}
 
-    def add(self, index: int, bucket: torch.Tensor) -> None:
-        verify(self.manifest, index, bucket)
+    def add(self, index: int, bucket: torch.Tensor, expected: int | None = None) -> None:
+        verify(self.manifest, index, bucket, expected)
         self.buckets[index] = bucket
 
     @property

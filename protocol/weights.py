@@ -36,10 +36,17 @@ def unique_tensors(state_dict: dict[str, torch.Tensor], device: str | None = "cp
 
 
 class WeightSender:
-    """Learner side: make `state_dict` at `version` available to every actor."""
+    """Learner side: make `state_dict` at `version` available to every actor.
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+    With `wait=False` a sender may keep reading the tensors after `publish` returns, until
+    `settle()`; senders that do not are done when `publish` returns.
+    """
+
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
         raise NotImplementedError
+
+    def settle(self) -> None:
+        """Return once the tensors given to the last `publish` may change."""
 
     def close(self) -> None:
         pass

@@ -116,3 +116,20 @@ def test_unpack_views_the_buckets_without_copying():
     manifest, buckets = packed({"w": torch.ones(4)}, 4096)
     restored = unpack(manifest, buckets)
     assert restored["w"].data_ptr() == buckets[0].data_ptr()
+
+
+def test_a_manifest_without_checksums_takes_each_buckets_own():
+    """A stream that starts before packing ends sends the manifest without checksums; each bucket brings its own."""
+    manifest, buckets = packed(mixed_state(), 4096)
+    sums, manifest.checksums = manifest.checksums, []
+    manifest = Manifest.from_wire(manifest.to_wire())  # valid on the wire with no checksums
+    assembler = Assembler(manifest)
+    with pytest.raises(WeightTransferError) as err:
+        assembler.add(0, buckets[0])
+    assert err.value.reason == "bad_bucket" and "without a checksum" in str(err.value)
+    with pytest.raises(WeightTransferError) as err:
+        assembler.add(0, buckets[0], sums[0] ^ 1)
+    assert err.value.reason == "checksum"
+    for index, bucket in enumerate(buckets):
+        assembler.add(index, bucket, sums[index])
+    assert assembler.complete

@@ -114,6 +114,27 @@ def test_shm_writes_two_segments_in_turn_and_readers_hold_their_own_copy(endpoin
     assert our_segments(os.getpid()) == []
 
 
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_a_version_published_without_waiting_arrives_exactly_while_it_is_packed(endpoints, mode):
+    """The learner publishes with wait=False and settles before its optimizer step changes the tensors."""
+    live = {f"layer{i}": torch.full((1 << 15,), float(i)) for i in range(48)}  # 6 MB in 48 buckets
+    server = WeightServer(endpoints["weights"], bucket_bytes=1 << 17, shm=mode == "shm")
+    client = WeightClient(endpoints["weights"], "actor", shm=mode == "shm")
+    try:
+        for version in (1, 2, 3):
+            expected = {name: tensor.clone() for name, tensor in live.items()}
+            server.publish(version, live, wait=False)
+            got_version, got = client.fetch(version - 1)  # asks while the packer may still run
+            server.settle()
+            for tensor in live.values():
+                tensor.add_(1.0)  # the next optimizer step
+            assert got_version == version and all(torch.equal(got[name], expected[name]) for name in live)
+        assert server.served == {"shm": 3, "stream": 0} if mode == "shm" else {"shm": 0, "stream": 3}
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "remote-actor", timeout_s=10)
