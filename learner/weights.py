@@ -1,9 +1,11 @@
 """Serving new weights on the CPU channels: a ROUTER thread answers actors' GET_WEIGHTS.
 
 `publish` lays the state dict out into checksummed buckets once per version, in
-process memory (`tcp`) or in a shared-memory segment (`shm`). An actor that asks
-with an older version gets the manifest, then either the name of the segment (same
-host, `shm`) or the buckets streamed as one ZeroMQ message each (everything else).
+process memory (`tcp`) or in a shared-memory segment (`shm`); a packer thread does it,
+so the version is served while it is packed. An actor that asks with an older version
+gets the manifest, then either the name of the segment (same host, `shm`, once every
+bucket is packed) or the buckets streamed as one ZeroMQ message each, with its
+checksum, as soon as it is packed (everything else).
 Only the newest version is served, so a slow or late-joining actor catches up in one
 transfer. Fresh memory costs ~10x a warm copy here (a new 2 GB segment: about 0.9 s
 of the kernel zeroing pages), so `publish` writes into the memory of the version
