@@ -302,9 +302,9 @@ class Actor:
 def _chunks(samples: list[Sample], max_bytes: int) -> list[list[Sample]]:
     """Consecutive runs of samples whose arrays hold at most `max_bytes` together (a larger sample goes alone)."""
     chunks: list[list[Sample]] = []
-    size = max_bytes
+    size = 0
     for sample in samples:
-        if size + sample.nbytes > max_bytes:
+        if not chunks or size + sample.nbytes > max_bytes:
             chunks.append([])
             size = 0
         chunks[-1].append(sample)
