@@ -98,6 +98,8 @@ def test_the_weight_channel_admits_only_allowed_keys_beside_the_broker(curve_bro
 
 
 def test_one_process_guards_sockets_with_one_set_of_keys(curve_broker, tmp_path, endpoints):
+    _, endpoint, keys = curve_broker
+    Client(endpoint, "probe", curve_dir=keys).request(m.STATS)  # the broker's socket is guarded by now
     other = tmp_path / "other-keys"
     keygen(other)
     socket = zmq.Context.instance().socket(zmq.ROUTER)
