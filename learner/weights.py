@@ -104,8 +104,9 @@ class WeightServer(WeightSender):
 
     def _pack(self, published: Published, tensors: dict[str, torch.Tensor]) -> None:
         try:
-            for index, bucket in enumerate(published.buckets):
-                total = pack_bucket(tensors, published.manifest, index, bucket)
+            manifest = published.manifest
+            for entries, bucket in zip(manifest.by_bucket(), published.buckets):
+                total = pack_bucket(tensors, entries, bucket, manifest.checksum)
                 with published.progress:
                     published.sums.append(total)
                     if len(published.sums) == len(published.buckets):  # complete: shm replies carry them all

@@ -61,6 +61,13 @@ class Manifest:
         """Where each bucket starts in the concatenation of all buckets (the shm segment layout)."""
         return [int(x) for x in np.cumsum([0, *self.bucket_sizes[:-1]])]
 
+    def by_bucket(self) -> list[list[TensorEntry]]:
+        """The tensors of each bucket."""
+        out: list[list[TensorEntry]] = [[] for _ in self.bucket_sizes]
+        for t in self.tensors:
+            out[t.bucket].append(t)
+        return out
+
     def to_wire(self) -> dict[str, Any]:
         tensors = [[t.name, t.dtype, list(t.shape), t.bucket, t.offset, t.nbytes] for t in self.tensors]
         return {"version": self.version, "tensors": tensors, "bucket_sizes": self.bucket_sizes, "checksums": self.checksums, "checksum": self.checksum}
@@ -117,16 +124,16 @@ def bucket_views(flat: torch.Tensor, manifest: Manifest) -> list[torch.Tensor]:
 
 def pack(state_dict: dict[str, torch.Tensor], manifest: Manifest, buckets: list[torch.Tensor]) -> None:
     """Copy every tensor into its place in `buckets` (uint8, on any device) and record each bucket's checksum."""
-    manifest.checksums = [pack_bucket(state_dict, manifest, index, bucket) for index, bucket in enumerate(buckets)]
+    manifest.checksums = [pack_bucket(state_dict, entries, bucket, manifest.checksum) for entries, bucket in zip(manifest.by_bucket(), buckets)]
 
 
-def pack_bucket(state_dict: dict[str, torch.Tensor], manifest: Manifest, index: int, bucket: torch.Tensor) -> int:
-    """Copy the tensors of bucket `index` into `bucket`; returns its checksum."""
-    for t in manifest.tensors:
-        if t.bucket == index and t.nbytes:
+def pack_bucket(state_dict: dict[str, torch.Tensor], entries: list[TensorEntry], bucket: torch.Tensor, kind: str) -> int:
+    """Copy the tensors `entries` of one bucket into `bucket`; returns its checksum of `kind`."""
+    for t in entries:
+        if t.nbytes:
             source = state_dict[t.name].detach().contiguous().reshape(-1).view(torch.uint8)
             bucket[t.offset : t.offset + t.nbytes].copy_(source)
-    return checksum(manifest.checksum, bucket)
+    return checksum(kind, bucket)
 
 
 def checksum(kind: str, bucket: torch.Tensor) -> int:
