@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.errors import ConfigError
+from protocol.sample import WIRE_ITEM_BYTES
 
 
 class Section(BaseModel):
@@ -393,7 +394,7 @@ class RunConfig(Section):
                 f"broker.credits_per_actor x actor.count = {self.broker.credits_per_actor * self.actor.count} "
                 f"cannot hold one step of {step_samples} samples; the run would deadlock"
             )
-        largest = 4 * (self.model.max_model_len + self.sampling.max_tokens)  # int32 ids of the whole sequence, float32 log-probs
+        largest = WIRE_ITEM_BYTES * (self.model.max_model_len + self.sampling.max_tokens)  # ids of the sequence, completion log-probs
         per_actor = int(self.broker.memory_budget_mb * (1 << 20)) // self.actor.count
         if per_actor // largest * self.actor.count < step_samples:
             raise ValueError(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MetadataValue = str | int | float | bool
+WIRE_ITEM_BYTES = 4  # every array element on the wire: int32 token ids, float32 log-probs
 
 
 @dataclass
@@ -40,8 +41,8 @@ class Sample:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of its arrays on the wire and in the broker (int32 ids, float32 log-probs), whatever holds them here."""
-        return 4 * (len(self.prompt_ids) + len(self.completion_ids) + len(self.behavior_logprobs))
+        """Bytes of its arrays on the wire and in the broker, whatever holds them here."""
+        return WIRE_ITEM_BYTES * (len(self.prompt_ids) + len(self.completion_ids) + len(self.behavior_logprobs))
 
     @property
     def num_tokens(self) -> int:
