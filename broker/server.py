@@ -381,10 +381,9 @@ def keep_freed_memory(trim_bytes: int = 256 << 20) -> bool:
     """Let glibc reuse freed message buffers instead of giving them back to the kernel; False where there is no glibc.
 
     libzmq mallocs every message. With glibc's defaults a large one is mmapped, or trimmed off
-    the top of the heap once freed, so the next message faults its pages in again. Measured with
-    bench/broker.py's 8 KB samples: 11k-36k page faults per 20k samples, about 1k with this,
-    and about 12% less broker CPU. Blocks up to 32 MB (glibc's largest mmap threshold) come from
-    the heap, and up to `trim_bytes` of it stay free for reuse.
+    the top of the heap once freed, so the next message faults its pages in again. Blocks up to
+    32 MB (glibc's largest mmap threshold) come from the heap, and up to `trim_bytes` of it stay
+    free for reuse (tests/test_broker.py checks where a 1 MB block comes from).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
