@@ -60,6 +60,14 @@ def get_batch(client: Client, groups: int, version: int, ack=None, wait_ms: int 
     return client.request(m.GET_BATCH, {"groups": groups, "policy_version": version, "ack_batch": ack, "wait_ms": wait_ms}, timeout_s=30)
 
 
+def raw_dealer(endpoint: str) -> zmq.Socket:
+    """A bare DEALER, to send frames no Client would."""
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(tcp(endpoint))
+    return raw
+
+
 def test_acks_dedupes_and_credits(broker):
     server, endpoint = broker
     actor = Client(endpoint, "actor")
@@ -129,9 +137,7 @@ def test_bad_samples_are_nacked_by_reason_and_good_ones_kept(broker):
 
 def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
     _, endpoint = broker
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(tcp(endpoint))
+    raw = raw_dealer(endpoint)
     for frames in ([b"\xc1garbage"], encode("no_such_type", {"rid": 1}), [encode(m.PING, {"rid": 2})[0], b"extra"]):
         raw.send_multipart(frames)
         assert raw.poll(5000)
@@ -147,9 +153,7 @@ def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
 
 def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_in_a_few_lines(broker, caplog):
     _, endpoint = broker
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(tcp(endpoint))
+    raw = raw_dealer(endpoint)
     started, sent = time.monotonic(), 0
     with caplog.at_level(logging.WARNING, logger="broker"):
         while time.monotonic() - started < 2.5:  # a flood lasting 2.5 s
