@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable
 
-from protocol.sample import Sample
+from protocol.sample import Key, Sample
 
 
 class SeqWindow:
@@ -30,6 +30,9 @@ class SeqWindow:
 
     def add(self, seq: int) -> bool:
         """Record `seq`; False if it was already seen."""
+        if seq == self.below and not self.above:  # in order, the usual case
+            self.below += 1
+            return True
         if seq < self.below or seq in self.above:
             return False
         self.above.add(seq)
@@ -75,7 +78,8 @@ class ReplayBuffer:
 
     def add(self, sample: Sample) -> str:
         """Take one validated sample; returns 'accepted', 'duplicate' or 'stale'."""
-        window = self.seen.setdefault((sample.actor_id, sample.incarnation), SeqWindow())
+        owner = (sample.actor_id, sample.incarnation)
+        window = self.seen.get(owner) or self.seen.setdefault(owner, SeqWindow())
         if not window.add(sample.seq):
             self.counters["duplicates"] += 1
             return "duplicate"
@@ -92,6 +96,23 @@ class ReplayBuffer:
             self.ready.append(sorted(group, key=lambda s: s.index))
             self.counters["groups_completed"] += 1
         return "accepted"
+
+    def admit(self, samples: list[Sample], window: int, byte_budget: int | None = None) -> tuple[list[int], list[int], list[Key]]:
+        """Add one message's samples as far as each actor's credit goes (see `credits`); returns the seqs to
+        acknowledge (duplicates too, so the actor forgets them), the seqs refused for want of credit (the actor
+        sends them again later) and the keys newly accepted. The same decisions as `credits` then `add` per
+        sample, without a method call per sample for the credit."""
+        acked, refused, new = [], [], []
+        held, held_bytes = self.held, self.held_bytes
+        for sample in samples:
+            actor = sample.actor_id
+            if _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0 and not self.is_duplicate(sample):
+                refused.append(sample.seq)
+            else:
+                if self.add(sample) == "accepted":
+                    new.append(sample.key)
+                acked.append(sample.seq)
+        return acked, refused, new
 
     def is_duplicate(self, sample: Sample) -> bool:
         window = self.seen.get((sample.actor_id, sample.incarnation))
@@ -138,11 +159,7 @@ class ReplayBuffer:
 
     def credits(self, actor_id: str, window: int, byte_budget: int | None = None) -> int:
         """How many more samples `actor_id` may have buffered here: `window` samples, and no more bytes than `byte_budget`."""
-        credits = window - self.held[actor_id]
-        if byte_budget is not None and self.held[actor_id]:
-            per_sample = self.held_bytes[actor_id] / self.held[actor_id]
-            credits = min(credits, int((byte_budget - self.held_bytes[actor_id]) // per_sample))
-        return max(0, credits)
+        return max(0, _credit_left(self.held[actor_id], self.held_bytes[actor_id], window, byte_budget))
 
     @property
     def buffered(self) -> int:
@@ -171,6 +188,14 @@ class ReplayBuffer:
         for sample in group:
             self.held[sample.actor_id] -= 1
             self.held_bytes[sample.actor_id] -= sample.nbytes
+
+
+def _credit_left(held: int, held_bytes: int, window: int, byte_budget: int | None) -> int:
+    """Samples an actor holding `held` samples of `held_bytes` may still add (negative when over)."""
+    credits = window - held
+    if byte_budget is not None and held:
+        credits = min(credits, int((byte_budget - held_bytes) // (held_bytes / held)))
+    return credits
 
 
 def _oldest(group: list[Sample]) -> int:

@@ -25,9 +25,9 @@ from typing import Any
 import msgpack
 
 from broker.buffer import ReplayBuffer, SeqWindow
-from broker.wal import CONSUMED, RETIRED, SAMPLES, SERVED, SNAPSHOT, Key, WriteAheadLog, split_frames
+from broker.wal import CONSUMED, RETIRED, SAMPLES, SERVED, SNAPSHOT, WriteAheadLog, split_frames
 from protocol.errors import ProtocolError, RoleFailed
-from protocol.sample import Sample
+from protocol.sample import Key, Sample
 from protocol.wire import decode, samples_from
 
 log = logging.getLogger("broker.durable")

@@ -219,21 +219,19 @@ class Broker:
     def _ingest(self, body: dict[str, Any], arrays: list) -> dict[str, Any]:
         """Ack valid samples (duplicates too, so the actor forgets them), NACK bad ones, refuse those over credit."""
         actor = self._note_actor(body)
-        acked, rejected, refused, new = [], [], [], []
-        for item in samples_from(body, arrays, self.vocab_size):
-            self.counters["received"] += 1
-            if isinstance(item, ProtocolError):
+        items = samples_from(body, arrays, self.vocab_size)
+        self.counters["received"] += len(items)
+        good, rejected = [], []
+        for item in items:
+            if type(item) is Sample and item.actor_id == actor:
+                good.append(item)
+            elif isinstance(item, ProtocolError):
                 self._reject(item)
                 rejected.append([item.seq, item.reason])
-            elif item.actor_id != actor:
+            else:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))
                 rejected.append([item.seq, "bad_sample"])
-            elif not self.buffer.is_duplicate(item) and self._credits(actor) <= 0:
-                refused.append(item.seq)  # not acknowledged: the actor sends it again later
-            else:
-                if self.buffer.add(item) == "accepted":
-                    new.append(item.key)
-                acked.append(item.seq)
+        acked, refused, new = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget())
         if new and self.log is not None:
             self.log.samples(self.frames, new)
         self.counters["acked"] += len(acked)
@@ -285,8 +283,11 @@ class Broker:
         return {"credits": self._credits(actor), "policy_version": self.buffer.policy_version, "stop": stop}
 
     def _credits(self, actor: str) -> int:
-        byte_budget = int(self.config.broker.memory_budget_mb * (1 << 20)) // self.config.actor.count
-        return self.buffer.credits(actor, self.config.broker.credits_per_actor, byte_budget)
+        return self.buffer.credits(actor, self.config.broker.credits_per_actor, self._byte_budget())
+
+    def _byte_budget(self) -> int:
+        """Each actor's share of the memory budget."""
+        return int(self.config.broker.memory_budget_mb * (1 << 20)) // self.config.actor.count
 
     def _note_actor(self, body: dict[str, Any]) -> str:
         actor = _actor_id(body)

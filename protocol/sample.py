@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MetadataValue = str | int | float | bool
+Key = tuple[str, str, int]  # (actor id, incarnation, seq): unique per sample
 WIRE_ITEM_BYTES = 4  # every array element on the wire: int32 token ids, float32 log-probs
 
 
@@ -36,7 +37,7 @@ class Sample:
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
 
     @property
-    def key(self) -> tuple[str, str, int]:
+    def key(self) -> Key:
         return (self.actor_id, self.incarnation, self.seq)
 
     @property

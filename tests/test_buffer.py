@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from broker.buffer import ReplayBuffer, SeqWindow
@@ -356,6 +357,55 @@ def test_credits_not_consumed_by_duplicates_or_stale_arrivals():
     assert buffer.credits("a", 4) == 4
     buffer.add(make("h", 0, 2, version=0))
     assert buffer.credits("a", 4) == 4
+
+
+def test_admit_stops_at_the_credit_and_still_acks_duplicates():
+    buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
+    samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
+    acked, refused, new = buffer.admit(samples, window=4)
+    assert acked == [0, 1, 2, 3] and refused == [4, 5]
+    assert new == [s.key for s in samples[:4]]
+    acked, refused, new = buffer.admit([samples[1], samples[5]], window=4)  # out of credit: the duplicate is acked
+    assert (acked, refused, new) == ([1], [5], [])
+    assert buffer.counters["duplicates"] == 1 and buffer.held["a"] == 4
+
+
+def test_admit_counts_bytes_as_it_goes():
+    buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
+    samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
+    budget = 3 * samples[0].nbytes
+    acked, refused, _ = buffer.admit(samples, window=100, byte_budget=budget)
+    assert (len(acked), len(refused)) == (3, 3)
+    assert buffer.held_bytes["a"] == budget
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_admit_decides_as_credits_then_add_per_sample(seed):
+    """One message at a time through `admit` and through the per-sample reference: the same acks, refusals, state."""
+    rng, make = random.Random(seed), Maker()
+    fast, reference = ReplayBuffer(max_policy_lag=1), ReplayBuffer(max_policy_lag=1)
+    sent: list[Sample] = []
+    for step in range(60):
+        message = [make(f"g{rng.randrange(12)}-{step // 10}", rng.randrange(3), 3, version=rng.randrange(3),
+                        actor=rng.choice("ab"), prompt_ids=np.ones(rng.randrange(1, 9), np.int32)) for _ in range(rng.randrange(1, 6))]  # fmt: skip
+        message += rng.sample(sent, min(len(sent), rng.randrange(3)))  # resends
+        rng.shuffle(message)
+        sent += message
+        window, budget = rng.randrange(2, 12), rng.choice([None, rng.randrange(100, 800)])
+        expected: tuple[list, list, list] = ([], [], [])
+        for sample in message:
+            if not reference.is_duplicate(sample) and reference.credits(sample.actor_id, window, budget) <= 0:
+                expected[1].append(sample.seq)
+            else:
+                if reference.add(sample) == "accepted":
+                    expected[2].append(sample.key)
+                expected[0].append(sample.seq)
+        assert fast.admit(message, window, budget) == expected
+        version, groups = rng.randrange(3), rng.randrange(1, 3)
+        for buffer in (fast, reference):
+            buffer.set_policy_version(version)
+            buffer.take(groups)
+        assert fast.stats() == reference.stats() and fast.held_bytes == reference.held_bytes
 
 
 def test_stats_exact():
