@@ -27,6 +27,7 @@ from learner.weights import make_weight_sender
 from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.curve import curve_keys_dir
+from protocol.errors import PeerRefused, RoleFailed
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightSender
@@ -34,6 +35,8 @@ from protocol.wire import samples_from
 
 log = logging.getLogger("learner")
 POLL_S = 0.05
+MAX_REFUSALS = 5  # ERROR replies in a row before the learner gives up
+REFUSED_PAUSE_S = 1.0
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:
@@ -60,16 +63,23 @@ def batch_metrics(groups: list[list[Sample]], version: int) -> dict[str, Any]:
 
 
 class BatchSource:
-    """Asks the broker for B complete groups, acknowledging the previous batch with each request."""
+    """Asks the broker for B complete groups, acknowledging the previous batch with each request.
+
+    An ERROR reply (the broker is up but refused the request, e.g. its own internal error
+    on that one request) is logged, counted in `refusals` and asked again after a pause;
+    `MAX_REFUSALS` in a row stop the learner with `RoleFailed` naming the broker's reason,
+    since a request refused that often (a malformed one) would be refused forever.
+    """
 
     def __init__(self, client: Client, groups: int, last_batch: int | None = None) -> None:
         self.client = client
         self.groups = groups
         self.last_batch = last_batch
         self.waited_s = 0.0
+        self.refusals = 0
 
     def next(self, version: int, stop: threading.Event) -> tuple[list[list[Sample]], dict[str, Any]] | None:
-        started = time.perf_counter()
+        started, refused_in_a_row = time.perf_counter(), 0
         while not stop.is_set():
             try:
                 kind, body, arrays = self.client.request(
@@ -78,6 +88,15 @@ class BatchSource:
             except TimeoutError as err:
                 log.warning("broker not answering: %s", err)
                 continue
+            except PeerRefused as err:
+                self.refusals += 1
+                refused_in_a_row += 1
+                log.error("batch request refused (%d so far): %s", self.refusals, err)
+                if refused_in_a_row >= MAX_REFUSALS:
+                    raise RoleFailed(f"the broker refused {refused_in_a_row} batch requests in a row; the last: {err}") from err
+                time.sleep(REFUSED_PAUSE_S)
+                continue
+            refused_in_a_row = 0
             if kind == m.BATCH:
                 self.last_batch = body["batch_id"]
                 self.waited_s = time.perf_counter() - started
@@ -165,6 +184,7 @@ def train_loop(
             policy_version=version,
             lr=trainer.lr,
             wait_seconds=source.waited_s,
+            broker_refusals=source.refusals,
             gen_tokens_per_s=got[1].get("gen_tokens_per_s", 0.0),
             actor_gen_tokens_per_s=got[1].get("actor_gen_tokens_per_s", {}),
             dropped_stale=got[1].get("dropped_stale", 0),
