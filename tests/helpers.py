@@ -1,4 +1,4 @@
-"""Sample and group builders, and role processes, shared by the tests."""
+"""Sample and group builders, wire helpers and role processes, shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,13 +6,35 @@ import os
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import numpy as np
+import pytest
 import torch
 
+from protocol.errors import ProtocolError
 from protocol.sample import Sample
+from protocol.wire import decode, encode, encode_samples, samples_from
 from tests.conftest import ROOT
+
+# the vocabulary size the wire tests validate tokens against, and a sample's metadata fields in wire order
+VOCAB = 100
+META_FIELDS = [
+    "reward",
+    "group_id",
+    "group_size",
+    "index",
+    "version_start",
+    "version_end",
+    "actor_id",
+    "incarnation",
+    "seq",
+    "finish_reason",
+    "metadata",
+]
 
 
 def make_sample(**overrides) -> Sample:
@@ -35,6 +57,56 @@ def make_sample(**overrides) -> Sample:
     )
     fields.update(overrides)
     return Sample(**fields)
+
+
+def make_wire_sample(**overrides) -> Sample:
+    """`make_sample` with non-default versions, ids and metadata, so that every field is exercised on the wire."""
+    return make_sample(**{**dict(group_size=4, version_start=1, version_end=2, actor_id="actor-0", incarnation="inc-0", metadata={"task": "arithmetic", "ground_truth": 7}), **overrides})
+
+
+def over_wire(frames: list) -> list[bytes]:
+    """What a receiver gets: independent byte strings, nothing shared with the sender."""
+    return [bytes(f) for f in frames]
+
+
+def raise_reason(frames: list, **kwargs) -> str:
+    """The reason of the ProtocolError that decoding `frames` raises."""
+    with pytest.raises(ProtocolError) as info:
+        decode(frames, **kwargs)
+    return info.value.reason
+
+
+def assert_same_sample(got: Sample, want: Sample) -> None:
+    """`got` is `want`: arrays bit-exact with the same dtype and shape, metadata equal and of the same type."""
+    assert isinstance(got, Sample)
+    for name in ("prompt_ids", "completion_ids", "behavior_logprobs"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), name  # bit-exact, NaN-safe
+    for name in META_FIELDS:
+        assert getattr(got, name) == getattr(want, name), name
+        assert type(getattr(got, name)) is type(getattr(want, name)), name
+
+
+def relay(samples: list[Sample], patch: Callable[[dict[str, list]], None] | None = None, vocab_size=VOCAB) -> list:
+    """Encode, send, let `patch` tamper with the metadata columns, re-encode, send, validate."""
+    _, body, arrays = decode(over_wire(encode_samples("samples", samples)))
+    if patch is not None:
+        patch(body["samples"])
+        _, body, arrays = decode(over_wire(encode("samples", body, arrays)))
+    return samples_from(body, arrays, vocab_size)
+
+
+def v1_message(sample: Sample) -> list[bytes]:
+    """A schema version 1 samples message (one metadata map and three frames per sample, CRC-32)."""
+    meta = {name: getattr(sample, name) for name in META_FIELDS}
+    arrays = [sample.prompt_ids, sample.completion_ids, sample.behavior_logprobs]
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(a.tobytes(), crc)
+    header = {"v": 1, "type": "samples", "body": {"samples": [meta]}, "arrays": [[a.dtype.str, list(a.shape)] for a in arrays], "crc": crc}
+    return [msgpack.packb(header, use_bin_type=True), *(a.tobytes() for a in arrays)]
 
 
 def make_groups(model, num_groups: int = 2, n: int = 4, length: int = 6, seed: int = 0):

@@ -168,7 +168,7 @@ def test_a_log_written_under_wire_schema_1_is_refused_by_name(running, tmp_path)
 
     from broker.durable import LogSchemaError
     from broker.wal import WriteAheadLog
-    from tests.test_wire import v1_message
+    from tests.helpers import v1_message
 
     broker = running()
     send(broker.client("actor"), group_samples(0, 0))
