@@ -115,11 +115,6 @@ class Actor:
         return {**self.counters, **self.failures.counts, "groups_open": len(self.groups), "version": self.version,
                 "weight_updates": self.weight_updates, "weight_failures": sum(self.weights.failures.values())}  # fmt: skip
 
-    @property
-    def in_flight_samples(self) -> int:
-        n = self.config.sampling.group_size
-        return sum(n - len(g.done) for g in self.groups.values())
-
     def _step_engine(self) -> None:
         started = time.perf_counter()
         try:
@@ -147,7 +142,7 @@ class Actor:
         while (
             (self.broker_version <= self.version or (self.in_flight and self.weight_updates > 0))
             and len(self.groups) < self.config.actor.groups_in_flight
-            and self.credits - self.in_flight_samples - len(self.unacked) >= n
+            and credit_room(self.credits, len(self.groups), len(self.unacked), n) >= n
             and (self.quota is None or self.started_at_version < self.quota)
         ):
             self.started_at_version += 1
@@ -297,6 +292,16 @@ class Actor:
         self.started_at_version = 0
         self.weight_updates += 1
         log.info("%s applied weights v%d in %.2f s", self.actor_id, version, time.monotonic() - started)
+
+
+def credit_room(credits: int, open_groups: int, unacked: int, group_size: int) -> int:
+    """Samples the broker can still take beyond what this actor has promised it.
+
+    Every open group will send `group_size` samples, its finished ones included: they wait
+    for their siblings, so they are neither in the broker nor unacknowledged yet. Counting
+    only the unfinished ones let an actor start groups the broker then refused in part.
+    """
+    return credits - open_groups * group_size - unacked
 
 
 def _chunks(samples: list[Sample], max_bytes: int) -> list[list[Sample]]:

@@ -1,11 +1,12 @@
-"""Actor pieces that need no engine: the synchronous quota, the generation rate meter and message sizing."""
+"""Actor pieces that need no engine: the synchronous quota, the credit arithmetic, the generation rate meter and
+message sizing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from actors.worker import RateMeter, _chunks, _sync_quota
+from actors.worker import RateMeter, _chunks, _sync_quota, credit_room
 from protocol.config import load_config
 from tests.helpers import make_sample
 
@@ -41,3 +42,11 @@ def test_samples_finished_together_go_in_as_few_messages_as_the_size_limit_allow
     assert [[s.seq for s in chunk] for chunk in chunks] == [[0, 1], [2], [3], [4]]  # the 332-byte one goes alone
     assert [s.seq for chunk in _chunks(samples, max_bytes=1 << 20) for s in chunk] == [0, 1, 2, 3, 4]
     assert len(_chunks(samples, max_bytes=1 << 20)) == 1 and _chunks([], 100) == []
+
+
+def test_open_groups_hold_credit_for_every_sample_they_will_send():
+    # credit 32, groups of 8: three open groups (however many of their samples have finished) leave room for one more
+    assert credit_room(credits=32, open_groups=3, unacked=0, group_size=8) == 8
+    assert credit_room(credits=32, open_groups=4, unacked=0, group_size=8) == 0
+    # samples sent but not yet acknowledged may still be refused: they hold credit too
+    assert credit_room(credits=32, open_groups=2, unacked=9, group_size=8) == 7
