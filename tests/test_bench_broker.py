@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from bench.broker import median_run
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -31,6 +32,7 @@ def test_broker_bench_quick_writes_json(tmp_path):
         assert "SKIPPED" in result.stdout
     assert "| sample | producers | mode | system |" in result.stdout
     assert all(r["producers"] == 1 for r in report["results"])
+    assert report["repeats"] == 1 and all(len(r["all_samples_per_s"]) == 1 for r in report["results"])
 
 
 def test_broker_bench_splits_the_same_total_over_several_producers(tmp_path):
@@ -41,3 +43,10 @@ def test_broker_bench_splits_the_same_total_over_several_producers(tmp_path):
     ours = [r for r in report["results"] if r["system"] == "streamrl broker"]
     assert [(r["size"], r["producers"], r["mode"]) for r in ours] == [("8KB", 2, "durable"), ("8KB", 2, "not durable")]
     assert all(r["samples_per_s"] > 0 for r in report["results"])
+
+
+def test_median_run_keeps_the_middle_run_whole_and_every_throughput():
+    runs = [{"samples_per_s": v, "ack_ms_p50": v / 10} for v in (300.0, 100.0, 200.0)]
+    assert median_run(runs) == {"samples_per_s": 200.0, "ack_ms_p50": 20.0, "all_samples_per_s": [300.0, 100.0, 200.0]}
+    assert median_run(runs[:2])["samples_per_s"] == 100.0  # an even count takes the lower middle: no invented run
+    assert median_run(runs[:1])["all_samples_per_s"] == [300.0]
