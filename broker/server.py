@@ -85,8 +85,8 @@ class Broker:
             while not stop.is_set() and not self._done():
                 if socket.poll(100):
                     self._drain(socket)
+                self._wake_parked(socket)  # first: a batch's fsync then makes the waiting ACKs durable too
                 self._commit(socket)
-                self._wake_parked(socket)
                 if self.guard is not None:
                     self.guard.poll()
                 if time.monotonic() - last_tick > 1.0:

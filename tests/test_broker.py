@@ -201,6 +201,18 @@ def test_a_waiting_get_batch_is_answered_as_soon_as_its_batch_completes(broker):
     assert actor.request(m.STATS)[1]["served"] == 4
 
 
+def test_a_group_that_completes_a_waiting_batch_shares_its_fsync(broker):
+    _, endpoint = broker
+    learner, stats = Client(endpoint, "learner"), Client(endpoint, "stats")
+    before = stats.request(m.STATS)[1]["fsyncs"]
+    threading.Timer(0.3, lambda: send(Client(endpoint, "late-actor"), group_samples(0, 0))).start()
+    kind, body, _ = get_batch(learner, 1, 0, wait_ms=20_000)
+    assert kind == m.BATCH and body["samples"]["seq"] == [0, 1, 2, 3]
+    time.sleep(0.2)  # the actor's ACK has gone out
+    after = stats.request(m.STATS)[1]
+    assert after["acked"] == 4 and after["fsyncs"] - before == 1  # the batch's fsync made the samples durable too
+
+
 MMAPPED_BLOCKS = """
 import ctypes, sys
 from broker.server import keep_freed_memory
