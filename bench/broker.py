@@ -280,14 +280,14 @@ def main() -> None:
             count = counts[size] // n  # the same total whatever the number of producers
             for durable, fsync in ((True, "always"), (False, "everysec")):
                 mode, key = "durable" if durable else "not durable", {"size": size, "producers": n}
-                ours, redis = [], []
+                ours_runs, redis_runs = [], []
                 for _ in range(repeats):  # the two systems take turns, so a slow spell of the VM hits both
-                    ours.append(run_ours(size, count, args.batch, n, durable, Path(tmp)))
+                    ours_runs.append(run_ours(size, count, args.batch, n, durable, Path(tmp)))
                     if has_redis:
-                        redis.append(run_redis(size, count, args.batch, n, fsync, Path(tmp)))
-                rows.append({**key, "mode": mode, "system": "streamrl broker", **median_run(ours)})
+                        redis_runs.append(run_redis(size, count, args.batch, n, fsync, Path(tmp)))
+                rows.append({**key, "mode": mode, "system": "streamrl broker", **median_run(ours_runs)})
                 if has_redis:
-                    rows.append({**key, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **median_run(redis)})
+                    rows.append({**key, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **median_run(redis_runs)})
                 print(f"  {size} x{n} {mode}: done", flush=True)
     ratios = _ratios(rows)
     print(f"\nmedian of {repeats} run(s) per row")

@@ -33,7 +33,7 @@ class SeqWindow:
         if seq == self.below and not self.above:  # in order, the usual case
             self.below += 1
             return True
-        if seq < self.below or seq in self.above:
+        if seq in self:
             return False
         self.above.add(seq)
         self._compact()
@@ -42,6 +42,9 @@ class SeqWindow:
             self.above = {s for s in self.above if s >= self.below}
             self._compact()
         return True
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.below or seq in self.above
 
     def merge(self, below: int, above: list[int]) -> None:
         """Add everything another window (e.g. a logged snapshot) has seen."""
@@ -116,7 +119,7 @@ class ReplayBuffer:
 
     def is_duplicate(self, sample: Sample) -> bool:
         window = self.seen.get((sample.actor_id, sample.incarnation))
-        return window is not None and (sample.seq < window.below or sample.seq in window.above)
+        return window is not None and sample.seq in window
 
     def set_policy_version(self, version: int) -> None:
         """Advance the learner's version and evict every group that became too old."""

@@ -223,7 +223,7 @@ class Broker:
         self.counters["received"] += len(items)
         good, rejected = [], []
         for item in items:
-            if type(item) is Sample and item.actor_id == actor:
+            if type(item) is Sample and item.actor_id == actor:  # the common case first, and cheapest
                 good.append(item)
             elif isinstance(item, ProtocolError):
                 self._reject(item)

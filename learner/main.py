@@ -94,7 +94,7 @@ class BatchSource:
                 log.error("batch request refused (%d so far): %s", self.refusals, err)
                 if refused_in_a_row >= MAX_REFUSALS:
                     raise RoleFailed(f"the broker refused {refused_in_a_row} batch requests in a row; the last: {err}") from err
-                time.sleep(REFUSED_PAUSE_S)
+                stop.wait(REFUSED_PAUSE_S)
                 continue
             refused_in_a_row = 0
             if kind == m.BATCH:

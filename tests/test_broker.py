@@ -20,7 +20,7 @@ from protocol.errors import PeerRefused
 from protocol.sample import Sample
 from protocol.transport import Client, tcp
 from protocol.wire import encode
-from tests.helpers import make_sample
+from tests.helpers import make_sample, wait_for
 
 VOCAB = 100
 GROUP = 4
@@ -202,15 +202,18 @@ def test_a_waiting_get_batch_is_answered_as_soon_as_its_batch_completes(broker):
 
 
 def test_a_group_that_completes_a_waiting_batch_shares_its_fsync(broker):
-    _, endpoint = broker
-    learner, stats = Client(endpoint, "learner"), Client(endpoint, "stats")
-    before = stats.request(m.STATS)[1]["fsyncs"]
-    threading.Timer(0.3, lambda: send(Client(endpoint, "late-actor"), group_samples(0, 0))).start()
-    kind, body, _ = get_batch(learner, 1, 0, wait_ms=20_000)
+    server, endpoint = broker
+    learner, actor = Client(endpoint, "learner"), Client(endpoint, "actor")
+    before = actor.request(m.STATS)[1]["fsyncs"]
+    waiting: list = []
+    thread = threading.Thread(target=lambda: waiting.append(get_batch(learner, 1, 0, wait_ms=20_000)))
+    thread.start()
+    wait_for(lambda: server.parked is not None, 10, "the learner's request to wait in the broker")
+    assert send(actor, group_samples(0, 0))["acked"] == [0, 1, 2, 3]
+    thread.join(10)
+    kind, body, _ = waiting[0]
     assert kind == m.BATCH and body["samples"]["seq"] == [0, 1, 2, 3]
-    time.sleep(0.2)  # the actor's ACK has gone out
-    after = stats.request(m.STATS)[1]
-    assert after["acked"] == 4 and after["fsyncs"] - before == 1  # the batch's fsync made the samples durable too
+    assert actor.request(m.STATS)[1]["fsyncs"] - before == 1  # the batch's fsync made the samples durable too
 
 
 MMAPPED_BLOCKS = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -62,7 +63,8 @@ def test_refused_batch_requests_are_counted_and_asked_again(quick_retries):
         broker.close()
     assert [[s.index for s in g] for g in groups] == [[0, 1]]
     assert source.refusals == learner_main.MAX_REFUSALS - 1 and source.last_batch == 7
-    assert [r["ack_batch"] for r in broker.requests] == [3] * learner_main.MAX_REFUSALS  # the unacknowledged batch every time
+    assert len(broker.requests) == source.refusals + 1
+    assert {r["ack_batch"] for r in broker.requests} == {3}  # the unacknowledged batch, every time
 
 
 def test_a_request_refused_again_and_again_stops_the_learner_with_the_reason(quick_retries):
@@ -75,3 +77,18 @@ def test_a_request_refused_again_and_again_stops_the_learner_with_the_reason(qui
         client.close()
         broker.close()
     assert len(broker.requests) == learner_main.MAX_REFUSALS
+
+
+def test_stopping_ends_the_pause_after_a_refusal(monkeypatch):
+    monkeypatch.setattr(learner_main, "REFUSED_PAUSE_S", 60.0)
+    broker = RefusingBroker(refusals=10**6)
+    client, stop = Client(broker.endpoint, "learner-test"), threading.Event()
+    try:
+        threading.Timer(0.5, stop.set).start()
+        started = time.monotonic()
+        assert BatchSource(client, groups=1).next(version=0, stop=stop) is None
+        assert time.monotonic() - started < 10
+    finally:
+        client.close()
+        broker.close()
+    assert len(broker.requests) == 1
