@@ -88,9 +88,20 @@ def send_frames(socket: zmq.Socket, identity: bytes, frames: list) -> bool:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (for tests and benchmarks that start their own endpoints)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports. Asked one at a time, the kernel may hand out a port it just handed
+    out (it was closed again), so two endpoints of one test could collide; all are held until all are picked."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def bind_router(endpoint: str, max_bytes: int, arm: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.transport import free_port
+from protocol.transport import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture
 def endpoints() -> dict[str, str]:
-    return {"broker": f"127.0.0.1:{free_port()}", "weights": f"127.0.0.1:{free_port()}"}
+    broker, weights = free_ports(2)
+    return {"broker": f"127.0.0.1:{broker}", "weights": f"127.0.0.1:{weights}"}
 
 
 @pytest.fixture(scope="session")

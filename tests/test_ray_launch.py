@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from protocol.config import load_config
-from protocol.transport import free_port
+from protocol.transport import free_ports
 from scripts.ray_launch import local_cpus, role_name
 from tests.conftest import ROOT
 
@@ -36,9 +36,10 @@ def test_roles_ray_cannot_place_are_a_named_error(tmp_path, monkeypatch, capsys,
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """An existing Ray cluster (`ray start --head --block`), stopped through the process that started it."""
-    port = free_port()
+def ray_head(tmp_path, endpoints):
+    """An existing Ray cluster (`ray start --head --block`), stopped through the process that started it.
+    Its port is none of the run's endpoints (a free port asked for twice can come back twice)."""
+    port = next(p for p in free_ports(3) if p not in _ports(endpoints))
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=5", "--include-dashboard=false", "--disable-usage-stats", "--block"],
         stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
@@ -52,6 +53,10 @@ def ray_head(tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=60)
+
+
+def _ports(endpoints: dict[str, str]) -> set[int]:
+    return {int(address.rpartition(":")[2]) for address in endpoints.values()}
 
 
 def ray_lines(log: str) -> list[tuple[str, int]]:
@@ -69,10 +74,11 @@ def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir, ra
     so three or more steps after the kill can only come from the restarted actor.
     """
     run_dir, steps = tmp_path / "run", 6
+    master_port = next(p for p in free_ports(3) if p not in _ports(endpoints))  # Ray holds its port already
     cmd = [
         sys.executable, str(ROOT / "launch.py"), "--role", "all", "--launcher", "ray", "--config", str(ROOT / "configs" / "tiny.yaml"),
         f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}", f"train.steps={steps}",
-        "learner.world_size=2", f"learner.master_port={free_port()}", f"ray.address={ray_head}",
+        "learner.world_size=2", f"learner.master_port={master_port}", f"ray.address={ray_head}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
     metrics, actor_log = run_dir / "metrics.jsonl", run_dir / "logs" / "actor-0.log"

@@ -101,12 +101,13 @@ def slurm(conf: Path, *args: str) -> str:
 
 def submit(conf: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Submit the tiny config with launch.py (without waiting for the job) on free ports."""
-    from protocol.transport import free_port
+    from protocol.transport import free_ports
 
+    broker, weights, master = free_ports(3)
     cmd = [
         sys.executable, str(ROOT / "launch.py"), "--role", "all", "--launcher", "slurm", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        f"run.dir={run_dir}", f"endpoints.broker=127.0.0.1:{free_port()}", f"endpoints.weights=127.0.0.1:{free_port()}",
-        f"learner.master_port={free_port()}", *overrides,
+        f"run.dir={run_dir}", f"endpoints.broker=127.0.0.1:{broker}", f"endpoints.weights=127.0.0.1:{weights}",
+        f"learner.master_port={master}", *overrides,
     ]  # fmt: skip
     env = {**os.environ, "SLURM_CONF": str(conf)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
