@@ -9,7 +9,7 @@ from learner.backend import FSDPBackend
 from learner.main import load_model
 from learner.trainer import Trainer
 from protocol.config import load_config
-from tests.conftest import free_port
+from protocol.transport import free_port
 from tests.helpers import make_groups
 
 pytestmark = pytest.mark.gpu
