@@ -1,4 +1,5 @@
-"""In-flight weight updates (PipelineRL) with a real vLLM engine, broker and weight channel.
+"""In-flight weight updates (PipelineRL) with a real vLLM engine, broker and weight channel; and the actor's
+admission arithmetic on the same engine.
 
 A stand-in learner publishes a new version every 0.1 s while the actor generates
 long completions. With `actor.weight_update: in_flight` the actor applies versions
@@ -100,3 +101,30 @@ def test_in_flight_samples_span_versions_and_between_batches_ones_do_not(engine,
     else:
         assert spanning == [], [(s.version_start, s.version_end, s.seq) for s in spanning][:8]
         assert len({s.version_start for s in samples}) >= 2  # versions did change, between batches
+
+
+def test_admission_counts_the_finished_samples_of_open_groups(engine, tiny_model_dir):
+    """A group's finished samples wait for their siblings: they still need the broker's credit, so no new group starts.
+
+    Real engine, no broker: three groups of four fill a credit of 12; three requests of each of two groups are
+    then filed as finished (moved from running to done, as `_finish` does) and admission must still stop.
+    """
+    from transformers import AutoTokenizer
+
+    config = load_config(None, ["model.path=builtin:tiny-random", "task.name=token_range", "sampling.group_size=4",
+                                "train.groups_per_step=3", "broker.credits_per_actor=12", "actor.groups_in_flight=8"])  # fmt: skip
+    task = make_task(config.task, AutoTokenizer.from_pretrained(tiny_model_dir), 0)
+    actor = Actor(config, 0, engine, task, weights=None, broker=None)
+    actor.credits = 12
+    try:
+        actor._admit()
+        assert len(actor.groups) == 3
+        for group in list(actor.groups.values())[:2]:
+            for request_id in list(group.running)[:3]:
+                group.done.append(group.running.pop(request_id))
+        actor._admit()
+        assert len(actor.groups) == 3  # counting only unfinished samples, 6 of credit looked free: a fourth group started
+    finally:
+        actor._abort(list(actor.groups))
+        while engine.busy:
+            engine.step()
