@@ -39,7 +39,7 @@ def test_roles_ray_cannot_place_are_a_named_error(tmp_path, monkeypatch, capsys,
 def ray_head(tmp_path, endpoints):
     """An existing Ray cluster (`ray start --head --block`), stopped through the process that started it.
     Its port is none of the run's endpoints (a free port asked for twice can come back twice)."""
-    port = next(p for p in free_ports(3) if p not in _ports(endpoints))
+    port = _port_besides(endpoints)
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=5", "--include-dashboard=false", "--disable-usage-stats", "--block"],
         stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
@@ -55,8 +55,10 @@ def ray_head(tmp_path, endpoints):
         head.wait(timeout=60)
 
 
-def _ports(endpoints: dict[str, str]) -> set[int]:
-    return {int(address.rpartition(":")[2]) for address in endpoints.values()}
+def _port_besides(endpoints: dict[str, str]) -> int:
+    """A free port that is none of the run's endpoints (which are picked, not yet bound)."""
+    taken = {int(address.rpartition(":")[2]) for address in endpoints.values()}
+    return next(p for p in free_ports(len(taken) + 1) if p not in taken)
 
 
 def ray_lines(log: str) -> list[tuple[str, int]]:
@@ -74,7 +76,7 @@ def test_ray_run_survives_a_killed_actor(tmp_path, endpoints, tiny_model_dir, ra
     so three or more steps after the kill can only come from the restarted actor.
     """
     run_dir, steps = tmp_path / "run", 6
-    master_port = next(p for p in free_ports(3) if p not in _ports(endpoints))  # Ray holds its port already
+    master_port = _port_besides(endpoints)  # Ray holds its port already: no free port can be it
     cmd = [
         sys.executable, str(ROOT / "launch.py"), "--role", "all", "--launcher", "ray", "--config", str(ROOT / "configs" / "tiny.yaml"),
         f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}", f"train.steps={steps}",
