@@ -2,7 +2,7 @@
 
 Same control plane as `WeightClient`; only where the buckets come from differs.
 Buckets land in this actor's own GPU memory and are checked with `sum64` on the
-device before the state dict is returned.
+device (every bucket in one pass, `protocol.sum64`) before the state dict is returned.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from protocol import messages as m
 from protocol.buckets import Assembler, bucket_views
 from protocol.errors import WeightTransferError
 from protocol.gpu import broadcast_buckets, close_ipc, device_tensor, open_ipc
+from protocol.sum64 import sum64_buckets
 from protocol.weights import Progress
 from protocol.wire import encode
 
 
-def _own_buckets(assembler: Assembler) -> list[torch.Tensor]:
-    flat = torch.empty(assembler.manifest.total_bytes, dtype=torch.uint8, device="cuda")
-    return bucket_views(flat, assembler.manifest)
+def _add_all(assembler: Assembler, flat: torch.Tensor, sums: list[int], progress: Progress | None) -> None:
+    assembler.add_all(bucket_views(flat, assembler.manifest), sums)
+    if progress:
+        progress(len(sums), len(sums))
 
 
 class CudaIpcWeightClient(WeightClient):
@@ -34,13 +36,12 @@ class CudaIpcWeightClient(WeightClient):
     def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
         if body.get("mode") != "cuda_ipc":
             raise WeightTransferError("refused", f"expected cuda_ipc weights, got mode {body.get('mode')!r}")
-        shared = self._map(body)[: assembler.manifest.total_bytes]
-        buckets = _own_buckets(assembler)
-        for index, (source, target) in enumerate(zip(bucket_views(shared, assembler.manifest), buckets)):
-            target.copy_(source)
-            assembler.add(index, target)
-            if progress:
-                progress(index + 1, len(buckets))
+        shared = self._map(body)
+        own = torch.empty(assembler.manifest.total_bytes, dtype=torch.uint8, device="cuda")
+        if shared.numel() < own.numel():
+            raise WeightTransferError("size", f"the learner's buffer holds {shared.numel()} bytes, the manifest needs {own.numel()}")
+        sums = sum64_buckets(shared, assembler.manifest.bucket_sizes, copy_to=own)  # the bytes checked are the bytes kept
+        _add_all(assembler, own, sums, progress)
 
     def _map(self, body: dict[str, Any]) -> torch.Tensor:
         handle, capacity = body.get("handle"), body.get("capacity")
@@ -83,9 +84,6 @@ class NcclWeightClient(WeightClient):
     def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
         if body.get("mode") != "nccl":
             raise WeightTransferError("refused", f"expected nccl weights, got mode {body.get('mode')!r}")
-        buckets = _own_buckets(assembler)
-        broadcast_buckets(self.comm, buckets)
-        for index, bucket in enumerate(buckets):
-            assembler.add(index, bucket)
-        if progress:
-            progress(len(buckets), len(buckets))
+        own = torch.empty(assembler.manifest.total_bytes, dtype=torch.uint8, device="cuda")
+        broadcast_buckets(self.comm, bucket_views(own, assembler.manifest))
+        _add_all(assembler, own, sum64_buckets(own, assembler.manifest.bucket_sizes), progress)

@@ -169,6 +169,7 @@ def nccl_one_rank(state: dict[str, torch.Tensor], bucket_bytes: int, repeats: in
     from learner.gpu_weights import stage_on_gpu
     from protocol.buckets import Assembler
     from protocol.gpu import broadcast_buckets
+    from protocol.sum64 import sum64_buckets
 
     comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
     stream = torch.cuda.current_stream().cuda_stream
@@ -182,9 +183,8 @@ def nccl_one_rank(state: dict[str, torch.Tensor], bucket_bytes: int, repeats: in
     def our_broadcast(version: int) -> None:
         staged = stage_on_gpu(version, state, bucket_bytes)
         broadcast_buckets(comm, staged.buckets)
-        assembler = Assembler(staged.manifest)
-        for index, bucket in enumerate(staged.buckets):
-            assembler.add(index, bucket)
+        assembler = Assembler(staged.manifest)  # checked as `NcclWeightClient` does: every bucket in one pass
+        assembler.add_all(staged.buckets, sum64_buckets(staged.flat, staged.manifest.bucket_sizes))
         assert assembler.complete
 
     rows = []

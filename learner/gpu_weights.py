@@ -1,7 +1,7 @@
 """GPU weight senders (cuda_ipc verified on an H100; nccl across GPUs still unverified: docs/gpu.md).
 
 Both stage the bucketed layout of `protocol.buckets` on the learner's GPU with
-`sum64` checksums (computed on the device) and answer GET_WEIGHTS on the same
+`sum64` checksums (all buckets in one pass on the device, `protocol.sum64`) and answer GET_WEIGHTS on the same
 ROUTER as the CPU channels, so the control plane is unchanged:
 
 - `cuda_ipc` (learner and actor on one GPU): the reply carries the CUDA IPC handle
@@ -26,8 +26,9 @@ import zmq
 
 from learner.weights import Published, WeightServer
 from protocol import messages as m
-from protocol.buckets import bucket_views, pack, plan
+from protocol.buckets import bucket_views, fill_bucket, plan
 from protocol.gpu import IpcBuffer, broadcast_buckets
+from protocol.sum64 import sum64_buckets
 from protocol.transport import send_reply
 from protocol.weights import unique_tensors
 from protocol.wire import decode
@@ -43,8 +44,9 @@ def stage_on_gpu(
     manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
     flat = allocate(manifest.total_bytes) if allocate else torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
     buckets = bucket_views(flat, manifest)
-    pack(tensors, manifest, buckets)
-    torch.cuda.synchronize()
+    for entries, bucket in zip(manifest.by_bucket(), buckets):
+        fill_bucket(tensors, entries, bucket)
+    manifest.checksums = sum64_buckets(flat, manifest.bucket_sizes)  # reading the sums back waits for the copies
     return Published(manifest, flat, buckets)
 
 

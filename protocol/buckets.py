@@ -89,6 +89,8 @@ class Manifest:
         return manifest
 
     def validate(self) -> None:
+        if any(size < 0 or size % ALIGN for size in self.bucket_sizes):
+            raise WeightTransferError("bad_manifest", f"bucket sizes {self.bucket_sizes} are not multiples of {ALIGN} bytes")
         if self.checksum not in CHECKSUMS or len(self.checksums) not in (0, len(self.bucket_sizes)):
             raise WeightTransferError("bad_manifest", f"checksum {self.checksum!r} with {len(self.checksums)} values for {len(self.bucket_sizes)} buckets")
         for t in self.tensors:
@@ -129,11 +131,16 @@ def pack(state_dict: dict[str, torch.Tensor], manifest: Manifest, buckets: list[
 
 def pack_bucket(state_dict: dict[str, torch.Tensor], entries: list[TensorEntry], bucket: torch.Tensor, kind: str) -> int:
     """Copy the tensors `entries` of one bucket into `bucket`; returns its checksum of `kind`."""
+    fill_bucket(state_dict, entries, bucket)
+    return checksum(kind, bucket)
+
+
+def fill_bucket(state_dict: dict[str, torch.Tensor], entries: list[TensorEntry], bucket: torch.Tensor) -> None:
+    """Copy the tensors `entries` of one bucket into their places in `bucket`."""
     for t in entries:
         if t.nbytes:
             source = state_dict[t.name].detach().contiguous().reshape(-1).view(torch.uint8)
             bucket[t.offset : t.offset + t.nbytes].copy_(source)
-    return checksum(kind, bucket)
 
 
 def checksum(kind: str, bucket: torch.Tensor) -> int:
@@ -144,9 +151,10 @@ def checksum(kind: str, bucket: torch.Tensor) -> int:
     return int((words * weights).sum()) & 0xFFFFFFFFFFFFFFFF
 
 
-def verify(manifest: Manifest, index: int, bucket: torch.Tensor, expected: int | None = None) -> None:
+def verify(manifest: Manifest, index: int, bucket: torch.Tensor, expected: int | None = None, actual: int | None = None) -> None:
     """Raise `WeightTransferError` unless bucket `index` has the size the manifest promises and the checksum
-    it promises (or `expected`, the one that came with the bucket, when the manifest carries none)."""
+    it promises (or `expected`, the one that came with the bucket, when the manifest carries none).
+    `actual` is the bucket's checksum when the receiver already computed it (`protocol.sum64`)."""
     if not 0 <= index < len(manifest.bucket_sizes):
         raise WeightTransferError("bad_bucket", f"bucket {index} of {len(manifest.bucket_sizes)}")
     if bucket.numel() != manifest.bucket_sizes[index]:
@@ -154,7 +162,7 @@ def verify(manifest: Manifest, index: int, bucket: torch.Tensor, expected: int |
     promised = manifest.checksums[index] if manifest.checksums else expected
     if type(promised) is not int:
         raise WeightTransferError("bad_bucket", f"bucket {index} of version {manifest.version} came without a checksum")
-    if checksum(manifest.checksum, bucket) != promised:
+    if (checksum(manifest.checksum, bucket) if actual is None else actual) != promised:
         raise WeightTransferError("checksum", f"bucket {index} of version {manifest.version} is corrupted")
 
 
@@ -174,9 +182,14 @@ class Assembler:
         self.manifest = manifest
         self.buckets: dict[int, torch.Tensor] = {}
 
-    def add(self, index: int, bucket: torch.Tensor, expected: int | None = None) -> None:
-        verify(self.manifest, index, bucket, expected)
+    def add(self, index: int, bucket: torch.Tensor, expected: int | None = None, actual: int | None = None) -> None:
+        verify(self.manifest, index, bucket, expected, actual)
         self.buckets[index] = bucket
+
+    def add_all(self, buckets: list[torch.Tensor], sums: list[int]) -> None:
+        """Every bucket at once, with the checksums the receiver already computed (`protocol.sum64`)."""
+        for index, (bucket, actual) in enumerate(zip(buckets, sums, strict=True)):
+            self.add(index, bucket, actual=actual)
 
     @property
     def complete(self) -> bool:

@@ -101,6 +101,7 @@ def test_sum64_catches_swapped_words_and_does_not_depend_on_summation_order():
         lambda w: w["tensors"][1].__setitem__(4, 10**9),  # offset outside its bucket
         lambda w: w["tensors"][1].__setitem__(3, 9),  # no such bucket
         lambda w: w.update(tensors="nope"),
+        lambda w: w["bucket_sizes"].__setitem__(-1, w["bucket_sizes"][-1] + 4),  # sum64 reads 64-bit words
     ],
 )
 def test_inconsistent_manifests_are_rejected(edit):
@@ -133,3 +134,16 @@ def test_a_manifest_without_checksums_takes_each_buckets_own():
     for index, bucket in enumerate(buckets):
         assembler.add(index, bucket, sums[index])
     assert assembler.complete
+
+
+def test_add_all_trusts_the_receivers_own_sums_and_names_a_mismatch():
+    manifest, buckets = packed(mixed_state(), 4096, "sum64")
+    assembler = Assembler(manifest)
+    assembler.add_all(buckets, list(manifest.checksums))
+    assert assembler.complete
+    wrong = [*manifest.checksums[:-1], manifest.checksums[-1] ^ 1]
+    with pytest.raises(WeightTransferError) as err:
+        Assembler(manifest).add_all(buckets, wrong)
+    assert err.value.reason == "checksum"
+    with pytest.raises(ValueError):  # one sum per bucket, no fewer
+        Assembler(manifest).add_all(buckets, manifest.checksums[:-1])
