@@ -18,6 +18,7 @@ the same value) for GPU buckets, where it runs on the device.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,16 +132,18 @@ def pack(state_dict: dict[str, torch.Tensor], manifest: Manifest, buckets: list[
 
 def pack_bucket(state_dict: dict[str, torch.Tensor], entries: list[TensorEntry], bucket: torch.Tensor, kind: str) -> int:
     """Copy the tensors `entries` of one bucket into `bucket`; returns its checksum of `kind`."""
-    fill_bucket(state_dict, entries, bucket)
+    fill_buckets(state_dict, entries, {t.bucket: bucket for t in entries})
     return checksum(kind, bucket)
 
 
-def fill_bucket(state_dict: dict[str, torch.Tensor], entries: list[TensorEntry], bucket: torch.Tensor) -> None:
-    """Copy the tensors `entries` of one bucket into their places in `bucket`."""
+def fill_buckets(state_dict: dict[str, torch.Tensor], entries: list[TensorEntry], buckets: Mapping[int, torch.Tensor] | list[torch.Tensor]) -> None:
+    """Copy each tensor of `entries` into its place in `buckets[entry.bucket]`.
+
+    One `copy_` per tensor: on an H200, `torch._foreach_copy_` took 3.2 ms for 2 GB in 120 tensors
+    against 2.2 ms for this loop (a one-off timing, not a bench/ result)."""
     for t in entries:
         if t.nbytes:
-            source = state_dict[t.name].detach().contiguous().reshape(-1).view(torch.uint8)
-            bucket[t.offset : t.offset + t.nbytes].copy_(source)
+            buckets[t.bucket][t.offset : t.offset + t.nbytes].copy_(state_dict[t.name].detach().reshape(-1).view(torch.uint8))
 
 
 def checksum(kind: str, bucket: torch.Tensor) -> int:

@@ -28,8 +28,8 @@ MASK = (1 << 64) - 1
 def _sum64_blocks(src, dst, table, partials, BLOCK: tl.constexpr, COPY: tl.constexpr):
     """One block of one bucket: table row = (first word in the flat buffer, words, 1-based position in its bucket)."""
     row = tl.program_id(0) * 3
-    start = tl.load(table + row)
-    count = tl.load(table + row + 1)
+    start = tl.multiple_of(tl.load(table + row), 8)  # buckets start on 64-byte boundaries, blocks on BLOCK words: vector loads
+    count = tl.multiple_of(tl.load(table + row + 1), 8)  # bucket sizes and BLOCK are whole multiples of 8 words
     position = tl.load(table + row + 2)
     lanes = tl.arange(0, BLOCK)
     mask = lanes < count
@@ -59,10 +59,12 @@ def _device_table(bucket_sizes: tuple[int, ...], block: int, device: str) -> tup
 
 
 def sum64_buckets(flat: torch.Tensor, bucket_sizes: list[int], copy_to: torch.Tensor | None = None, block: int = BLOCK) -> list[int]:
-    """The `sum64` of each bucket laid back to back in uint8 `flat`; with `copy_to`, also copy the bytes there."""
+    """The `sum64` of each bucket laid back to back in uint8 `flat`; with `copy_to`, also copy the bytes there.
+
+    Bucket sizes must be multiples of 64 bytes (`protocol.buckets.ALIGN`, checked in every manifest)."""
     total = sum(bucket_sizes)
-    if any(size % 8 for size in bucket_sizes) or flat.numel() < total or (copy_to is not None and copy_to.numel() < total):
-        raise ValueError(f"buckets of {bucket_sizes} bytes do not tile the buffers in 64-bit words")
+    if block % 8 or any(size % 64 for size in bucket_sizes) or flat.numel() < total or (copy_to is not None and copy_to.numel() < total):
+        raise ValueError(f"buckets of {bucket_sizes} bytes do not tile the buffers in blocks of 64-bit words")  # the kernel's alignment hints
     table, owner = _device_table(tuple(bucket_sizes), block, str(flat.device))
     sums = torch.zeros(len(bucket_sizes), dtype=torch.int64, device=flat.device)
     if len(owner):
