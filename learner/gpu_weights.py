@@ -26,7 +26,7 @@ import zmq
 
 from learner.weights import Published, WeightServer
 from protocol import messages as m
-from protocol.buckets import bucket_views, fill_bucket, plan
+from protocol.buckets import bucket_views, fill_buckets, plan
 from protocol.gpu import IpcBuffer, broadcast_buckets
 from protocol.sum64 import sum64_buckets
 from protocol.transport import send_reply
@@ -44,8 +44,7 @@ def stage_on_gpu(
     manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
     flat = allocate(manifest.total_bytes) if allocate else torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
     buckets = bucket_views(flat, manifest)
-    for entries, bucket in zip(manifest.by_bucket(), buckets):
-        fill_bucket(tensors, entries, bucket)
+    fill_buckets(tensors, manifest.tensors, buckets)
     manifest.checksums = sum64_buckets(flat, manifest.bucket_sizes)  # reading the sums back waits for the copies
     return Published(manifest, flat, buckets)
 
