@@ -4,7 +4,8 @@ Each prompt becomes a group of `group_size` requests (plus `sampling.oversample`
 spares: the first `group_size` to finish win, the rest are cancelled) stamped with
 the policy version the engine holds. A group is scored and sent once complete; the
 broker acknowledges each sample, and anything not acknowledged is sent again (the
-broker drops duplicates by (actor id, incarnation, seq)). A group whose generation
+broker drops duplicates by (actor id, incarnation, seq)). Up to `actor.messages_in_flight`
+messages await their acknowledgement while the engine keeps stepping. A group whose generation
 or scoring fails, or that became too stale to be trained on, is aborted and dropped,
 never sent with a made-up reward (see actors/faults.py). When the broker reports a newer
 policy version the actor stops admitting, lets running requests finish, fetches the
@@ -44,6 +45,7 @@ from protocol.weights import WeightReceiver
 
 log = logging.getLogger("actor")
 IDLE_POLL_S = 0.05
+ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
 
 
@@ -105,8 +107,10 @@ class Actor:
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
+            self._take_replies(self.broker.collect())
             self._abort_overdue()
             self._resend_overdue()
+        self._wait_for_acks(0, timeout_s=1.0)  # what is still unacknowledged at the end is logged below
         log.info("%s stopping: %d unacked, %s (weight transfers failed: %s)", self.actor_id, len(self.unacked),
                  self.stats(), dict(self.weights.failures))  # fmt: skip
 
@@ -238,13 +242,33 @@ class Actor:
             self.counters["aborted_stale_groups"] += len(stale)
 
     def _send(self, samples: list[Sample]) -> None:
-        """Send in as few messages as the broker's size limit allows (half of it, leaving room for the header)."""
+        """Send in as few messages as the broker's size limit allows (half of it, leaving room for the header),
+        each posted once fewer than `actor.messages_in_flight` await their acknowledgement."""
         now = time.monotonic()
         for s in samples:
             self.unacked[s.seq] = (s, now)
         for chunk in _chunks(samples, self.config.broker.max_message_bytes // 2):
-            self._call(m.SAMPLES, {}, chunk)
+            self._wait_for_acks(max(self.config.actor.messages_in_flight - 1, 0))
+            try:
+                self.broker.post(m.SAMPLES, self._status_body(), samples=chunk)
+            except TimeoutError as err:  # no connection: the samples stay unacknowledged and are sent again
+                log.warning("%s: %s", self.actor_id, err)
+                return
             self.counters["sample_messages"] += 1
+        if not self.config.actor.messages_in_flight:
+            self._wait_for_acks(0)
+
+    def _wait_for_acks(self, at_most: int, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        """Take replies until at most `at_most` posted messages await theirs; one unanswered for
+        `timeout_s` is given up (its samples are resent when overdue)."""
+        while len(self.broker.posted) > at_most:
+            rid, posted_at = next(iter(self.broker.posted.items()))
+            left = posted_at + timeout_s - time.monotonic()
+            if left <= 0:
+                log.warning("%s: no acknowledgement from the broker within %.0f s", self.actor_id, timeout_s)
+                self.broker.forget(rid)
+                continue
+            self._take_replies(self.broker.collect(wait_s=left))
 
     def _resend_overdue(self) -> None:
         now = time.monotonic()
@@ -253,13 +277,13 @@ class Actor:
             log.warning("%s resending %d unacknowledged samples", self.actor_id, len(overdue))
             self._send(overdue)
 
-    def _call(self, kind: str, body: dict[str, Any], samples: list[Sample] = ()) -> None:
-        """One request to the broker; a timeout or an ERROR reply is logged and counted, and what it carried is sent again later."""
-        body = {**body, "actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate(),
-                "counters": self.stats()}  # fmt: skip
+    def _status_body(self) -> dict[str, Any]:
+        return {"actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate(), "counters": self.stats()}
+
+    def _call(self, kind: str, body: dict[str, Any]) -> None:
+        """One request to the broker; a timeout or an ERROR reply is logged and counted."""
         try:
-            _, reply, _ = self.broker.request(kind, body, samples=samples)
-            self.last_heard = time.monotonic()
+            reply = self.broker.request(kind, {**body, **self._status_body()}, timeout_s=ACK_TIMEOUT_S)
         except TimeoutError as err:
             log.warning("%s: %s", self.actor_id, err)
             return
@@ -267,14 +291,25 @@ class Actor:
             log.error("%s: %s", self.actor_id, err)
             self.counters["broker_refusals"] += 1
             return
-        for seq in reply.get("acked", []):
-            self.unacked.pop(seq, None)
-        for seq, reason in reply.get("rejected", []):
-            log.error("%s: broker rejected sample %s: %s", self.actor_id, seq, reason)
-            self.unacked.pop(seq, None)
-        self.credits = reply.get("credits", self.credits)
-        self.broker_version = reply.get("policy_version", self.broker_version)
-        self.stop_requested = reply.get("stop", False)
+        self._take_replies([*self.broker.collect(), reply])  # replies to posted messages came first
+
+    def _take_replies(self, replies: list) -> None:
+        """Acknowledgements, rejections, credits, the policy version and stop, from the broker's replies in order;
+        an ERROR reply leaves its samples unacknowledged, to be sent again."""
+        for kind, reply, _ in replies:
+            self.last_heard = time.monotonic()
+            if kind == m.ERROR:
+                log.error("%s: %s", self.actor_id, PeerRefused(self.broker.endpoint, str(reply.get("reason")), str(reply.get("detail"))))
+                self.counters["broker_refusals"] += 1
+                continue
+            for seq in reply.get("acked", []):
+                self.unacked.pop(seq, None)
+            for seq, reason in reply.get("rejected", []):
+                log.error("%s: broker rejected sample %s: %s", self.actor_id, seq, reason)
+                self.unacked.pop(seq, None)
+            self.credits = reply.get("credits", self.credits)
+            self.broker_version = reply.get("policy_version", self.broker_version)
+            self.stop_requested = reply.get("stop", False)
 
     def _update_weights(self) -> None:
         started = time.monotonic()

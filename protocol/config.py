@@ -198,6 +198,9 @@ class ActorSection(Section):
     groups_in_flight: int = Field(4, ge=1)
     kv_cache_gb: int = Field(1, ge=1)
     resend_after_s: float = Field(5.0, gt=0)
+    messages_in_flight: int = Field(2, ge=0)
+    """SAMPLES messages awaiting the broker's acknowledgement (its fsync) while the engine keeps
+    stepping; 0 waits for each acknowledgement before the next engine step."""
     request_timeout_s: float = Field(600.0, gt=0)
     """A request running longer is aborted and its group dropped (counted as generation_timeout)."""
     max_generation_failures: int = Field(20, ge=0)

@@ -3,12 +3,15 @@
 A DEALER never blocks forever: a request that gets no reply in time raises
 `TimeoutError`, and a late reply to an earlier request is recognised by its id and
 discarded. That is what lets a client survive a restarted peer: it asks again.
+A client may also `post` requests without waiting and `collect` their replies later
+(an actor keeps stepping its engine while the broker makes its samples durable).
 """
 
 from __future__ import annotations
 
 import itertools
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ Reply = tuple[str, dict[str, Any], list[np.ndarray]]
 
 
 class Client:
-    """A DEALER that sends one request at a time and waits for the matching reply."""
+    """A DEALER that waits for each `request`'s reply, and keeps the replies to `post`ed requests for `collect`."""
 
     def __init__(self, endpoint: str, identity: str, max_bytes: int = 1 << 31, curve_dir: Path | None = None) -> None:
         """`curve_dir`: connect with CURVE, using the client and server keys there (protocol/curve.py)."""
@@ -42,6 +45,8 @@ class Client:
             arm_client(self.socket, curve_dir)
         self.socket.connect(tcp(endpoint))
         self._ids = itertools.count()
+        self.posted: dict[int, float] = {}  # request id -> when it was posted, until its reply is collected or forgotten
+        self._arrived: list[Reply] = []  # replies to posted requests, in arrival order
 
     def request(
         self,
@@ -52,22 +57,53 @@ class Client:
         timeout_s: float = 10.0,
     ) -> Reply:
         """Send one request and wait for its reply; raise TimeoutError, or PeerRefused on an ERROR reply."""
+        rid = self._send(kind, body, arrays, samples, timeout_s)
+        deadline_ms = int(timeout_s * 1000)
+        while self.socket.poll(deadline_ms):
+            reply = self._receive()
+            if reply is not None and reply[1].get("rid") == rid:
+                if reply[0] == ERROR:
+                    raise PeerRefused(self.endpoint, str(reply[1].get("reason")), str(reply[1].get("detail")))
+                return reply
+        raise TimeoutError(f"no reply from {self.endpoint} within {timeout_s:.1f} s")
+
+    def post(self, kind: str, body: dict[str, Any] | None = None, samples: list[Sample] = (), timeout_s: float = 10.0) -> int:
+        """Send a request without waiting for its reply (`collect` returns it); raise TimeoutError if it cannot be sent."""
+        rid = self._send(kind, body, (), samples, timeout_s)
+        self.posted[rid] = time.monotonic()
+        return rid
+
+    def collect(self, wait_s: float = 0.0) -> list[Reply]:
+        """The replies to posted requests that arrived so far, ERROR replies included, in order; if there are
+        none yet, wait up to `wait_s` for one."""
+        while self.socket.poll(0 if self._arrived else int(wait_s * 1000)):
+            self._receive()
+        arrived, self._arrived = self._arrived, []
+        return arrived
+
+    def forget(self, rid: int) -> None:
+        """Stop expecting a reply to a posted request (it timed out); a late one is discarded."""
+        self.posted.pop(rid, None)
+
+    def _send(self, kind: str, body: dict[str, Any] | None, arrays: list[np.ndarray], samples: list[Sample], timeout_s: float) -> int:
         rid = next(self._ids)
         body = {**(body or {}), "rid": rid}
         frames = encode_samples(kind, samples, body) if samples else encode(kind, body, arrays)
-        deadline_ms = int(timeout_s * 1000)
-        self.socket.setsockopt(zmq.SNDTIMEO, deadline_ms)  # no peer (e.g. refused by CURVE): sending would block
+        self.socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # no peer (e.g. refused by CURVE): sending would block
         try:
             self.socket.send_multipart(frames, copy=False)
         except zmq.Again:
             raise TimeoutError(f"cannot send to {self.endpoint}: no connection within {timeout_s:.1f} s") from None
-        while self.socket.poll(deadline_ms):
-            kind, body, arrays = decode(self.socket.recv_multipart(copy=False), self.max_bytes)
-            if body.get("rid") == rid:
-                if kind == ERROR:
-                    raise PeerRefused(self.endpoint, str(body.get("reason")), str(body.get("detail")))
-                return kind, body, arrays
-        raise TimeoutError(f"no reply from {self.endpoint} within {timeout_s:.1f} s")
+        return rid
+
+    def _receive(self) -> Reply | None:
+        """Take one reply off the socket; one to a posted request is kept for `collect` (and None returned)."""
+        reply = decode(self.socket.recv_multipart(copy=False), self.max_bytes)
+        rid = reply[1].get("rid")
+        if type(rid) is not int or self.posted.pop(rid, None) is None:
+            return reply
+        self._arrived.append(reply)
+        return None
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -1,13 +1,20 @@
-"""Actor pieces that need no engine: the synchronous quota, the credit arithmetic, the generation rate meter and
-message sizing."""
+"""Actor pieces that need no engine: the synchronous quota, the credit arithmetic, the generation rate meter,
+message sizing, and sending with acknowledgements still in flight (against a real ROUTER)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from actors.worker import RateMeter, _chunks, _sync_quota, credit_room
+from actors.worker import Actor, RateMeter, _chunks, _sync_quota, credit_room
+from protocol import messages as m
 from protocol.config import load_config
+from protocol.transport import Client, bind_router, free_port, send_reply
+from protocol.weights import WeightReceiver
+from protocol.wire import decode
 from tests.helpers import make_sample
 
 
@@ -50,3 +57,80 @@ def test_open_groups_hold_credit_for_every_sample_they_will_send():
     assert credit_room(credits=32, open_groups=4, unacked=0, group_size=8) == 0
     # samples sent but not yet acknowledged may still be refused: they hold credit too
     assert credit_room(credits=32, open_groups=2, unacked=9, group_size=8) == 7
+
+
+@pytest.fixture
+def slow_broker():
+    """A real ROUTER in a thread that acknowledges each SAMPLES message `ACK_DELAY_S` after it arrives
+    (as a broker does after its fsync), in order."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    router, stop = bind_router(endpoint, 1 << 24), threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if router.poll(20):
+                identity, *frames = router.recv_multipart()
+                _, body, _ = decode(frames)
+                time.sleep(ACK_DELAY_S)
+                send_reply(router, identity, body["rid"], m.ACK, {"acked": body["samples"]["seq"], "credits": 64})
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield endpoint
+    stop.set()
+    thread.join()
+    router.close(linger=0)
+
+
+ACK_DELAY_S = 0.3
+
+
+def actor_sending_to(endpoint: str, in_flight: int) -> Actor:
+    """An actor with only its sending side (no engine or task, a receiver that never fetched: `_send` needs no more)."""
+    config = load_config(None, [f"actor.messages_in_flight={in_flight}"])
+    return Actor(config, 0, engine=None, task=None, weights=WeightReceiver(), broker=Client(endpoint, "actor-0-test"))
+
+
+def group(first_seq: int) -> list:
+    return [make_sample(seq=first_seq + i, index=i) for i in range(4)]
+
+
+def test_the_engine_keeps_stepping_while_messages_await_their_acknowledgement(slow_broker):
+    actor = actor_sending_to(slow_broker, in_flight=2)
+    try:
+        started = time.monotonic()
+        actor._send(group(0))
+        actor._send(group(4))
+        assert time.monotonic() - started < ACK_DELAY_S  # two messages out, neither acknowledged yet
+        assert len(actor.unacked) == 8 and len(actor.broker.posted) == 2
+        actor._send(group(8))  # a third waits for the first acknowledgement
+        assert time.monotonic() - started >= ACK_DELAY_S
+        assert len(actor.broker.posted) == 2 and sorted(actor.unacked) == list(range(4, 12))
+        actor._wait_for_acks(0)
+        assert actor.unacked == {} and actor.credits == 64 and actor.counters["sample_messages"] == 3
+    finally:
+        actor.broker.close()
+
+
+def test_with_no_messages_in_flight_each_send_waits_for_its_acknowledgement(slow_broker):
+    actor = actor_sending_to(slow_broker, in_flight=0)
+    try:
+        started = time.monotonic()
+        actor._send(group(0))
+        assert time.monotonic() - started >= ACK_DELAY_S
+        assert actor.unacked == {} and actor.broker.posted == {}
+    finally:
+        actor.broker.close()
+
+
+def test_an_unanswered_message_is_given_up_and_its_samples_stay_unacknowledged():
+    actor = actor_sending_to(f"127.0.0.1:{free_port()}", in_flight=1)  # nothing listens there: no reply ever comes
+    try:
+        actor._send(group(0))  # queued by ZeroMQ until a broker appears
+        assert len(actor.unacked) == 4 and len(actor.broker.posted) == 1
+        started = time.monotonic()
+        actor._wait_for_acks(0, timeout_s=0.3)
+        assert 0.3 <= time.monotonic() - started < 1.0
+        assert actor.broker.posted == {} and len(actor.unacked) == 4  # resent later by _resend_overdue
+    finally:
+        actor.broker.close()
