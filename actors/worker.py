@@ -244,11 +244,13 @@ class Actor:
     def _send(self, samples: list[Sample]) -> None:
         """Send in as few messages as the broker's size limit allows (half of it, leaving room for the header),
         each posted once fewer than `actor.messages_in_flight` await their acknowledgement."""
-        now = time.monotonic()
         for s in samples:
-            self.unacked[s.seq] = (s, now)
+            self.unacked[s.seq] = (s, time.monotonic())
         for chunk in _chunks(samples, self.config.broker.max_message_bytes // 2):
             self._wait_for_acks(max(self.config.actor.messages_in_flight - 1, 0))
+            now = time.monotonic()  # overdue counts from the post, not from a wait for room before it
+            for s in chunk:
+                self.unacked[s.seq] = (s, now)
             try:
                 self.broker.post(m.SAMPLES, self._status_body(), samples=chunk)
             except TimeoutError as err:  # no connection: the samples stay unacknowledged and are sent again
@@ -291,11 +293,12 @@ class Actor:
             log.error("%s: %s", self.actor_id, err)
             self.counters["broker_refusals"] += 1
             return
-        self._take_replies([*self.broker.collect(), reply])  # replies to posted messages came first
+        self._take_replies([*self.broker.arrived(), reply])  # replies to posted messages that came first
 
     def _take_replies(self, replies: list) -> None:
         """Acknowledgements, rejections, credits, the policy version and stop, from the broker's replies in order;
-        an ERROR reply leaves its samples unacknowledged, to be sent again."""
+        an ERROR reply leaves its samples unacknowledged, to be sent again. An acknowledgement waits for the
+        broker's fsync and may come after a newer status: versions only grow and a stop stays."""
         for kind, reply, _ in replies:
             self.last_heard = time.monotonic()
             if kind == m.ERROR:
@@ -308,8 +311,8 @@ class Actor:
                 log.error("%s: broker rejected sample %s: %s", self.actor_id, seq, reason)
                 self.unacked.pop(seq, None)
             self.credits = reply.get("credits", self.credits)
-            self.broker_version = reply.get("policy_version", self.broker_version)
-            self.stop_requested = reply.get("stop", False)
+            self.broker_version = max(self.broker_version, reply.get("policy_version", 0))
+            self.stop_requested = self.stop_requested or bool(reply.get("stop", False))
 
     def _update_weights(self) -> None:
         started = time.monotonic()

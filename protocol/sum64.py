@@ -63,8 +63,11 @@ def sum64_buckets(flat: torch.Tensor, bucket_sizes: list[int], copy_to: torch.Te
 
     Bucket sizes must be multiples of 64 bytes (`protocol.buckets.ALIGN`, checked in every manifest)."""
     total = sum(bucket_sizes)
-    if block % 8 or any(size % 64 for size in bucket_sizes) or flat.numel() < total or (copy_to is not None and copy_to.numel() < total):
-        raise ValueError(f"buckets of {bucket_sizes} bytes do not tile the buffers in blocks of 64-bit words")  # the kernel's alignment hints
+    if block < 8 or block & (block - 1) or any(size < 0 or size % 64 for size in bucket_sizes):  # the kernel's alignment hints
+        raise ValueError(f"buckets of {bucket_sizes} bytes cannot be split in blocks of {block} 64-bit words")
+    for buffer in (flat, copy_to if copy_to is not None else flat):
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < total or buffer.device != flat.device:
+            raise ValueError(f"buffers must be flat uint8 on one device, of at least {total} bytes")
     table, owner = _device_table(tuple(bucket_sizes), block, str(flat.device))
     sums = torch.zeros(len(bucket_sizes), dtype=torch.int64, device=flat.device)
     if len(owner):

@@ -58,8 +58,8 @@ class Client:
     ) -> Reply:
         """Send one request and wait for its reply; raise TimeoutError, or PeerRefused on an ERROR reply."""
         rid = self._send(kind, body, arrays, samples, timeout_s)
-        deadline_ms = int(timeout_s * 1000)
-        while self.socket.poll(deadline_ms):
+        deadline = time.monotonic() + timeout_s
+        while self.socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             reply = self._receive()
             if reply is not None and reply[1].get("rid") == rid:
                 if reply[0] == ERROR:
@@ -76,8 +76,13 @@ class Client:
     def collect(self, wait_s: float = 0.0) -> list[Reply]:
         """The replies to posted requests that arrived so far, ERROR replies included, in order; if there are
         none yet, wait up to `wait_s` for one."""
-        while self.socket.poll(0 if self._arrived else int(wait_s * 1000)):
+        deadline = time.monotonic() + wait_s
+        while self.socket.poll(0 if self._arrived else max(0, int((deadline - time.monotonic()) * 1000))):
             self._receive()
+        return self.arrived()
+
+    def arrived(self) -> list[Reply]:
+        """The replies to posted requests already taken off the socket (while a `request` waited), in order."""
         arrived, self._arrived = self._arrived, []
         return arrived
 

@@ -85,9 +85,9 @@ def slow_broker():
 ACK_DELAY_S = 0.3
 
 
-def actor_sending_to(endpoint: str, in_flight: int) -> Actor:
+def actor_sending_to(endpoint: str, in_flight: int, *overrides: str) -> Actor:
     """An actor with only its sending side (no engine or task, a receiver that never fetched: `_send` needs no more)."""
-    config = load_config(None, [f"actor.messages_in_flight={in_flight}"])
+    config = load_config(None, [f"actor.messages_in_flight={in_flight}", *overrides])
     return Actor(config, 0, engine=None, task=None, weights=WeightReceiver(), broker=Client(endpoint, "actor-0-test"))
 
 
@@ -128,9 +128,34 @@ def test_an_unanswered_message_is_given_up_and_its_samples_stay_unacknowledged()
     try:
         actor._send(group(0))  # queued by ZeroMQ until a broker appears
         assert len(actor.unacked) == 4 and len(actor.broker.posted) == 1
-        started = time.monotonic()
+        posted_at = next(iter(actor.broker.posted.values()))
         actor._wait_for_acks(0, timeout_s=0.3)
-        assert 0.3 <= time.monotonic() - started < 1.0
+        assert 0.3 <= time.monotonic() - posted_at < 5.0
         assert actor.broker.posted == {} and len(actor.unacked) == 4  # resent later by _resend_overdue
+    finally:
+        actor.broker.close()
+
+
+def test_samples_are_overdue_from_their_own_post_not_from_the_wait_before_it(slow_broker):
+    """One message in flight and room for one group per message: the second group is posted only once the
+    first is acknowledged, and its resend clock starts then."""
+    actor = actor_sending_to(slow_broker, 1, f"broker.max_message_bytes={2 * sum(s.nbytes for s in group(0))}")
+    try:
+        started = time.monotonic()
+        actor._send([*group(0), *group(4)])
+        assert actor.counters["sample_messages"] == 2 and sorted(actor.unacked) == [4, 5, 6, 7]
+        assert all(sent - started >= ACK_DELAY_S for _, sent in actor.unacked.values())
+    finally:
+        actor.broker.close()
+
+
+def test_a_late_acknowledgement_does_not_undo_a_newer_stop_or_version():
+    """Acknowledgements wait for the broker's fsync, so a PING's status can overtake one."""
+    actor = actor_sending_to(f"127.0.0.1:{free_port()}", 2)
+    try:
+        status = (m.STATUS, {"credits": 8, "policy_version": 3, "stop": True}, [])
+        late_ack = (m.ACK, {"acked": [], "credits": 16, "policy_version": 1, "stop": False}, [])
+        actor._take_replies([status, late_ack])
+        assert actor.stop_requested and actor.broker_version == 3
     finally:
         actor.broker.close()

@@ -54,13 +54,18 @@ def test_kernel_matches_the_eager_checksum_in_the_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-def test_buckets_that_are_not_whole_words_are_refused():
+def test_buffers_and_buckets_the_kernel_cannot_cover_exactly_are_refused():
     from protocol.sum64 import sum64_buckets
 
+    flat = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="64-bit words"):
-        sum64_buckets(torch.zeros(64, dtype=torch.uint8), [56])
+        sum64_buckets(flat, [56])
     with pytest.raises(ValueError, match="64-bit words"):
-        sum64_buckets(torch.zeros(64, dtype=torch.uint8), [64], copy_to=torch.zeros(32, dtype=torch.uint8))
+        sum64_buckets(flat, [64], block=12)  # blocks are a power of two of at least 8 words
+    with pytest.raises(ValueError, match="flat uint8"):
+        sum64_buckets(flat, [64], copy_to=torch.zeros(32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="flat uint8"):
+        sum64_buckets(flat.view(torch.int64), [64])
 
 
 @pytest.mark.gpu
