@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,9 +50,10 @@ def run(steps: int, actors: int, mode: list[str], workdir: Path) -> dict:
            f"run.dir={run_dir}", f"train.steps={steps}", f"actor.count={actors}", *mode,
            f"endpoints.broker=127.0.0.1:{free_port()}", f"endpoints.weights=127.0.0.1:{free_port()}", *BASE]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    if result.returncode != 0:
-        raise RuntimeError(f"run failed ({result.returncode}): {result.stdout[-2000:]}")
+    if result.returncode != 0:  # the run's directory stays, to be looked into
+        raise RuntimeError(f"run failed ({result.returncode}), logs in {run_dir}: {result.stdout[-2000:]}")
     rows = [orjson.loads(line) for line in (run_dir / "metrics.jsonl").read_bytes().splitlines()]
+    shutil.rmtree(run_dir)  # 1-3 GB of model copies, checkpoints and logs per run
     steady = rows[1:]
     span = rows[-1]["time"] - rows[0]["time"]
     return {
@@ -95,6 +97,7 @@ def main() -> None:
     for name, ratios in pair_speedups.items():
         print(f"\n{name}, each run over the one beside it: {', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x")
     scaling = {n: (asyn if n == 1 else run(args.steps, n, MODES[ASYNC], workdir)) for n in args.actors}
+    workdir.rmdir()
     print("\n| actors (async) | samples/s | learner waiting | vs 1 actor |\n| --- | --- | --- | --- |")
     for n, m in scaling.items():
         print(f"| {n} | {m['samples_per_s']:.1f} | {m['learner_wait_frac']:.0%} | {m['samples_per_s'] / scaling[args.actors[0]]['samples_per_s']:.2f}x |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,9 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_all_quick_writes_valid_json(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--only", "protocol", "learner", "actor", "e2e",
-                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not list(scratch.glob("streamrl-e2e-*"))  # each end-to-end run's gigabytes are removed
     protocol = json.loads((tmp_path / "protocol.json").read_text())
     assert {r["tokens"] for r in protocol["results"]} == {256, 4096, 32768}
     assert {r["codec"] for r in protocol["results"]} >= {"ours (header + raw frames)", "pickle", "orjson"}
