@@ -14,19 +14,12 @@ import torch
 
 from actors.weights import WeightClient
 from protocol import messages as m
-from protocol.buckets import Assembler, Manifest, bucket_views
+from protocol.buckets import Assembler, bucket_views
 from protocol.errors import WeightTransferError
 from protocol.gpu import broadcast_buckets, close_ipc, device_tensor, open_ipc
 from protocol.sum64 import sum64_buckets
 from protocol.weights import Progress
 from protocol.wire import encode
-
-
-def _sums(manifest: Manifest, source: torch.Tensor, copy_to: torch.Tensor | None = None) -> list[int]:
-    """Every bucket's `sum64` in one pass on the device (the GPU transports' checksum; any other is refused)."""
-    if manifest.checksum != "sum64":
-        raise WeightTransferError("bad_manifest", f"GPU weights need sum64 checksums, the manifest says {manifest.checksum}")
-    return sum64_buckets(source, manifest.bucket_sizes, copy_to=copy_to)
 
 
 def _add_all(assembler: Assembler, flat: torch.Tensor, sums: list[int], progress: Progress | None) -> None:
@@ -47,7 +40,7 @@ class CudaIpcWeightClient(WeightClient):
         own = torch.empty(assembler.manifest.total_bytes, dtype=torch.uint8, device="cuda")
         if shared.numel() < own.numel():
             raise WeightTransferError("size", f"the learner's buffer holds {shared.numel()} bytes, the manifest needs {own.numel()}")
-        sums = _sums(assembler.manifest, shared, copy_to=own)  # the bytes checked are the bytes kept
+        sums = sum64_buckets(shared, assembler.manifest.bucket_sizes, copy_to=own)  # the bytes checked are the bytes kept
         _add_all(assembler, own, sums, progress)
 
     def _map(self, body: dict[str, Any]) -> torch.Tensor:
@@ -93,4 +86,4 @@ class NcclWeightClient(WeightClient):
             raise WeightTransferError("refused", f"expected nccl weights, got mode {body.get('mode')!r}")
         own = torch.empty(assembler.manifest.total_bytes, dtype=torch.uint8, device="cuda")
         broadcast_buckets(self.comm, bucket_views(own, assembler.manifest))
-        _add_all(assembler, own, _sums(assembler.manifest, own), progress)
+        _add_all(assembler, own, sum64_buckets(own, assembler.manifest.bucket_sizes), progress)

@@ -147,3 +147,7 @@ def test_add_all_trusts_the_receivers_own_sums_and_names_a_mismatch():
     assert err.value.reason == "checksum"
     with pytest.raises(ValueError):  # one sum per bucket, no fewer
         Assembler(manifest).add_all(buckets, manifest.checksums[:-1])
+    xxh3_manifest, xxh3_buckets = packed(mixed_state(), 4096, "xxh3")
+    with pytest.raises(WeightTransferError) as err:  # sums of another kind would all look "corrupted"
+        Assembler(xxh3_manifest).add_all(xxh3_buckets, list(xxh3_manifest.checksums))
+    assert err.value.reason == "bad_manifest" and "sum64" in str(err.value)
