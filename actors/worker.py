@@ -244,8 +244,9 @@ class Actor:
     def _send(self, samples: list[Sample]) -> None:
         """Send in as few messages as the broker's size limit allows (half of it, leaving room for the header),
         each posted once fewer than `actor.messages_in_flight` await their acknowledgement."""
-        for s in samples:
-            self.unacked[s.seq] = (s, time.monotonic())
+        now = time.monotonic()
+        for s in samples:  # all unacknowledged before any wait, so none is lost if posting fails
+            self.unacked[s.seq] = (s, now)
         for chunk in _chunks(samples, self.config.broker.max_message_bytes // 2):
             self._wait_for_acks(max(self.config.actor.messages_in_flight - 1, 0))
             now = time.monotonic()  # overdue counts from the post, not from a wait for room before it

@@ -75,7 +75,9 @@ class Client:
 
     def collect(self, wait_s: float = 0.0) -> list[Reply]:
         """The replies to posted requests that arrived so far, ERROR replies included, in order; if there are
-        none yet, wait up to `wait_s` for one."""
+        none yet, wait up to `wait_s` for one (not at all when nothing is posted)."""
+        if not self.posted:
+            return self.arrived()
         deadline = time.monotonic() + wait_s
         while self.socket.poll(0 if self._arrived else max(0, int((deadline - time.monotonic()) * 1000))):
             self._receive()

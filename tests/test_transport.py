@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
 
 from protocol import messages as m
 from protocol.messages import ERROR
-from protocol.transport import Client, bind_router, free_ports, send_reply
-from protocol.wire import decode
+from protocol.transport import Client, free_ports, send_reply
+from tests.helpers import router_in_thread
 
 
 def test_free_ports_are_distinct_and_bindable():
@@ -30,25 +29,15 @@ def test_free_ports_are_distinct_and_bindable():
 
 @pytest.fixture
 def echo_server():
-    """A real ROUTER in a thread that answers each request in order, after the `delay_s` it asks for,
+    """A real ROUTER that answers each request in order, after the `delay_s` it asks for,
     with ERROR when it asks for one."""
-    endpoint = f"127.0.0.1:{free_ports(1)[0]}"
-    router, stop = bind_router(endpoint, 1 << 20), threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            if router.poll(50):
-                identity, *frames = router.recv_multipart()
-                kind, body, _ = decode(frames)
-                time.sleep(body.get("delay_s", 0))
-                send_reply(router, identity, body["rid"], ERROR if body.get("fail") else kind, {"echo": body.get("n")})
+    def echo(router, identity: bytes, kind: str, body: dict) -> None:
+        time.sleep(body.get("delay_s", 0))
+        send_reply(router, identity, body["rid"], ERROR if body.get("fail") else kind, {"echo": body.get("n")})
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield endpoint
-    stop.set()
-    thread.join()
-    router.close(linger=0)
+    with router_in_thread(echo) as endpoint:
+        yield endpoint
 
 
 def collect_all(client: Client, count: int) -> list:
@@ -92,7 +81,7 @@ def test_a_forgotten_request_s_late_reply_is_discarded(echo_server):
         late = client.post(m.PING, {"n": "late", "delay_s": 0.3})
         client.forget(late)
         client.post(m.PING, {"n": "kept"})
-        assert [body["echo"] for _, body, _ in collect_all(client, 1)] == ["kept"]
-        assert client.collect(wait_s=0.2) == []
+        assert [body["echo"] for _, body, _ in collect_all(client, 1)] == ["kept"]  # the late one came first, unkept
+        assert client.posted == {} and client.collect(wait_s=0.2) == []  # nothing posted: nothing to wait for
     finally:
         client.close()
