@@ -1,22 +1,26 @@
-"""Sample and group builders, wire helpers and role processes, shared by the tests."""
+"""Sample and group builders, wire helpers, a peer played by a ROUTER in a thread, and role processes, shared by the tests."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 import torch
+import zmq
 
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
+from protocol.transport import bind_router, free_port
 from protocol.wire import decode, encode, encode_samples, samples_from
 from tests.conftest import ROOT
 
@@ -152,3 +156,27 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
+
+
+@contextmanager
+def router_in_thread(answer: Callable[[zmq.Socket, bytes, str, dict], None]) -> Iterator[str]:
+    """A real ROUTER in a thread that plays a peer: each request is decoded and handed to
+    `answer(router, identity, kind, body)`, in order. Yields the endpoint; stopped and closed after."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    router, stop = bind_router(endpoint, 1 << 24), threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if router.poll(20):
+                identity, *frames = router.recv_multipart()
+                kind, body, _ = decode(frames)
+                answer(router, identity, kind, body)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield endpoint
+    finally:
+        stop.set()
+        thread.join()
+        router.close(linger=0)

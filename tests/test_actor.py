@@ -3,7 +3,6 @@ message sizing, and sending with acknowledgements still in flight (against a rea
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -12,10 +11,9 @@ import pytest
 from actors.worker import Actor, RateMeter, _chunks, _sync_quota, credit_room
 from protocol import messages as m
 from protocol.config import load_config
-from protocol.transport import Client, bind_router, free_port, send_reply
+from protocol.transport import Client, free_port, send_reply
 from protocol.weights import WeightReceiver
-from protocol.wire import decode
-from tests.helpers import make_sample
+from tests.helpers import make_sample, router_in_thread
 
 
 @pytest.mark.parametrize("groups,actors,expected", [(4, 1, [4]), (5, 2, [3, 2]), (6, 4, [2, 2, 1, 1])])
@@ -61,25 +59,15 @@ def test_open_groups_hold_credit_for_every_sample_they_will_send():
 
 @pytest.fixture
 def slow_broker():
-    """A real ROUTER in a thread that acknowledges each SAMPLES message `ACK_DELAY_S` after it arrives
+    """A real ROUTER that acknowledges each SAMPLES message `ACK_DELAY_S` after it arrives
     (as a broker does after its fsync), in order."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    router, stop = bind_router(endpoint, 1 << 24), threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            if router.poll(20):
-                identity, *frames = router.recv_multipart()
-                _, body, _ = decode(frames)
-                time.sleep(ACK_DELAY_S)
-                send_reply(router, identity, body["rid"], m.ACK, {"acked": body["samples"]["seq"], "credits": 64})
+    def acknowledge_later(router, identity: bytes, kind: str, body: dict) -> None:
+        time.sleep(ACK_DELAY_S)
+        send_reply(router, identity, body["rid"], m.ACK, {"acked": body["samples"]["seq"], "credits": 64})
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield endpoint
-    stop.set()
-    thread.join()
-    router.close(linger=0)
+    with router_in_thread(acknowledge_later) as endpoint:
+        yield endpoint
 
 
 ACK_DELAY_S = 0.3
