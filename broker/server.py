@@ -9,7 +9,9 @@ with an error and counted; it never stops the broker.
 
 With `broker.durable` (the default) every accepted sample is written to a
 write-ahead log and acknowledged only after an fsync; messages arriving together
-share one fsync (group commit). A restarted broker replays the log (broker/durable.py).
+share one fsync (group commit). The fsync runs on a thread of its own, so the broker
+keeps taking messages while the disk works, and those wait for the next one. A
+restarted broker replays the log (broker/durable.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import socket as socket_module
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +67,9 @@ class Broker:
         self.next_batch_id = 1
         self.finished_at: float | None = None
         self.stopped_actors: set[str] = set()
-        self.pending: list[tuple[bytes, Any, dict[str, Any]]] = []  # ACKs waiting for the next fsync
-        self.pending_since = 0.0
-        self.pending_samples = 0
+        self.pending: deque[tuple[bytes, Any, dict[str, Any], int]] = deque()  # ACKs waiting for a sync up to their log position
+        self.pending_since: float | None = None  # when the first ACK that no sync covers yet arrived
+        self.pending_samples = 0  # and how many samples those ACKs hold
         self.frames: list = []  # the frames of the message being handled (logged as they are)
         self.parked: tuple[bytes, Any, dict[str, Any], float] | None = None  # a learner's long poll
         self.guard = Guard(config.broker.curve.keys_dir) if config.broker.curve.enabled else None
@@ -80,13 +82,18 @@ class Broker:
         keep_freed_memory()
         socket = self._bind()
         log.info("broker listening on %s (vocab %s, durable %s)", self.config.endpoints.broker, self.vocab_size, self.log is not None)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        if self.log is not None:
+            poller.register(self.log.wal.wakeup_fd, zmq.POLLIN)  # a sync ended: its ACKs can go
         last_tick = 0.0
         try:
             while not stop.is_set() and not self._done():
-                if socket.poll(100):
+                if socket in dict(poller.poll(100)):
                     self._drain(socket)
-                self._wake_parked(socket)  # first: a batch's fsync then makes the waiting ACKs durable too
-                self._commit(socket)
+                self._settle(socket)
+                self._wake_parked(socket)  # before the next sync: serving a batch syncs, and the waiting ACKs go with it
+                self._start_sync()
                 if self.guard is not None:
                     self.guard.poll()
                 if time.monotonic() - last_tick > 1.0:
@@ -131,22 +138,38 @@ class Broker:
         while True:
             frames = socket.recv_multipart(copy=False)
             self.handle(socket, frames[0].bytes, frames[1:])
-            if not self.pending or self.pending_samples >= self.config.broker.fsync_every:
+            if self.pending_since is None or self.pending_samples >= self.config.broker.fsync_every:
                 return
             if time.monotonic() - self.pending_since >= interval or not socket.poll(0):
                 return
 
-    def _commit(self, socket: zmq.Socket) -> None:
-        """One fsync makes every pending sample durable; then their ACKs go out."""
-        if not self.pending:
+    def _start_sync(self) -> None:
+        """Group commit: one sync on the log's thread for every ACK waiting now (none while one runs)."""
+        if self.pending and self.log.wal.running is None:
+            self.log.wal.start_sync()
+            self.pending_since, self.pending_samples = None, 0
+
+    def _settle(self, socket: zmq.Socket) -> None:
+        """Send the ACKs whose samples a finished sync made durable."""
+        if self.log is None:
             return
-        self.log.wal.sync()
-        for identity, rid, reply in self.pending:
+        wal = self.log.wal
+        wal.finish_sync()
+        settled = False
+        while self.pending and self.pending[0][3] <= wal.durable_bytes:
+            identity, rid, reply, _ = self.pending.popleft()
+            settled = True
             if not send_reply(socket, identity, rid, m.ACK, reply):
                 self.counters["unreachable"] += 1
-        self.pending.clear()
-        self.pending_samples = 0
-        self.log.roll_if_full(self.next_batch_id)
+        if settled:
+            self.log.roll_if_full(self.next_batch_id)
+
+    def _commit(self, socket: zmq.Socket) -> None:
+        """Make every waiting sample durable now (one fsync, after the running one) and send their ACKs."""
+        if self.pending:
+            self.log.wal.sync()
+            self.pending_since, self.pending_samples = None, 0
+            self._settle(socket)
 
     def handle(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
         self.counters["messages"] += 1
@@ -170,9 +193,9 @@ class Broker:
             self._reject(ProtocolError("internal_error", repr(err)))
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": "internal_error", "detail": repr(err)}, []
         if reply_kind == m.ACK and self.log is not None and self.log.wal.dirty:
-            if not self.pending:
+            if self.pending_since is None:
                 self.pending_since = time.monotonic()
-            self.pending.append((identity, rid, reply))
+            self.pending.append((identity, rid, reply, self.log.wal.bytes_written))
             self.pending_samples += len(reply["acked"])
         elif reply_kind == PARKED:
             if self.parked is not None:  # one waiting learner request at a time: the older one gets its answer now

@@ -2,7 +2,11 @@
 
 A record is `[u32 length][u32 crc32][u8 type][payload]`, the CRC covering type and
 payload. Records are only appended, and `sync` (fdatasync) makes everything written
-so far durable, so what survives a crash is always a prefix of what was written. On
+so far durable, so what survives a crash is always a prefix of what was written.
+`start_sync` runs that fdatasync on a thread of its own instead, so the broker keeps
+taking messages while the disk works; `durable_bytes` says how much of the log (counted
+in `bytes_written`) a finished sync covers, and `wakeup_fd` turns readable when one
+finishes. On
 open, the tail of the last segment is checked record by record: a torn or corrupt
 record ends the log there and the file is truncated, never a crash.
 
@@ -24,6 +28,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +63,12 @@ class WriteAheadLog:
         self.live_per_segment: dict[int, int] = {s: 0 for s in self.segments}
         self.file = None
         self.active = -1
-        self.dirty = False
-        self.bytes_written = 0
+        self.bytes_written = 0  # appended since open, over all segments
+        self.durable_bytes = 0  # how much of that a finished sync covers
+        self.running: tuple[Future, int, float] | None = None  # the sync on the sync thread: future, covers, started
+        self.sync_thread = ThreadPoolExecutor(1, thread_name_prefix="wal-sync")
+        self.wakeup_fd, self._wake = os.pipe()  # a byte arrives when a sync on the thread ends
+        os.set_blocking(self.wakeup_fd, False)
         self.syncs = 0
         self.sync_seconds: deque[float] = deque(maxlen=4096)
         self.segments_deleted = 0
@@ -104,7 +113,6 @@ class WriteAheadLog:
         self._io(os.writev, self.file.fileno(), [HEADER.pack(size, crc, kind[0]), *frames])
         self.bytes_written += HEADER.size + size
         self.sizes[self.active] += HEADER.size + size
-        self.dirty = True
         if keys:
             self.track(list(keys), self.active)
 
@@ -115,15 +123,49 @@ class WriteAheadLog:
             parts += [FRAME_LEN.pack(memoryview(frame).nbytes), frame]
         self.append(SAMPLES, parts, keys)
 
+    @property
+    def dirty(self) -> bool:
+        """Whether some of what was appended is not durable yet."""
+        return self.bytes_written > self.durable_bytes
+
     def sync(self) -> None:
-        """Make everything appended so far durable (one fdatasync, timed)."""
+        """Make everything appended so far durable (one fdatasync, timed), waiting for a running sync first."""
+        self.finish_sync(wait=True)
         if not self.dirty:
             return
-        started = time.perf_counter()
+        started, covers = time.perf_counter(), self.bytes_written
         self._io(os.fdatasync, self.file.fileno())
+        self._synced(covers, started)
+
+    def start_sync(self) -> None:
+        """Begin making everything appended so far durable on the sync thread; nothing to do while one runs.
+
+        fdatasync releases the GIL, so the caller keeps appending meanwhile; what it appends
+        after this call waits for the next sync.
+        """
+        if self.running is not None or not self.dirty:
+            return
+        future = self._io(self.sync_thread.submit, os.fdatasync, self.file.fileno())  # refused once the log failed
+        future.add_done_callback(lambda _: os.write(self._wake, b"."))
+        self.running = (future, self.bytes_written, time.perf_counter())
+
+    def finish_sync(self, wait: bool = False) -> None:
+        """Account for the sync on the thread once it has ended (`wait`: wait for it); LogWriteError if it failed."""
+        try:
+            os.read(self.wakeup_fd, 4096)  # always empty the pipe: a poll on it must not stay readable
+        except BlockingIOError:
+            pass
+        if self.running is None or not (wait or self.running[0].done()):
+            return
+        future, covers, started = self.running
+        self.running = None
+        self._io(future.result)  # the fdatasync's OSError, if it failed
+        self._synced(covers, started)
+
+    def _synced(self, covers: int, started: float) -> None:
         self.sync_seconds.append(time.perf_counter() - started)
         self.syncs += 1
-        self.dirty = False
+        self.durable_bytes = max(self.durable_bytes, covers)
 
     def retire(self, keys: list[Key]) -> None:
         """Forget live keys (consumed, dropped or expired)."""
@@ -164,6 +206,10 @@ class WriteAheadLog:
                 self.sync()
             self.file.close()
             self.file = None
+        if not self.lock.closed:
+            self.sync_thread.shutdown()  # after the sync above: a sync still running ends first
+            os.close(self.wakeup_fd)
+            os.close(self._wake)
         self.lock.close()  # releases the lock (so does the process dying)
 
     def _io(self, call, *args):

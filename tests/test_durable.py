@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -99,6 +100,31 @@ def test_an_ack_is_sent_only_after_fsync(running):
     send(broker.client("actor"), group_samples(0, 0))
     stats = broker.stats()
     assert stats["fsyncs"] >= 1 and stats["log_bytes_written"] > 0 and stats["durable"] is True
+
+
+def test_the_broker_keeps_answering_while_a_faked_slow_fsync_runs_and_acks_only_what_it_covers(running, monkeypatch):
+    """A slow disk (faked: no slow device can be made here) holds the first fsync, yet a PING is answered and
+    a second message taken; each ACK comes once a sync that covers its samples has ended."""
+    broker = running()
+    stats_before = broker.stats()["fsyncs"]
+    release, real_fdatasync = threading.Event(), os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (release.wait(10), real_fdatasync(fd)))
+    actor = broker.client("actor")
+    body = {"actor_id": "a0", "incarnation": "i0"}
+    first = actor.post(m.SAMPLES, body, samples=group_samples(0, 0))
+    time.sleep(0.3)  # the broker has taken it and its fsync hangs
+    started = time.monotonic()
+    assert broker.client("other").request(m.PING, {"actor_id": "a1", "incarnation": "i1"}, timeout_s=2)[0] == m.STATUS
+    assert time.monotonic() - started < 1.0
+    second = actor.post(m.SAMPLES, body, samples=group_samples(1, 4))
+    assert actor.collect(wait_s=0.3) == [], "no ACK before its fsync"
+    release.set()
+    replies = []
+    deadline = time.monotonic() + 5
+    while len(replies) < 2 and time.monotonic() < deadline:
+        replies += actor.collect(wait_s=0.5)
+    assert [(r[0], r[1]["rid"], r[1]["acked"]) for r in replies] == [(m.ACK, first, [0, 1, 2, 3]), (m.ACK, second, [4, 5, 6, 7])]
+    assert broker.stats()["fsyncs"] - stats_before == 2  # the second message could not join the running sync
 
 
 def test_stale_and_expired_samples_are_not_replayed(running):

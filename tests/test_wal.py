@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
+import threading
 
 import pytest
 
-from broker.wal import CONSUMED, SAMPLES, SNAPSHOT, WriteAheadLog, split_frames
+from broker.wal import CONSUMED, SAMPLES, SNAPSHOT, LogWriteError, WriteAheadLog, split_frames
 
 
 def fresh(tmp_path, segment_bytes: int = 1 << 20) -> WriteAheadLog:
@@ -95,3 +98,51 @@ def test_a_second_broker_on_the_same_log_is_refused(tmp_path):
         WriteAheadLog(tmp_path)
     wal.close()
     WriteAheadLog(tmp_path).close()  # free again once the first one closed
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_sync_on_the_thread_covers_what_was_appended_before_it_started(tmp_path, monkeypatch):
+    wal = fresh(tmp_path)
+    wal.sync()
+    release = threading.Event()
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (release.wait(5), real_fdatasync(fd)))  # a disk that takes its time
+    wal.append(CONSUMED, [b"a" * 100])
+    first = wal.bytes_written
+    wal.start_sync()
+    wal.append(CONSUMED, [b"b" * 100])  # while that sync runs
+    wal.start_sync()  # one at a time: this does nothing
+    wal.finish_sync()
+    assert wal.running is not None and wal.durable_bytes < first and not readable(wal.wakeup_fd)
+    release.set()
+    assert select.select([wal.wakeup_fd], [], [], 5)[0], "the end of the sync is signalled"
+    wal.finish_sync()
+    assert wal.durable_bytes == first < wal.bytes_written and wal.dirty
+    assert not readable(wal.wakeup_fd), "finish_sync empties the pipe, so a poll on it does not spin"
+    wal.start_sync()
+    wal.finish_sync(wait=True)
+    assert wal.durable_bytes == wal.bytes_written and not wal.dirty and wal.stats()["fsyncs"] == 3
+    wal.close()
+    assert [kind for _, kind, _ in WriteAheadLog(tmp_path).records()] == [SNAPSHOT, CONSUMED, CONSUMED]
+
+
+def test_a_sync_that_fails_on_the_thread_is_a_log_write_error_and_the_log_takes_nothing_more(tmp_path, monkeypatch):
+    wal = fresh(tmp_path)
+
+    def broken_disk(_fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken_disk)
+    wal.append(CONSUMED, [b"x"])
+    wal.start_sync()
+    with pytest.raises(LogWriteError, match="Input/output error"):
+        wal.finish_sync(wait=True)
+    assert wal.dirty and wal.durable_bytes == 0
+    with pytest.raises(LogWriteError, match="failed earlier"):
+        wal.append(CONSUMED, [b"y"])
+    with pytest.raises(LogWriteError, match="failed earlier"):
+        wal.start_sync()
+    wal.close()  # closes without syncing a failed log
