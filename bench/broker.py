@@ -1,8 +1,9 @@
 """Broker ingest: streamrl's broker vs Redis Streams (PipelineRL's transport), same payloads, same run.
 
 Each producer process (one actor; `--producers 1 4` runs one and four, sharing the
-same total) sends its samples in messages of `--batch` samples and waits for each
-acknowledgement (our SAMPLES -> ACK; Redis: a pipeline of XADDs); one consumer
+same total) sends its samples in messages of `--batch` samples and keeps `--in-flight`
+of them unacknowledged, as the actor does (our SAMPLES -> ACK; Redis: a pipeline of
+XADDs, pipelines sent ahead on the one connection); one consumer
 process drains them (our GET_BATCH with acknowledgement; Redis: XREADGROUP + XACK
 + XDEL). Throughput counts from the first send to the last acknowledgement; ack
 latency is per message. Matching durability modes:
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +58,22 @@ def make_samples(size: str, count: int, actor: str = "bench") -> list[Sample]:
     ]  # fmt: skip
 
 
-def produce(system: str, address: str, size: str, count: int, batch: int, actor: str, ready, go, out) -> None:
-    """One producer process (one actor): its own samples in messages of `batch`, each waiting for its acknowledgement."""
-    samples = make_samples(size, count, actor)
-    send = _ours_sender(address, samples, batch) if system == "ours" else _redis_sender(int(address), samples, batch)
+@dataclass(frozen=True)
+class Load:
+    """What one row of the table sends: `producers` processes of `count` samples each, in messages of `batch`."""
+
+    size: str
+    count: int
+    batch: int
+    producers: int
+    in_flight: int
+
+
+def produce(system: str, address: str, load: Load, actor: str, ready, go, out) -> None:
+    """One producer process (one actor): its own samples in messages of `load.batch`, `load.in_flight` unacknowledged."""
+    samples = make_samples(load.size, load.count, actor)
+    sender = _ours_sender if system == "ours" else _redis_sender
+    send = sender(address, samples, load.batch, load.in_flight)
     ready.release()
     go.wait()
     start, cpu = time.monotonic(), time.process_time()
@@ -66,17 +81,18 @@ def produce(system: str, address: str, size: str, count: int, batch: int, actor:
     out.put((start, time.monotonic(), latencies, time.process_time() - cpu))
 
 
-def run(system: str, address: str, size: str, count: int, batch: int, producers: int, consumer, server_pid: int) -> dict:
-    """Start the consumer and `producers` producers of `count` samples each; time from the first send to the last ack.
+def run(system: str, address: str, load: Load, consumer, server_pid: int) -> dict:
+    """Start the consumer and the producers; time from the first send to the last ack.
 
     Also counts the CPU time each role spent (the producers' send loops, the consumer, the
     server process) per sample: on 2 cores, where all of them compete, that is what sets the pace.
     """
     ctx = mp.get_context("spawn")
     ready, go, out, done, consumer_cpu = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Event(), ctx.Queue()
-    drain = ctx.Process(target=_timed_consumer, args=(consumer, address, count * producers, done, consumer_cpu))
+    total = load.count * load.producers
+    drain = ctx.Process(target=_timed_consumer, args=(consumer, address, total, done, consumer_cpu))
     drain.start()
-    procs = [ctx.Process(target=produce, args=(system, address, size, count, batch, f"bench-{i}", ready, go, out)) for i in range(producers)]
+    procs = [ctx.Process(target=produce, args=(system, address, load, f"bench-{i}", ready, go, out)) for i in range(load.producers)]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -90,8 +106,7 @@ def run(system: str, address: str, size: str, count: int, batch: int, producers:
     for proc in [*procs, drain]:
         proc.join(120)
     assert done.is_set(), f"the {system} consumer did not get every sample"
-    total = count * producers
-    prompt, completion = SIZES[size]
+    prompt, completion = SIZES[load.size]
     cpu_us = {"producers": sum(r[3] for r in reports), "server": server_cpu, "consumer": consumer_cpu.get(timeout=10)}
     return _result(total, total * (4 * prompt + 8 * completion), elapsed, [t for r in reports for t in r[2]]) | {
         "cpu_us_per_sample": {role: seconds / total * 1e6 for role, seconds in cpu_us.items()}}  # fmt: skip
@@ -128,39 +143,47 @@ def ours_consumer(endpoint: str, total: int, done) -> None:
     done.set()
 
 
-def _ours_sender(endpoint: str, samples: list[Sample], batch: int):
+def _ours_sender(endpoint: str, samples: list[Sample], batch: int, in_flight: int):
     client = Client(endpoint, f"producer-{samples[0].actor_id}")
     body = {"actor_id": samples[0].actor_id, "incarnation": samples[0].incarnation}
 
     def send() -> list[float]:
-        latencies, credits, sent = [], batch, 0
-        while sent < len(samples):
-            chunk = samples[sent : sent + min(batch, credits)] if credits > 0 else []
-            t0 = time.perf_counter()
-            _, reply, _ = client.request(m.SAMPLES if chunk else m.PING, body, samples=chunk, timeout_s=60)
-            if chunk:
-                latencies.append(time.perf_counter() - t0)
-                assert reply["acked"] == [s.seq for s in chunk], reply.get("rejected") or reply.get("refused")
+        """Keep up to `in_flight` messages unacknowledged (the actor's `messages_in_flight`), within the credit
+        the latest reply gave minus what is posted since."""
+        latencies, credits, sent, posted = [], batch, 0, {}  # rid -> (posted at, seqs)
+        while sent < len(samples) or posted:
+            room = credits - sum(len(seqs) for _, seqs in posted.values())
+            if sent < len(samples) and len(posted) < in_flight and room > 0:
+                chunk = samples[sent : sent + min(batch, room)]
+                posted[client.post(m.SAMPLES, body, samples=chunk, timeout_s=60)] = (time.perf_counter(), [s.seq for s in chunk])
                 sent += len(chunk)
-            else:
+                continue
+            if not posted:  # no credit: ask again shortly
                 time.sleep(0.0005)
-            credits = reply["credits"]
+                credits = client.request(m.PING, body, timeout_s=60)[1]["credits"]
+                continue
+            for _, reply, _ in client.collect(wait_s=60):
+                t0, seqs = posted.pop(reply["rid"])
+                latencies.append(time.perf_counter() - t0)
+                assert reply["acked"] == seqs, reply.get("rejected") or reply.get("refused")
+                credits = reply["credits"]
         client.close()
         return latencies
 
     return send
 
 
-def run_ours(size: str, count: int, batch: int, producers: int, durable: bool, tmp: Path) -> dict:
+def run_ours(load: Load, durable: bool, tmp: Path) -> dict:
     endpoint = f"127.0.0.1:{free_port()}"
-    broker = start_broker(endpoint, tmp / f"ours-{uuid.uuid4().hex[:6]}", durable, producers, credits=max(16 * batch, 1024))
+    credits = max(16 * load.batch, 1024)
+    broker = start_broker(endpoint, tmp / f"ours-{uuid.uuid4().hex[:6]}", durable, load.producers, credits)
     client = Client(endpoint, "bench-stats")
     try:
         _wait(lambda: client.request(m.STATS, timeout_s=1.0), "our broker")
-        result = run("ours", endpoint, size, count, batch, producers, ours_consumer, broker.pid)
+        result = run("ours", endpoint, load, ours_consumer, broker.pid)
         stats = client.request(m.STATS)[1]
-        assert stats["accepted"] == stats["consumed"] == count * producers, stats
-        return result | {"fsyncs": stats.get("fsyncs", 0)}
+        assert stats["accepted"] == stats["consumed"] == load.count * load.producers, stats
+        return result | {key: stats.get(key, 0) for key in ("fsyncs", "fsync_ms_p50", "fsync_ms_p99")}
     finally:
         client.close()
         broker.terminate()
@@ -194,28 +217,33 @@ def redis_consumer(port: str, total: int, done) -> None:
     done.set()
 
 
-def _redis_sender(port: int, samples: list[Sample], batch: int):
+def _redis_sender(port: str, samples: list[Sample], batch: int, in_flight: int):
     import redis
 
-    r = redis.Redis(port=port)
+    r = redis.Redis(port=int(port))
     payloads = [b"".join(bytes(f) for f in encode_samples(m.SAMPLES, [s])) for s in samples]  # the same bytes we send
 
     def send() -> list[float]:
-        latencies = []
+        """Pipelines of `batch` XADDs, up to `in_flight` of them unanswered on the one connection (Redis answers
+        in order), as our producer keeps messages in flight."""
+        connection, latencies, posted = r.connection_pool.get_connection(), [], deque()
         for first in range(0, len(payloads), batch):
-            t0 = time.perf_counter()
-            pipe = r.pipeline(transaction=False)
-            for payload in payloads[first : first + batch]:
-                pipe.xadd("samples", {"d": payload})
-            pipe.execute()
-            latencies.append(time.perf_counter() - t0)
+            chunk = payloads[first : first + batch]
+            posted.append((time.perf_counter(), len(chunk)))
+            connection.send_packed_command(connection.pack_commands([("XADD", "samples", "*", "d", p) for p in chunk]))
+            while len(posted) >= in_flight or (posted and first + batch >= len(payloads)):
+                t0, count = posted.popleft()
+                for _ in range(count):
+                    connection.read_response()
+                latencies.append(time.perf_counter() - t0)
+        r.connection_pool.release(connection)
         r.close()
         return latencies
 
     return send
 
 
-def run_redis(size: str, count: int, batch: int, producers: int, fsync: str, tmp: Path) -> dict:
+def run_redis(load: Load, fsync: str, tmp: Path) -> dict:
     import redis
 
     port = free_port()
@@ -224,7 +252,7 @@ def run_redis(size: str, count: int, batch: int, producers: int, fsync: str, tmp
     try:
         _wait(r.ping, "redis-server")
         r.xgroup_create("samples", "learners", id="$", mkstream=True)
-        return run("redis", str(port), size, count, batch, producers, redis_consumer, server.pid)
+        return run("redis", str(port), load, redis_consumer, server.pid)
     finally:
         r.close()
         server.terminate()
@@ -262,6 +290,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=64, help="samples per message (ours) / per XADD pipeline (Redis)")
+    parser.add_argument("--in-flight", type=int, default=2, help="messages a producer keeps unacknowledged (the actor's messages_in_flight)")
     parser.add_argument("--producers", type=int, nargs="+", help="producer processes (actors); default 1 and 4, --quick: 1")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--repeats", type=int, help="runs of each row, the median shown (default 3, --quick: 1)")
@@ -277,14 +306,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:  # on disk (not tmpfs): fsync costs what it costs
         for size, n in ((size, n) for size in args.sizes for n in producers):
-            count = counts[size] // n  # the same total whatever the number of producers
+            load = Load(size, counts[size] // n, args.batch, n, args.in_flight)  # the same total for any number of producers
             for durable, fsync in ((True, "always"), (False, "everysec")):
                 mode, key = "durable" if durable else "not durable", {"size": size, "producers": n}
                 ours_runs, redis_runs = [], []
                 for _ in range(repeats):  # the two systems take turns, so a slow spell of the VM hits both
-                    ours_runs.append(run_ours(size, count, args.batch, n, durable, Path(tmp)))
+                    ours_runs.append(run_ours(load, durable, Path(tmp)))
                     if has_redis:
-                        redis_runs.append(run_redis(size, count, args.batch, n, fsync, Path(tmp)))
+                        redis_runs.append(run_redis(load, fsync, Path(tmp)))
                 rows.append({**key, "mode": mode, "system": "streamrl broker", **median_run(ours_runs)})
                 if has_redis:
                     rows.append({**key, "mode": mode, "system": f"Redis Streams (appendfsync {fsync})", **median_run(redis_runs)})
@@ -301,7 +330,7 @@ def main() -> None:
               f"| {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} | {cpu} |")  # fmt: skip
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": mp.cpu_count()},
               "redis": _redis_version() if has_redis else "not installed (skipped)", "quick": args.quick,
-              "batch": args.batch, "counts": counts, "producers": producers, "repeats": repeats, "results": rows,
+              "batch": args.batch, "in_flight": args.in_flight, "counts": counts, "producers": producers, "repeats": repeats, "results": rows,
               "ours_vs_redis": {f"{k[0]} {k[1]} x{k[2]}": v for k, v in ratios.items()}}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "broker.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

@@ -23,6 +23,8 @@ def test_broker_bench_quick_writes_json(tmp_path):
     ours = [r for r in report["results"] if r["system"] == "streamrl broker"]
     assert {(r["size"], r["mode"]) for r in ours} == {(s, m) for s in ("1KB", "8KB", "64KB") for m in ("durable", "not durable")}
     assert all(r["samples_per_s"] > 0 and r["ack_ms_p99"] >= r["ack_ms_p50"] > 0 for r in report["results"])
+    assert report["in_flight"] == 2  # as the actor's default messages_in_flight
+    assert all(r["fsync_ms_p99"] >= r["fsync_ms_p50"] > 0 for r in ours if r["mode"] == "durable")
     # every role's CPU is counted: each produced, served or consumed every sample, so none can be idle throughout
     assert all(set(r["cpu_us_per_sample"]) == {"producers", "server", "consumer"} and min(r["cpu_us_per_sample"].values()) > 0
                for r in report["results"])  # fmt: skip
