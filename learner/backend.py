@@ -14,6 +14,7 @@ world size to keep the step equal to a single-process one over the whole batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,10 @@ import torch.distributed as dist
 from learner.batch import regroup
 from protocol.config import LearnerSection
 from protocol.sample import Sample
+from protocol.weights import Specs, allocate
 from protocol.wire import decode, encode_samples, samples_from
+
+Stage = Callable[[Specs], dict[str, torch.Tensor]]  # a weight sender's `stage`
 
 
 class Backend:
@@ -57,8 +61,12 @@ class Backend:
     def max(self, values: list[float]) -> list[float]:
         return values
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Unsharded CPU tensors on the main rank (empty elsewhere); every rank must call it."""
+    def full_state_dict(self, model: torch.nn.Module, stage: Stage | None = None) -> dict[str, torch.Tensor]:
+        """Unsharded tensors on the main rank (empty elsewhere); every rank must call it.
+
+        Sharded backends gather into the CPU tensors `stage` hands out (a weight sender's
+        buffers); here the model's own tensors are returned and `stage` is not needed.
+        """
         return model.state_dict()
 
     def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -124,20 +132,28 @@ class FSDPBackend(Backend):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Gather one parameter at a time to CPU, so no rank ever holds two full copies on the device."""
-        out: dict[str, torch.Tensor] = {}
-        gathered: dict[int, torch.Tensor] = {}  # tied parameters stay one tensor, as in the unsharded model
+    def full_state_dict(self, model: torch.nn.Module, stage: Stage | None = None) -> dict[str, torch.Tensor]:
+        """Gather one parameter at a time into fp32 CPU tensors from `stage` (fresh ones without it).
+
+        No rank ever holds two full copies on the device, and the main rank holds none
+        beside the destination: given a weight sender's `stage`, each gathered tensor is
+        written straight into the buffer it is served from.
+        """
+        state = model.state_dict()
         params = dict(model.named_parameters(remove_duplicate=False))
-        for name, tensor in model.state_dict().items():
-            key = id(params.get(name, tensor))
-            if key not in gathered:
+        owner: dict[str, str] = {}  # name -> the first name of its tensor: tied parameters stay one tensor
+        first: dict[int, str] = {}
+        for name, tensor in state.items():
+            owner[name] = first.setdefault(id(params.get(name, tensor)), name)
+        specs = {name: (torch.float32, tuple(state[name].shape)) for name in first.values()}
+        out = (stage or allocate)(specs) if self.is_main else {}
+        for name, tensor in state.items():
+            if owner[name] == name:
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                gathered[key] = full.detach().to("cpu", torch.float32) if self.is_main else full.new_empty(0)
+                if self.is_main:
+                    out[name].copy_(full.detach())
                 del full
-            if self.is_main:
-                out[name] = gathered[key]
-        return out
+        return {name: out[owner[name]] for name in state} if self.is_main else {}
 
     def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

@@ -30,7 +30,7 @@ from protocol.buckets import bucket_views, fill_buckets, plan
 from protocol.gpu import IpcBuffer, broadcast_buckets
 from protocol.sum64 import sum64_buckets
 from protocol.transport import send_reply
-from protocol.weights import unique_tensors
+from protocol.weights import Specs, allocate, unique_tensors
 from protocol.wire import decode
 
 log = logging.getLogger("learner.gpu_weights")
@@ -49,7 +49,15 @@ def stage_on_gpu(
     return Published(manifest, flat, buckets)
 
 
-class CudaIpcWeightServer(WeightServer):
+class GpuWeightServer(WeightServer):
+    """The CPU channels' serving loop with the version staged on the GPU by `publish`."""
+
+    def stage(self, specs: Specs) -> dict[str, torch.Tensor]:
+        """Plain CPU tensors: the buckets are on the device, written by `publish`."""
+        return allocate(specs)
+
+
+class CudaIpcWeightServer(GpuWeightServer):
     """Two `IpcBuffer`s written in turn, like the CPU channels' spare: a reader maps each once and
     keeps it mapped. A reader still copying when its buffer is rewritten two versions later gets a
     checksum failure and keeps its old weights, never a mix."""
@@ -87,7 +95,7 @@ class CudaIpcWeightServer(WeightServer):
         self._buffers, self._retired = [], []
 
 
-class NcclWeightServer(WeightServer):
+class NcclWeightServer(GpuWeightServer):
     def __init__(self, endpoint: str, bucket_bytes: int, actors: int, curve_dir: Path | None = None) -> None:
         from cupy.cuda import nccl
 

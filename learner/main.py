@@ -174,7 +174,7 @@ def train_loop(
             weights.settle()  # the last version's buckets are packed: the optimizer may change the parameters
         row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups, version)}
         version = step
-        state = backend.full_state_dict(trainer.model)
+        state = backend.full_state_dict(trainer.model, weights.stage if weights is not None else None)  # sharded: straight into the sender's buffers
         if (every and step % every == 0) or step == config.train.steps:
             save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state)
         if not backend.is_main:

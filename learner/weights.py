@@ -2,7 +2,9 @@
 
 `publish` lays the state dict out into checksummed buckets once per version, in
 process memory (`tcp`) or in a shared-memory segment (`shm`); a packer thread does it,
-so the version is served while it is packed. An actor that asks with an older version
+so the version is served while it is packed. A learner that gathers sharded weights
+asks for `stage` first and writes each tensor straight into those buckets; the packer
+then only computes their checksums. An actor that asks with an older version
 gets the manifest, then either the name of the segment (same host, `shm`, once every
 bucket is packed) or the buckets streamed as one ZeroMQ message each, with its
 checksum, as soon as it is packed (everything else).
@@ -26,12 +28,12 @@ import torch
 import zmq
 
 from protocol import messages as m
-from protocol.buckets import Manifest, as_bytes, bucket_views, pack_bucket, plan
+from protocol.buckets import Manifest, as_bytes, bucket_views, checksum, pack_bucket, plan, unpack
 from protocol.config import RunConfig
 from protocol.curve import Guard, curve_keys_dir
 from protocol.shm import Segment, host_id
 from protocol.transport import bind_router, send_frames, send_reply
-from protocol.weights import WeightSender, resolve_transport, unique_tensors
+from protocol.weights import Specs, WeightSender, resolve_transport, unique_tensors
 from protocol.wire import decode, encode
 
 log = logging.getLogger("learner.weights")
@@ -65,6 +67,7 @@ class WeightServer(WeightSender):
         self.host = host_id()
         self.served = {"shm": 0, "stream": 0}
         self._latest: Published | None = None
+        self._staged: tuple[Published, dict[str, torch.Tensor]] | None = None  # handed out by `stage`, not yet published
         self._spare: torch.Tensor | Segment | None = None  # where the next version will be written
         self._packer: threading.Thread | None = None
         self._pack_error: BaseException | None = None
@@ -81,9 +84,14 @@ class WeightServer(WeightSender):
         not change the tensors before `settle()` returns (the learner settles before its next step)."""
         self.settle()
         tensors = unique_tensors(state_dict)
-        manifest = plan(tensors, self.bucket_bytes, version)
-        flat, segment = self._staging(manifest.total_bytes)
-        published = Published(manifest, flat, bucket_views(flat, manifest), segment)
+        published = self._take_staged(tensors)
+        if published is not None:
+            tensors = None  # already in place: the packer only computes checksums
+        else:
+            manifest = plan(tensors, self.bucket_bytes, version)
+            flat, segment = self._staging(manifest.total_bytes)
+            published = Published(manifest, flat, bucket_views(flat, manifest), segment)
+        published.manifest.version = version
         with self._lock:
             old, self._latest = self._latest, published
         if old:
@@ -92,6 +100,33 @@ class WeightServer(WeightSender):
         self._packer.start()
         if wait:
             self.settle()
+
+    def stage(self, specs: Specs) -> dict[str, torch.Tensor]:
+        """Views of the buffer the next version will be served from, laid out as `publish` would."""
+        self.settle()
+        self._return_staged()
+        meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (dtype, shape) in specs.items()}
+        manifest = plan(meta, self.bucket_bytes, version=-1)
+        flat, segment = self._staging(manifest.total_bytes)
+        published = Published(manifest, flat, bucket_views(flat, manifest), segment)
+        views = unpack(manifest, published.buckets)
+        self._staged = (published, views)
+        return dict(views)
+
+    def _take_staged(self, tensors: dict[str, torch.Tensor]) -> Published | None:
+        """The staged version if `tensors` are exactly its views (else its buffer goes back to be reused)."""
+        if self._staged is not None:
+            published, views = self._staged
+            if views.keys() == tensors.keys() and all(tensors[name].data_ptr() == view.data_ptr() for name, view in views.items()):
+                self._staged = None
+                return published
+        self._return_staged()
+        return None
+
+    def _return_staged(self) -> None:
+        if self._staged is not None:
+            published, _ = self._staged
+            self._staged, self._spare = None, published.segment or published.flat
 
     def settle(self) -> None:
         """Wait until the last published version is packed (the tensors it came from may change after)."""
@@ -102,11 +137,12 @@ class WeightServer(WeightSender):
         if error is not None:
             raise error
 
-    def _pack(self, published: Published, tensors: dict[str, torch.Tensor]) -> None:
+    def _pack(self, published: Published, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Copy `tensors` into the buckets and checksum each (None: they were written there already)."""
         try:
             manifest = published.manifest
             for entries, bucket in zip(manifest.by_bucket(), published.buckets):
-                total = pack_bucket(tensors, entries, bucket, manifest.checksum)
+                total = checksum(manifest.checksum, bucket) if tensors is None else pack_bucket(tensors, entries, bucket, manifest.checksum)
                 with published.progress:
                     published.sums.append(total)
                     if len(published.sums) == len(published.buckets):  # complete: shm replies carry them all
@@ -198,6 +234,7 @@ class WeightServer(WeightSender):
             self._packer.join()
         self._stop.set()
         self._thread.join(timeout=5)
+        self._return_staged()
         with self._lock:
             latest, self._latest = self._latest, None
         for published in (latest.segment if latest else None, self._spare):

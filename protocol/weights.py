@@ -35,12 +35,29 @@ def unique_tensors(state_dict: dict[str, torch.Tensor], device: str | None = "cp
     return unique
 
 
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape)
+
+
+def allocate(specs: Specs) -> dict[str, torch.Tensor]:
+    """Fresh CPU tensors of the dtypes and shapes in `specs`."""
+    return {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in specs.items()}
+
+
 class WeightSender:
     """Learner side: make `state_dict` at `version` available to every actor.
 
     With `wait=False` a sender may keep reading the tensors after `publish` returns, until
     `settle()`; senders that do not are done when `publish` returns.
     """
+
+    def stage(self, specs: Specs) -> dict[str, torch.Tensor]:
+        """CPU tensors for the caller to fill with the next version's weights and then `publish`.
+
+        A learner that gathers sharded weights one tensor at a time writes each straight
+        here; a sender that can hands out views of its own send buffers, so no other copy
+        of the whole model is made. This default allocates them.
+        """
+        return allocate(specs)
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
         raise NotImplementedError

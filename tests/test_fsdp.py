@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
+from learner.backend import FSDPBackend
+from learner.main import load_model
+from protocol.config import LearnerSection
+from protocol.transport import free_port
+from protocol.weights import allocate
 from tests.helpers import start_role
 from tests.test_resume import GROUPS, SETTINGS, STEPS, feed
 
@@ -44,3 +52,50 @@ def test_two_ranks_match_one_rank(tmp_path, endpoints, micro):
     for name, tensor in single_weights.items():
         np.testing.assert_allclose(double_weights[name], tensor, atol=2e-5, rtol=0, err_msg=name)
     assert "started 2 FSDP ranks" in (tmp_path / "two" / "learner.log").read_text()
+
+
+def _gather_on_rank(rank: int, port: int, model_dir, results) -> None:
+    """One FSDP rank: shard the tiny model, gather it on rank 0 into tensors a sender's `stage` handed out."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    backend = FSDPBackend(LearnerSection(world_size=2))
+    try:
+        model = backend.wrap(load_model(model_dir))
+        handed_out: dict[str, torch.Tensor] = {}
+
+        def stage(specs):
+            handed_out.update(allocate(specs))
+            return dict(handed_out)
+
+        state = backend.full_state_dict(model, stage if rank == 0 else None)
+        if rank == 0:
+            reference = load_model(model_dir).state_dict()
+            results.put({
+                "names": sorted(state) == sorted(reference),
+                "staged": sorted(handed_out),
+                "equal": all(torch.equal(state[n], reference[n].float()) for n in reference),
+                "in_place": all(any(state[n] is t for t in handed_out.values()) for n in state),
+                "tied": state["lm_head.weight"] is state["model.embed_tokens.weight"],
+            })  # fmt: skip
+        else:
+            results.put({"empty": state == {}})
+    finally:
+        backend.close()
+
+
+def test_sharded_weights_are_gathered_straight_into_the_staged_tensors(tiny_model_dir):
+    """Two gloo ranks: rank 0 gets the exact unsharded weights in the tensors `stage` gave it, tied ones once."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gather_on_rank, args=(rank, port, tiny_model_dir, results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    main = next(r for r in got if "names" in r)
+    assert {"empty": True} in got
+    assert main["names"] and main["equal"] and main["in_place"] and main["tied"]
+    assert "lm_head.weight" not in main["staged"] and "model.embed_tokens.weight" in main["staged"]  # asked for once

@@ -135,6 +135,41 @@ def test_a_version_published_without_waiting_arrives_exactly_while_it_is_packed(
         server.close()
 
 
+def specs_of(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {name: (t.dtype, tuple(t.shape)) for name, t in weights.items() if name != "lm_head.weight"}
+
+
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_weights_written_into_staged_buffers_are_served_from_there_without_a_copy(endpoints, mode):
+    """What a sharded learner does: ask for `stage`, gather each tensor into its view, publish the views."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=mode == "shm")
+    client = WeightClient(endpoints["weights"], "actor", timeout_s=10, shm=mode == "shm")
+    try:
+        for version in (1, 2, 3):
+            expected = state(version)
+            views = server.stage(specs_of(expected))
+            for name, view in views.items():
+                view.copy_(expected[name])
+            views["lm_head.weight"] = views["model.embed_tokens.weight"]  # a tied alias, as the gather returns it
+            server.publish(version, views, wait=False)
+            served = server._latest.flat
+            assert all(served.data_ptr() <= v.data_ptr() < served.data_ptr() + served.numel() for v in views.values())
+            got_version, got = client.fetch(have=version - 1)
+            server.settle()
+            assert got_version == version
+            assert_same(got, expected)
+        if mode == "shm":
+            assert len(our_segments(os.getpid())) == 2  # staged versions take the two segments in turn, as publish does
+        other = state(4)
+        server.stage(specs_of(other))
+        server.publish(4, other)  # not the staged views: copied as usual, the staged buffer reused
+        assert_same(client.fetch(have=3)[1], other)
+    finally:
+        client.close()
+        server.close()
+    assert our_segments(os.getpid()) == []
+
+
 def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "remote-actor", timeout_s=10)
