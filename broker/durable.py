@@ -73,9 +73,12 @@ class DurableLog:
         self.wal.retire(keys)
         self.wal.collect()
 
-    def roll_if_full(self, next_batch_id: int) -> None:
-        if self.wal.active_bytes >= self.wal.segment_bytes:
-            self.start_segment(next_batch_id)
+    def roll_if_full(self, next_batch_id: int) -> bool:
+        """Start a new segment once the active one is full (syncing the log); whether it did."""
+        if self.wal.active_bytes < self.wal.segment_bytes:
+            return False
+        self.start_segment(next_batch_id)
+        return True
 
     def start_segment(self, next_batch_id: int) -> None:
         self.wal.start_segment(_pack(self._snapshot(next_batch_id)))

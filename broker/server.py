@@ -104,14 +104,22 @@ class Broker:
             log.critical("the write-ahead log failed; stopping without acknowledging what it did not take", exc_info=True)
             raise
         finally:
-            if self.log is None or self.log.wal.failed is None:
-                self._commit(socket)
-            self.close()
+            failure = None
+            try:
+                try:
+                    if self.log is None or self.log.wal.failed is None:
+                        self._commit(socket)
+                finally:
+                    self.close()  # releases the log's lock whatever happened
+            except LogWriteError as err:  # a last sync failed: nothing more was acknowledged
+                failure = err
             self.write_stats()
             if self.guard is not None:
                 self.guard.close()
             socket.close(linger=0)
             log.info("broker stopped: %s", orjson.dumps(self.stats()).decode())
+            if failure is not None:
+                raise failure
 
     def _bind(self) -> zmq.Socket:
         """Bind the ROUTER once the port is free: a predecessor's socket (closed asynchronously
@@ -161,8 +169,8 @@ class Broker:
             settled = True
             if not send_reply(socket, identity, rid, m.ACK, reply):
                 self.counters["unreachable"] += 1
-        if settled:
-            self.log.roll_if_full(self.next_batch_id)
+        if settled and self.log.roll_if_full(self.next_batch_id):
+            self._settle(socket)  # the roll synced the log: every waiting ACK is durable now
 
     def _commit(self, socket: zmq.Socket) -> None:
         """Make every waiting sample durable now (one fsync, after the running one) and send their ACKs."""
@@ -192,7 +200,7 @@ class Broker:
             log.exception("internal error on a %s request", kind)
             self._reject(ProtocolError("internal_error", repr(err)))
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": "internal_error", "detail": repr(err)}, []
-        if reply_kind == m.ACK and self.log is not None and self.log.wal.dirty:
+        if reply_kind == m.ACK and reply["acked"] and self.log is not None and self.log.wal.dirty:  # refusals need no sync
             if self.pending_since is None:
                 self.pending_since = time.monotonic()
             self.pending.append((identity, rid, reply, self.log.wal.bytes_written))

@@ -65,7 +65,7 @@ class WriteAheadLog:
         self.active = -1
         self.bytes_written = 0  # appended since open, over all segments
         self.durable_bytes = 0  # how much of that a finished sync covers
-        self.running: tuple[Future, int, float] | None = None  # the sync on the sync thread: future, covers, started
+        self.running: tuple[Future, int] | None = None  # the sync on the sync thread, and how far it covers
         self.sync_thread = ThreadPoolExecutor(1, thread_name_prefix="wal-sync")
         self.wakeup_fd, self._wake = os.pipe()  # a byte arrives when a sync on the thread ends
         os.set_blocking(self.wakeup_fd, False)
@@ -133,9 +133,8 @@ class WriteAheadLog:
         self.finish_sync(wait=True)
         if not self.dirty:
             return
-        started, covers = time.perf_counter(), self.bytes_written
-        self._io(os.fdatasync, self.file.fileno())
-        self._synced(covers, started)
+        covers = self.bytes_written
+        self._synced(covers, self._io(_timed_fdatasync, self.file.fileno()))
 
     def start_sync(self) -> None:
         """Begin making everything appended so far durable on the sync thread; nothing to do while one runs.
@@ -145,9 +144,9 @@ class WriteAheadLog:
         """
         if self.running is not None or not self.dirty:
             return
-        future = self._io(self.sync_thread.submit, os.fdatasync, self.file.fileno())  # refused once the log failed
+        future = self._io(self.sync_thread.submit, _timed_fdatasync, self.file.fileno())  # refused once the log failed
         future.add_done_callback(lambda _: os.write(self._wake, b"."))
-        self.running = (future, self.bytes_written, time.perf_counter())
+        self.running = (future, self.bytes_written)
 
     def finish_sync(self, wait: bool = False) -> None:
         """Account for the sync on the thread once it has ended (`wait`: wait for it); LogWriteError if it failed."""
@@ -157,13 +156,12 @@ class WriteAheadLog:
             pass
         if self.running is None or not (wait or self.running[0].done()):
             return
-        future, covers, started = self.running
+        future, covers = self.running
         self.running = None
-        self._io(future.result)  # the fdatasync's OSError, if it failed
-        self._synced(covers, started)
+        self._synced(covers, self._io(future.result))  # the fdatasync's OSError, if it failed
 
-    def _synced(self, covers: int, started: float) -> None:
-        self.sync_seconds.append(time.perf_counter() - started)
+    def _synced(self, covers: int, seconds: float) -> None:
+        self.sync_seconds.append(seconds)
         self.syncs += 1
         self.durable_bytes = max(self.durable_bytes, covers)
 
@@ -201,16 +199,19 @@ class WriteAheadLog:
         }
 
     def close(self) -> None:
-        if self.file is not None:
-            if self.failed is None:
+        """Sync (unless the log failed) and release everything, the lock last, even if that sync fails."""
+        try:
+            if self.file is not None and self.failed is None:
                 self.sync()
-            self.file.close()
-            self.file = None
-        if not self.lock.closed:
-            self.sync_thread.shutdown()  # after the sync above: a sync still running ends first
-            os.close(self.wakeup_fd)
-            os.close(self._wake)
-        self.lock.close()  # releases the lock (so does the process dying)
+        finally:
+            if not self.lock.closed:
+                self.sync_thread.shutdown()  # a sync still running ends before its file is closed
+                os.close(self.wakeup_fd)
+                os.close(self._wake)
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+            self.lock.close()  # releases the lock (so does the process dying)
 
     def _io(self, call, *args):
         if self.failed is not None:
@@ -239,6 +240,13 @@ class WriteAheadLog:
                 f.truncate(end)
                 os.fsync(f.fileno())
         return len(data) - end
+
+
+def _timed_fdatasync(fd: int) -> float:
+    """fdatasync `fd`; the seconds it took (on the sync thread: the disk's time, not the loop's)."""
+    started = time.perf_counter()
+    os.fdatasync(fd)
+    return time.perf_counter() - started
 
 
 def split_frames(payload: memoryview) -> list[memoryview]:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from broker.server import Broker
 from protocol import messages as m
 from protocol.config import load_config
 from protocol.transport import Client, free_port
-from tests.test_broker import GROUP, VOCAB, get_batch, group_samples, send
+from tests.test_broker import GROUP, VOCAB, get_batch, group_samples, sample, send
 
 
 class Running:
@@ -117,6 +119,9 @@ def test_the_broker_keeps_answering_while_a_faked_slow_fsync_runs_and_acks_only_
     assert broker.client("other").request(m.PING, {"actor_id": "a1", "incarnation": "i1"}, timeout_s=2)[0] == m.STATUS
     assert time.monotonic() - started < 1.0
     second = actor.post(m.SAMPLES, body, samples=group_samples(1, 4))
+    bad = [sample(100, 9, 0, completion_ids=np.array([1, VOCAB + 1], dtype=np.int32))]  # rejected: nothing to make durable
+    _, rejected, _ = broker.client("bad").request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i2"}, samples=bad, timeout_s=1)
+    assert rejected["acked"] == [] and rejected["rejected"] == [[100, "token_out_of_vocab"]]
     assert actor.collect(wait_s=0.3) == [], "no ACK before its fsync"
     release.set()
     replies = []
@@ -125,6 +130,31 @@ def test_the_broker_keeps_answering_while_a_faked_slow_fsync_runs_and_acks_only_
         replies += actor.collect(wait_s=0.5)
     assert [(r[0], r[1]["rid"], r[1]["acked"]) for r in replies] == [(m.ACK, first, [0, 1, 2, 3]), (m.ACK, second, [4, 5, 6, 7])]
     assert broker.stats()["fsyncs"] - stats_before == 2  # the second message could not join the running sync
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the broker thread dies on purpose
+def test_a_sync_failing_as_the_broker_stops_acknowledges_nothing_and_releases_the_log(running, monkeypatch):
+    broker = running()
+    release, real_fdatasync = threading.Event(), os.fdatasync
+
+    def failing_disk(fd):
+        release.wait(10)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_disk)
+    actor = broker.client("actor")
+    actor.post(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(0, 0))
+    time.sleep(0.3)  # taken, its sync held
+    broker.stop_event.set()
+    time.sleep(0.3)  # the loop has ended: the broker waits for that sync while it stops
+    release.set()
+    broker.thread.join(5)
+    assert not broker.thread.is_alive() and actor.collect(wait_s=0.5) == []
+    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+    stopped = broker.server  # still referenced: its lock must be released by closing, not by garbage collection
+    broker.start()  # the unacknowledged samples may or may not be in the log
+    assert stopped.log.wal.lock.closed
+    assert broker.stats()["replayed"] in (0, 4)
 
 
 def test_stale_and_expired_samples_are_not_replayed(running):
