@@ -115,11 +115,15 @@ class WeightServer(WeightSender):
 
     def _take_staged(self, tensors: dict[str, torch.Tensor]) -> Published | None:
         """The staged version if `tensors` are exactly its views (else its buffer goes back to be reused)."""
-        if self._staged is not None:
-            published, views = self._staged
-            if views.keys() == tensors.keys() and all(tensors[name].data_ptr() == view.data_ptr() for name, view in views.items()):
-                self._staged = None
-                return published
+        if self._staged is None:
+            return None
+        published, views = self._staged
+        if views.keys() == tensors.keys() and all(tensors[name].data_ptr() == view.data_ptr() for name, view in views.items()):
+            self._staged = None
+            return published
+        start, end = published.flat.data_ptr(), published.flat.data_ptr() + published.flat.numel()
+        if any(start <= tensor.data_ptr() < end for tensor in tensors.values()):  # packing would copy it onto itself
+            raise ValueError("publish got some of the tensors `stage` handed out, but not exactly them")
         self._return_staged()
         return None
 

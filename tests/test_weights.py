@@ -161,7 +161,9 @@ def test_weights_written_into_staged_buffers_are_served_from_there_without_a_cop
         if mode == "shm":
             assert len(our_segments(os.getpid())) == 2  # staged versions take the two segments in turn, as publish does
         other = state(4)
-        server.stage(specs_of(other))
+        views = server.stage(specs_of(other))
+        with pytest.raises(ValueError, match="not exactly them"):  # packing would copy the buffer onto itself
+            server.publish(4, {**other, "model.norm.weight": views["model.norm.weight"]})
         server.publish(4, other)  # not the staged views: copied as usual, the staged buffer reused
         assert_same(client.fetch(have=3)[1], other)
     finally:
