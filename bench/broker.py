@@ -162,7 +162,9 @@ def _ours_sender(endpoint: str, samples: list[Sample], batch: int, in_flight: in
                 time.sleep(0.0005)
                 credits = client.request(m.PING, body, timeout_s=60)[1]["credits"]
                 continue
-            for _, reply, _ in client.collect(wait_s=60):
+            replies = client.collect(wait_s=60)
+            assert replies, "no acknowledgement within 60 s"
+            for _, reply, _ in replies:
                 t0, seqs = posted.pop(reply["rid"])
                 latencies.append(time.perf_counter() - t0)
                 assert reply["acked"] == seqs, reply.get("rejected") or reply.get("refused")
