@@ -62,6 +62,10 @@ def run(steps: int, actors: int, mode: list[str], workdir: Path) -> dict:
         "samples_per_s": sum(r["samples"] for r in steady) / span,
         "learner_train_frac": sum(r["train_seconds"] for r in steady) / span,
         "train_seconds_per_step": sum(r["train_seconds"] for r in steady) / len(steady),
+        # flat groups (every reward equal) have no advantage and are skipped: a run that learns faster trains more samples per step
+        "trained_samples_per_step": sum(r["trained_samples"] for r in steady) / len(steady),
+        "tokens_per_step": sum(r["tokens"] for r in steady) / len(steady),
+        "train_ms_per_trained_sample": 1000 * sum(r["train_seconds"] for r in steady) / max(1, sum(r["trained_samples"] for r in steady)),
         "learner_wait_frac": sum(r["wait_seconds"] for r in steady) / span,
         "lag_mean": statistics.mean(r["lag_mean"] for r in steady),
         "dropped_stale": rows[-1]["dropped_stale"],
