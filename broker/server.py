@@ -16,7 +16,6 @@ restarted broker replays the log (broker/durable.py).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import socket as socket_module
 import threading
@@ -35,6 +34,7 @@ from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.curve import Guard
 from protocol.errors import ProtocolError
+from protocol.memory import keep_freed_memory
 from protocol.sample import Sample
 from protocol.transport import bind_router, send_frames, send_reply
 from protocol.wire import decode, encode_samples, samples_from
@@ -46,7 +46,6 @@ Owner = tuple[str, str]  # (actor id, incarnation)
 PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
 MAX_WAIT_MS = 60_000
 REJECT_LOG_S = 1.0  # at most one log line per second about rejected input
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 class Broker:
@@ -407,21 +406,6 @@ class Broker:
             tmp = self.stats_path.with_suffix(".tmp")
             tmp.write_bytes(orjson.dumps(self.stats(), option=orjson.OPT_INDENT_2))
             tmp.replace(self.stats_path)
-
-
-def keep_freed_memory(trim_bytes: int = 256 << 20) -> bool:
-    """Let glibc reuse freed message buffers instead of giving them back to the kernel; False where there is no glibc.
-
-    libzmq mallocs every message. With glibc's defaults a large one is mmapped, or trimmed off
-    the top of the heap once freed, so the next message faults its pages in again. Blocks up to
-    32 MB (glibc's largest mmap threshold) come from the heap, and up to `trim_bytes` of it stay
-    free for reuse (tests/test_broker.py checks where a 1 MB block comes from).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, trim_bytes))
 
 
 def _actor_id(body: dict[str, Any]) -> str:

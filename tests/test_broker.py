@@ -218,7 +218,7 @@ def test_a_group_that_completes_a_waiting_batch_shares_its_fsync(broker):
 
 MMAPPED_BLOCKS = """
 import ctypes, sys
-from broker.server import keep_freed_memory
+from protocol.memory import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
