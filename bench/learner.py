@@ -25,6 +25,7 @@ from learner.loss import group_advantages, token_logprobs
 from learner.main import load_model
 from learner.trainer import Trainer
 from protocol.config import load_config
+from protocol.memory import LEARNER_TRIM_BYTES, keep_freed_memory
 from protocol.models import resolve_model
 from protocol.sample import Sample
 
@@ -89,6 +90,7 @@ def main() -> None:
     if args.quick:
         args.model, args.steps = "builtin:tiny-random", 2
     torch.set_num_threads(1)
+    keep_freed_memory(LEARNER_TRIM_BYTES)  # as the learner process does; the plain loop runs with it too
     model_dir = resolve_model(args.model)
     batches = make_batches(args.steps + 1, groups=4, n=8, prompt=48, completion=16)
     config = load_config(None, ["train.lr=1e-5", "train.micro_batch_size=8", "loss.clip_high=0.2"])

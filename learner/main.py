@@ -28,6 +28,7 @@ from protocol import messages as m
 from protocol.config import RunConfig
 from protocol.curve import curve_keys_dir
 from protocol.errors import PeerRefused, RoleFailed
+from protocol.memory import LEARNER_TRIM_BYTES, keep_freed_memory
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightSender
@@ -112,6 +113,7 @@ def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threadi
     Under FSDP every rank runs this; only the main rank talks to the broker, publishes
     weights and writes metrics and checkpoints.
     """
+    keep_freed_memory(LEARNER_TRIM_BYTES)  # a step's activations are reused the next step, not faulted in again
     backend = make_backend(config.learner)
     try:
         _run(config, model_dir, run_dir, stop, resume, backend)

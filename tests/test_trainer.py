@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from learner import trainer as trainer_module
 from learner.batch import collate
 from learner.loss import Normalizer, group_advantages, policy_loss, token_logprobs
 from learner.main import batch_metrics, load_model
@@ -156,16 +157,41 @@ def test_logits_only_at_completion_positions_give_the_full_forwards_logprobs(tin
     model = load_model(tiny_model_dir)
     samples = [s for g in make_groups(model, num_groups=2) for s in g]
     batch = collate(samples, torch.zeros(len(samples)), pack=pack)
-    computed = []
-    model.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.shape[1]))
+    computed = []  # positions the head ran at, per call (it runs over chunks of positions)
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.shape[:-1].numel()))
     with torch.no_grad():
         logprobs, _ = forward_logprobs(model, batch, 1.0)
+    hook.remove()
     expected = torch.tensor([sequence_logprob(model, s) for s in samples])
     torch.testing.assert_close((logprobs * batch.mask).sum(dim=1), expected, atol=1e-4, rtol=0)
     completion_tokens = sum(len(s.completion_ids) for s in samples)
-    assert computed[0] < batch.input_ids.shape[1] - 1  # fewer positions than the rows hold
+    assert sum(computed) < batch.input_ids.numel() - batch.input_ids.shape[0]  # fewer positions than the rows hold
     if pack:  # one row: exactly one position per completion token
-        assert computed[0] == completion_tokens
+        assert sum(computed) == completion_tokens
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_head_in_chunks_gives_the_one_piece_logprobs_entropies_and_gradients(tiny_model_dir, pack, monkeypatch):
+    """Chunks of 3 positions against the whole [B, K, vocab] block at once (`logits_to_keep`), forward and backward."""
+    results = []
+    for chunked in (True, False):
+        model = load_model(tiny_model_dir)
+        samples = [s for g in make_groups(model, num_groups=2) for s in g]
+        batch = collate(samples, torch.zeros(len(samples)), pack=pack)
+        monkeypatch.setattr(trainer_module, "HEAD_CHUNK_BYTES", 3 * 4 * model.lm_head.out_features)
+        monkeypatch.setattr(trainer_module, "PLAIN_HEADS", trainer_module.PLAIN_HEADS if chunked else frozenset())
+        calls = []
+        hook = model.lm_head.register_forward_hook(lambda module, args, out, calls=calls: calls.append(out.shape[:-1].numel()))
+        logprobs, entropies = forward_logprobs(model, batch, 0.7, entropy=True)
+        (logprobs * batch.mask).sum().backward()
+        hook.remove()
+        results.append((logprobs.detach(), entropies.detach(), model.lm_head.weight.grad, model.model.layers[0].self_attn.q_proj.weight.grad, calls))
+    (lp, ent, head_grad, layer_grad, calls), (lp1, ent1, head_grad1, layer_grad1, calls1) = results
+    assert len(calls1) == 1 and len(calls) > 1 and max(calls) <= 3 and sum(calls) == sum(calls1)
+    torch.testing.assert_close(lp, lp1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ent1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(head_grad, head_grad1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer_grad, layer_grad1, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("budget", [40, 1000])
