@@ -238,8 +238,8 @@ def _head(model: torch.nn.Module, batch: MicroBatch, targets: torch.Tensor, temp
     Where the head is a plain linear layer on an unsharded model, it runs over chunks of at
     most `HEAD_CHUNK_BYTES` of logits. glibc then serves every buffer of the head, forward
     and backward, from its heap and reuses it the next step (`keep_freed_memory`), instead of
-    mmapping and faulting in the 300 MB pieces of one [B, K, vocab] block each time: on 2 CPU
-    cores the tiny config's step took 0.70 instead of 1.55 s (docs/status.md).
+    mmapping and faulting in the 300 MB pieces of one [B, K, vocab] block each time
+    (`bench/e2e.py`'s `train_ms_per_trained_sample`; docs/status.md).
     """
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     if type(model).__name__ not in PLAIN_HEADS or hasattr(model.lm_head.weight, "full_tensor"):  # FSDP: the root's forward unshards

@@ -88,9 +88,7 @@ class WeightServer(WeightSender):
         if published is not None:
             tensors = None  # already in place: the packer only computes checksums
         else:
-            manifest = plan(tensors, self.bucket_bytes, version)
-            flat, segment = self._staging(manifest.total_bytes)
-            published = Published(manifest, flat, bucket_views(flat, manifest), segment)
+            published = self._lay_out(plan(tensors, self.bucket_bytes, version))
         published.manifest.version = version
         with self._lock:
             old, self._latest = self._latest, published
@@ -106,12 +104,15 @@ class WeightServer(WeightSender):
         self.settle()
         self._return_staged()
         meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (dtype, shape) in specs.items()}
-        manifest = plan(meta, self.bucket_bytes, version=-1)
-        flat, segment = self._staging(manifest.total_bytes)
-        published = Published(manifest, flat, bucket_views(flat, manifest), segment)
-        views = unpack(manifest, published.buckets)
+        published = self._lay_out(plan(meta, self.bucket_bytes, version=-1))  # publish sets the version
+        views = unpack(published.manifest, published.buckets)
         self._staged = (published, views)
         return dict(views)
+
+    def _lay_out(self, manifest: Manifest) -> Published:
+        """A version laid out as `manifest` says, in the spare buffer when it is big enough."""
+        flat, segment = self._staging(manifest.total_bytes)
+        return Published(manifest, flat, bucket_views(flat, manifest), segment)
 
     def _take_staged(self, tensors: dict[str, torch.Tensor]) -> Published | None:
         """The staged version if `tensors` are exactly its views (else its buffer goes back to be reused)."""
