@@ -6,19 +6,24 @@ checks all of it, so a bad message is a named `ProtocolError` and never a crash 
 silently wrong tensor. Arrays are received with `np.frombuffer`, so large frames are
 not copied.
 
-Samples travel columnar (schema version 2): whatever the sample count, a samples
-message has four array frames (`SAMPLE_FRAMES`): every prompt's token ids
-concatenated (<i4), every completion's (<i4), every behaviour log-prob (<f4), and a
-<i4 array of shape (3, n) with each sample's prompt, completion and log-prob lengths.
-The per-sample metadata is the body's `samples` map of columns, one list per field
-(`{"seq": [...], "reward": [...], ...}`). Validation runs over the whole message at
-once; see `samples_from` for which defects cost one sample and which the message.
+Samples travel columnar (schema version 3): whatever the sample count, a samples
+message has four array frames (`SAMPLE_FRAMES`): the token ids of each distinct
+prompt once (<i4; the samples of a GRPO group share their prompt, so it is sent once
+per group, not once per sample), every completion's token ids concatenated (<i4),
+every behaviour log-prob (<f4), and the layout, a <i4 array of shape (4, n) with each
+sample's prompt start and length, completion length and log-prob length. The
+per-sample metadata is the body's `samples` map of columns, one list per field
+(`{"seq": [...], "reward": [...], ...}`); a column whose values are all the same (one
+actor, one policy version) may be sent as a list of that one value. Validation runs
+over the whole message at once; see `samples_from` for which defects cost one sample
+and which the message.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from itertools import accumulate
 from operator import attrgetter
 from typing import Any
 
@@ -29,9 +34,10 @@ import xxhash
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ALLOWED_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4"), "<i8": np.dtype("<i8"), "|u1": np.dtype("|u1")}
-SAMPLE_FRAMES = 4  # prompt ids, completion ids, log-probs (each all samples concatenated), lengths (3, n)
+SAMPLE_FRAMES = 4  # prompt ids (each distinct prompt once), completion ids, log-probs (each all samples concatenated), layout
+LAYOUT_ROWS = 4  # per sample: prompt start, prompt length, completion length, log-prob length
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")
 _INT, _STR = frozenset({int}), frozenset({str})
 _SAMPLE_FIELDS: dict[str, frozenset[type]] = {  # exact types: msgpack decodes to exactly these, and bool is no int
@@ -48,6 +54,7 @@ _SAMPLE_FIELDS: dict[str, frozenset[type]] = {  # exact types: msgpack decodes t
     "metadata": frozenset({dict}),
 }
 _FIELD_NAMES = tuple(_SAMPLE_FIELDS)
+_FOLDABLE = frozenset({"group_id", "group_size", "version_start", "version_end", "actor_id", "incarnation", "finish_reason"})
 _meta_of = attrgetter(*_FIELD_NAMES)
 
 
@@ -118,15 +125,38 @@ def encode_samples(kind: str, samples: list[Sample], extra: dict[str, Any] | Non
     """A message carrying `samples` (four array frames and a map of metadata columns) plus any `extra` body fields."""
     n = len(samples)
     rows = list(map(_meta_of, samples))
-    columns = {name: list(column) for name, column in zip(_FIELD_NAMES, zip(*rows))} if n else {name: [] for name in _FIELD_NAMES}
+    columns = {name: _folded(name, list(column)) for name, column in zip(_FIELD_NAMES, zip(*rows))} if n else {name: [] for name in _FIELD_NAMES}
     prompts = [s.prompt_ids for s in samples]
+    distinct, starts = _distinct(prompts)
     completions = [s.completion_ids for s in samples]
     logprobs = [s.behavior_logprobs for s in samples]
-    lengths = np.empty((3, n), dtype=_I4)
-    for row, parts in zip(lengths, (prompts, completions, logprobs)):
+    layout = np.empty((LAYOUT_ROWS, n), dtype=_I4)
+    layout[0] = starts
+    for row, parts in zip(layout[1:], (prompts, completions, logprobs)):
         row[:] = np.fromiter(map(len, parts), _I4, n)
-    arrays = [_concat(prompts, _I4), _concat(completions, _I4), _concat(logprobs, _F4), lengths]
+    arrays = [_concat(distinct, _I4), _concat(completions, _I4), _concat(logprobs, _F4), layout]
     return encode(kind, {**(extra or {}), "samples": columns}, arrays)
+
+
+def _folded(name: str, column: list) -> list:
+    """`[value]` for a column whose values are all the same value of the same type (one actor, one version), else the column."""
+    if name in _FOLDABLE and len(column) > 1 and column.count(column[0]) == len(column) and len(set(map(type, column))) == 1:
+        return column[:1]
+    return column
+
+
+def _distinct(prompts: list) -> tuple[list, list[int]]:
+    """Each prompt object once, in order (the samples of a group share theirs), and where each sample's starts."""
+    start_of: dict[int, int] = {}
+    distinct, starts, offset = [], [], 0
+    for prompt in prompts:
+        start = start_of.get(id(prompt))
+        if start is None:
+            start = start_of[id(prompt)] = offset
+            offset += len(prompt)
+            distinct.append(prompt)
+        starts.append(start)
+    return distinct, starts
 
 
 def _concat(parts: list, dtype: np.dtype) -> np.ndarray:
@@ -146,28 +176,29 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     """Rebuild and validate each sample; a bad one becomes a ProtocolError in its slot, carrying its seq.
 
     Whole-message errors (raised): `frame_count` when the body's `samples` is not a map of
-    lists of one length per sample or there are not exactly `SAMPLE_FRAMES` arrays;
-    `bad_shape` when the lengths array is not <i4 of shape (3, n) with n the column length,
-    holds a negative length, or its rows do not sum to the sizes of the (1-D) frames.
+    lists, each of one value per sample or one value for all, or there are not exactly
+    `SAMPLE_FRAMES` arrays; `bad_shape` when the layout array is not <i4 of shape
+    (LAYOUT_ROWS, n) with n the column length, holds a negative value, its completion and
+    log-prob lengths do not sum to the sizes of the (1-D) frames, or the prompts' spans do
+    not tile the prompt frame (`_prompt_views`).
     Per sample (in its slot, the first defect in this order): `bad_sample` (missing,
-    unknown or mistyped field, which for a missing or unknown column is every sample;
-    negative seq), `bad_dtype` (a data frame of the wrong dtype: every sample of the
+    unknown or mistyped field, which for a missing, unknown or one-value column is every
+    sample; negative seq), `bad_dtype` (a data frame of the wrong dtype: every sample of the
     message), `length_mismatch`, `empty_sequence`, `bad_logprobs`, `bad_reward`,
     `token_out_of_vocab`, `bad_sample` (index outside [0, group_size), versions not
-    0 <= start <= end). Good samples hold zero-copy views into the received frames.
+    0 <= start <= end). Good samples hold zero-copy views into the received frames, and
+    samples that shared a prompt share one view of it.
     """
-    columns = body.get("samples")
-    prompt, completion, logprobs, lengths = _checked_layout(columns, arrays)
-    n = lengths.shape[1]
-    errors = _defects(columns, prompt, completion, logprobs, lengths, vocab_size)
-    bounds = np.zeros((3, n + 1), dtype=np.int64)  # per frame, where each sample starts and ends
-    np.cumsum(lengths, axis=1, out=bounds[:, 1:])
-    po, co, lo = bounds.tolist()
-    prompts = [prompt[a:b] for a, b in zip(po, po[1:])]
-    completions = [completion[a:b] for a, b in zip(co, co[1:])]
-    logprob_parts = [logprobs[a:b] for a, b in zip(lo, lo[1:])]
+    sent = body.get("samples")
+    prompt, completion, logprobs, layout = _checked_layout(sent, arrays)
+    starts, prompt_lengths, completion_lengths, logprob_lengths = layout
+    n = len(starts)
+    views = _prompt_views(prompt, starts, prompt_lengths)
+    columns = per_sample_columns(sent, n)
+    errors = _defects(sent, columns, prompt, completion, logprobs, layout, vocab_size)
+    prompts = list(map(views.__getitem__, starts)) if 0 not in prompt_lengths else [prompt[a : a + b] for a, b in zip(starts, prompt_lengths)]
     fields = [columns.get(name) or [None] * n for name in _FIELD_NAMES]  # a missing column fails every sample
-    out: list[Sample | ProtocolError] = list(map(Sample, prompts, completions, logprob_parts, *fields))
+    out: list[Sample | ProtocolError] = list(map(Sample, prompts, _cut(completion, completion_lengths), _cut(logprobs, logprob_lengths), *fields))
     seqs = columns.get("seq")
     for i, err in errors.items():
         err.seq = seqs[i] if seqs is not None else None
@@ -175,31 +206,71 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     return out
 
 
-def _checked_layout(columns: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """The four frames of a samples message, after the checks whose failure costs the whole message."""
+def _cut(frame: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+    """Views of consecutive pieces of `frame` with these lengths."""
+    bounds = list(accumulate(lengths, initial=0))
+    return [frame[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _prompt_views(frame: np.ndarray, starts: list[int], lengths: list[int]) -> dict[int, np.ndarray]:
+    """One view per distinct non-empty prompt span, by start; the spans must tile the prompt frame.
+
+    Every prompt token then belongs to some sample, and only once: no span reaches
+    outside the frame, spans never overlap, and a message holds no bytes that its
+    samples do not account for. Empty prompts take no part (each is a per-sample
+    `empty_sequence`). A tiling in any order is accepted; the encoder's is in order.
+    """
+    if 0 in lengths:
+        starts, lengths = [a for a, b in zip(starts, lengths) if b], [b for b in lengths if b]
+    spans = dict(zip(starts, lengths))
+    end = 0
+    if all(map(operator.eq, map(spans.__getitem__, starts), lengths)):  # one length per start
+        for start in sorted(spans):
+            if start != end:
+                break
+            end += spans[start]
+        else:
+            if end == frame.size:
+                return {start: frame[start : start + length] for start, length in spans.items()}
+    raise ProtocolError("bad_shape", f"the prompt spans do not tile the prompt frame of {frame.size} tokens")
+
+
+def per_sample_columns(columns: dict[str, list], n: int) -> dict[str, list]:
+    """A samples body's columns with one value per sample (a column sent as one value for all, repeated)."""
+    return {name: column * n if len(column) != n else column for name, column in columns.items()}
+
+
+def _checked_layout(columns: Any, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    """The three data frames of a samples message and its layout as lists, after the checks whose
+    failure costs the whole message (on lists: a message holds few samples, and numpy's calls cost more)."""
     if not isinstance(columns, dict) or len(arrays) != SAMPLE_FRAMES:
         raise ProtocolError("frame_count", f"a samples message needs a map of columns and {SAMPLE_FRAMES} arrays")
-    prompt, completion, logprobs, lengths = arrays
-    if lengths.dtype != _I4 or lengths.ndim != 2 or lengths.shape[0] != 3:
-        raise ProtocolError("bad_shape", f"sample lengths must be <i4 of shape (3, n), not {lengths.dtype.str} {lengths.shape}")
-    n = lengths.shape[1]
+    prompt, completion, logprobs, layout = arrays
+    if layout.dtype != _I4 or layout.ndim != 2 or layout.shape[0] != LAYOUT_ROWS:
+        raise ProtocolError("bad_shape", f"the sample layout must be <i4 of shape ({LAYOUT_ROWS}, n), not {layout.dtype.str} {layout.shape}")
+    n = layout.shape[1]
     for name, column in columns.items():
-        if type(column) is not list or len(column) != n:
-            raise ProtocolError("frame_count", f"column {name!r} is not a list of {n} values (one per sample)")
+        if type(column) is not list or not (len(column) == n or (n > 1 and len(column) == 1)):
+            raise ProtocolError("frame_count", f"column {name!r} is not a list of {n} values (one per sample) or of one (for all)")
     if prompt.ndim != 1 or completion.ndim != 1 or logprobs.ndim != 1:
         raise ProtocolError("bad_shape", "prompt ids, completion ids and log-probs must each be one flat array")
-    if n and int(lengths.min()) < 0:
-        raise ProtocolError("bad_shape", "sample lengths must not be negative")
-    totals = lengths.sum(axis=1).tolist()
-    if totals != [prompt.size, completion.size, logprobs.size]:
-        raise ProtocolError("bad_shape", f"sample lengths sum to {totals}, frames hold {[prompt.size, completion.size, logprobs.size]}")
-    return arrays
+    rows = layout.tolist()
+    if n and min(map(min, rows)) < 0:
+        raise ProtocolError("bad_shape", "the sample layout must not hold negative starts or lengths")
+    totals = [sum(rows[2]), sum(rows[3])]
+    if totals != [completion.size, logprobs.size]:
+        raise ProtocolError("bad_shape", f"sample lengths sum to {totals}, frames hold {[completion.size, logprobs.size]}")
+    return prompt, completion, logprobs, rows
 
 
-def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray,
+def _defects(sent: dict, columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs: np.ndarray, layout: list[list[int]],
              vocab_size: int | None) -> dict[int, ProtocolError]:  # fmt: skip
-    """Each bad sample's first defect, by sample index; one vectorised pass per array over the whole message."""
-    n = lengths.shape[1]
+    """Each bad sample's first defect, by sample index; one vectorised pass per array over the whole message.
+
+    `sent` holds the columns as they came (one value for all samples, or one per sample),
+    `columns` one value per sample; `layout` the rows of the layout array.
+    """
+    n = len(layout[0])
     errors: dict[int, ProtocolError] = {}  # sample index -> its first defect
 
     def fail(indices, reason: str, detail: str) -> None:
@@ -208,15 +279,16 @@ def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs
                 errors[i] = ProtocolError(reason, detail)
 
     # metadata: every column present and known, every value of the right type
-    unknown = sorted(map(str, set(columns) - set(_SAMPLE_FIELDS)))
+    unknown = sorted(map(str, set(sent) - set(_SAMPLE_FIELDS)))
     if unknown:
         fail(range(n), "bad_sample", f"unknown sample fields {unknown}")
     for name, kinds in _SAMPLE_FIELDS.items():
-        column = columns.get(name)
+        column = sent.get(name)
         if column is None:
             fail(range(n), "bad_sample", f"field {name!r} is missing")
         elif not kinds.issuperset(map(type, column)):
-            fail([i for i, v in enumerate(column) if type(v) not in kinds], "bad_sample", f"field {name!r} is not {'/'.join(sorted(t.__name__ for t in kinds))}")
+            bad = [i for i, v in enumerate(columns[name]) if type(v) not in kinds]
+            fail(bad, "bad_sample", f"field {name!r} is not {'/'.join(sorted(t.__name__ for t in kinds))}")
     # with every value of the right type, the checks below run over whole columns in C (map, min, sum) first
     all_typed = not errors
     typed = range(n) if all_typed else [i for i in range(n) if i not in errors]  # values safe to compare
@@ -227,22 +299,22 @@ def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs
     if prompt.dtype != _I4 or completion.dtype != _I4 or logprobs.dtype != _F4:
         fail(range(n), "bad_dtype", "expected int32 prompt/completion ids and float32 log-probs")
     else:
-        prompt_len, completion_len, logprob_len = lengths
-        if not np.array_equal(completion_len, logprob_len):
-            fail(np.flatnonzero(completion_len != logprob_len).tolist(), "length_mismatch", "completion and log-probs differ in length")
-        if n and (int(prompt_len.min()) == 0 or int(completion_len.min()) == 0):
-            fail(np.flatnonzero((prompt_len == 0) | (completion_len == 0)).tolist(), "empty_sequence", "prompt and completion must each hold at least one token")
+        starts, prompt_len, completion_len, logprob_len = layout
+        if completion_len != logprob_len:
+            fail([i for i, (a, b) in enumerate(zip(completion_len, logprob_len)) if a != b], "length_mismatch", "completion and log-probs differ in length")
+        if 0 in prompt_len or 0 in completion_len:
+            fail([i for i, (a, b) in enumerate(zip(prompt_len, completion_len)) if not (a and b)], "empty_sequence", "prompt and completion must each hold at least one token")
         if logprobs.size and not (math.isfinite(float(logprobs.min())) and float(logprobs.max()) <= 1e-4):  # NaN makes both NaN
             bad = ~(np.isfinite(logprobs) & (logprobs <= 1e-4))
-            fail(_owners(bad, logprob_len, n), "bad_logprobs", "behavior log-probs must be finite and <= 0")
+            fail(_owners(bad, None, logprob_len), "bad_logprobs", "behavior log-probs must be finite and <= 0")
         rewards = columns.get("reward")
         if rewards is not None and not (all_typed and math.isfinite(sum(rewards))):  # a sum overflowing to inf only costs the loop
             fail([i for i in typed if not math.isfinite(rewards[i])], "bad_reward", "reward is not finite")
-        for ids, lens in ((prompt, prompt_len), (completion, completion_len)):
+        for ids, span in ((prompt, (starts, prompt_len)), (completion, (None, completion_len))):
             # one pass: as uint32 a negative id is >= 2**31, so max < vocab_size means all lie in [0, vocab_size)
             if ids.size and (int(ids.min()) < 0 if vocab_size is None else int(ids.view(np.uint32).max()) >= vocab_size):
                 bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
-                fail(_owners(bad, lens, n), "token_out_of_vocab", f"token ids must lie in [0, {vocab_size})")
+                fail(_owners(bad, *span), "token_out_of_vocab", f"token ids must lie in [0, {vocab_size})")
     if typed:
         index, size, start, end = columns["index"], columns["group_size"], columns["version_start"], columns["version_end"]
         in_order = all_typed and min(index) >= 0 and min(start) >= 0
@@ -255,7 +327,10 @@ def _defects(columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs
     return errors
 
 
-def _owners(bad: np.ndarray, lens: np.ndarray, n: int) -> list[int]:
-    """Which samples own the flagged elements of a concatenated array with per-sample `lens`."""
-    counts = np.bincount(np.repeat(np.arange(n), lens)[bad], minlength=n)
-    return np.flatnonzero(counts).tolist()
+def _owners(bad: np.ndarray, starts: list[int] | None, lengths: list[int]) -> list[int]:
+    """The samples whose span of a frame holds a flagged element (spans laid end to end when `starts` is None)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths if starts is None else np.asarray(starts, dtype=np.int64)
+    hits = np.zeros(bad.size + 1, dtype=np.int64)
+    np.cumsum(bad, out=hits[1:])
+    return np.flatnonzero(hits[starts + lengths] > hits[starts]).tolist()

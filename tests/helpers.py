@@ -21,7 +21,7 @@ import zmq
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
 from protocol.transport import bind_router, free_port
-from protocol.wire import decode, encode, encode_samples, samples_from
+from protocol.wire import decode, encode, encode_samples, per_sample_columns, samples_from
 from tests.conftest import ROOT
 
 # the vocabulary size the wire tests validate tokens against, and a sample's metadata fields in wire order
@@ -97,6 +97,7 @@ def relay(samples: list[Sample], patch: Callable[[dict[str, list]], None] | None
     """Encode, send, let `patch` tamper with the metadata columns, re-encode, send, validate."""
     _, body, arrays = decode(over_wire(encode_samples("samples", samples)))
     if patch is not None:
+        body["samples"] = per_sample_columns(body["samples"], len(samples))
         patch(body["samples"])
         _, body, arrays = decode(over_wire(encode("samples", body, arrays)))
     return samples_from(body, arrays, vocab_size)

@@ -45,12 +45,14 @@ ARRAYS = ("prompt_ids", "completion_ids", "behavior_logprobs")
 
 
 def samples_message(samples: list[Sample], actor: str, body: dict | None = None) -> list[bytes]:
-    """Like encode_samples (schema 2: metadata columns, each array kind concatenated, then the (3, n) lengths),
-    but each array is sent with the dtype it has (encode_samples would convert); `body` overrides body fields."""
+    """Like encode_samples (schema 3: metadata columns, each array kind concatenated, then the (4, n) layout), but
+    prompts are not shared and each array is sent with the dtype it has (encode_samples would convert);
+    `body` overrides body fields."""
     arrays = [np.concatenate([getattr(s, name) for s in samples]) for name in ARRAYS]
-    lengths = np.array([[len(getattr(s, name)) for s in samples] for name in ARRAYS], dtype="<i4")
+    lengths = [[len(getattr(s, name)) for s in samples] for name in ARRAYS]
+    layout = np.array([np.cumsum([0, *lengths[0][:-1]]), *lengths], dtype="<i4")
     body = {"actor_id": actor, "incarnation": "i0", "samples": _columns(samples), **(body or {})}
-    return [bytes(f) for f in encode(m.SAMPLES, body, [*arrays, lengths])]
+    return [bytes(f) for f in encode(m.SAMPLES, body, [*arrays, layout])]
 
 
 def _meta(sample: Sample) -> dict:
@@ -108,7 +110,7 @@ def _bad_message(draw, kind: str, seq: int, base: list[bytes]) -> tuple[list[byt
         chunk = np.zeros(draw(st.integers(MAX_BYTES // 2 + 1, MAX_BYTES - 1024)), dtype="|u1")
         return [bytes(f) for f in encode(m.SAMPLES, {"actor_id": "bad"}, [chunk, chunk])], "too_large"
     if kind == "version":
-        version = draw(st.sampled_from([0, 1, 3, -1, 1 << 40, "2", 2.0, None, True]))
+        version = draw(st.sampled_from([0, 1, 2, 4, -1, 1 << 40, "3", 3.0, None, True]))
         return with_header(base, v=version), "schema_version"
     if kind == "foreign_dtype":
         specs = header(base)["arrays"]
@@ -125,14 +127,14 @@ def _bad_message(draw, kind: str, seq: int, base: list[bytes]) -> tuple[list[byt
     sample = bad_sample(seq)
     if kind == "bad_lengths":  # the lengths disagree with the frames: which bytes are whose is unknown
         offset = draw(st.sampled_from([-3, -2, -1, 1, 2, 5]))  # the prompt holds 3 tokens
-        lengths = np.array([[len(sample.prompt_ids) + offset], [2], [2]], dtype="<i4")
-        arrays = [sample.prompt_ids, sample.completion_ids, sample.behavior_logprobs, lengths]
+        layout = np.array([[0], [len(sample.prompt_ids) + offset], [2], [2]], dtype="<i4")
+        arrays = [sample.prompt_ids, sample.completion_ids, sample.behavior_logprobs, layout]
         body = {"actor_id": "bad", "incarnation": "i0", "samples": _columns([sample])}
         return [bytes(f) for f in encode(m.SAMPLES, body, arrays)], "bad_shape"
     if kind == "short_column":
         field = draw(st.sampled_from(["seq", "reward", "metadata", "group_id"]))
         return samples_message([sample], "bad", {"samples": {**_columns([sample]), field: []}}), "frame_count"
-    # v1_layout: a list of per-sample maps under the v2 version number
+    # v1_layout: a list of per-sample maps under the current version number
     return samples_message([sample], "bad", {"samples": [_meta(sample)]}), "frame_count"
 
 

@@ -14,6 +14,7 @@ from broker.server import Broker
 from protocol import messages as m
 from protocol.config import load_config
 from protocol.transport import Client, free_port
+from protocol.wire import per_sample_columns
 from tests.test_broker import GROUP, VOCAB, get_batch, group_samples, sample, send
 
 
@@ -61,7 +62,8 @@ def running(tmp_path):
 
 
 def keys(body: dict) -> list[tuple[str, int]]:
-    return list(zip(body["samples"]["group_id"], body["samples"]["seq"], strict=True))
+    columns = per_sample_columns(body["samples"], len(body["samples"]["seq"]))
+    return list(zip(columns["group_id"], columns["seq"], strict=True))
 
 
 def test_restart_replays_unconsumed_samples_and_the_inflight_batch_exactly_once(running):
@@ -235,7 +237,7 @@ def test_a_log_written_under_wire_schema_1_is_refused_by_name(running, tmp_path)
     sample = group_samples(1, 4)[0]
     wal.append_frames(v1_message(sample), [sample.key])
     wal.close()
-    with pytest.raises(LogSchemaError, match="schema version 1, expected 2") as info:
+    with pytest.raises(LogSchemaError, match="schema version 1, expected 3") as info:
         Broker(broker.config, VOCAB)
     assert str(tmp_path / "wal") in str(info.value)
     (tmp_path / "wal").rename(tmp_path / "wal-v1")  # moved away: the broker starts empty

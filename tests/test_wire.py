@@ -8,6 +8,7 @@ import pytest
 import xxhash
 
 from protocol.errors import ProtocolError
+from protocol.sample import Sample
 from protocol.wire import SAMPLE_FRAMES, SCHEMA_VERSION, decode, encode, encode_samples, samples_from
 from tests.helpers import (
     VOCAB,
@@ -71,7 +72,7 @@ def test_encode_refuses_dtype_outside_the_allowed_set():
 def test_header_checksum_covers_all_array_bytes():
     arrays = [np.arange(5, dtype="<i4"), np.ones(3, dtype="<f4")]
     header = msgpack.unpackb(encode("t", {}, arrays)[0], raw=False)
-    assert header["v"] == SCHEMA_VERSION == 2
+    assert header["v"] == SCHEMA_VERSION == 3
     assert header["arrays"] == [["<i4", [5]], ["<f4", [3]]]
     assert header["xxh3"] == xxhash.xxh3_64_intdigest(arrays[0].tobytes() + arrays[1].tobytes())
 
@@ -135,13 +136,49 @@ def test_array_parts_of_any_shape_or_type_are_sent_flat():
     odd[1].behavior_logprobs = np.array([-0.25])  # float64 goes as float32
     _, body, arrays = decode(over_wire(encode_samples("samples", odd)))
     assert arrays[0].tolist() == [5, 6, 9, 10] and arrays[1].tolist() == [7, 8, 11]
-    assert arrays[2].tolist() == [-0.5, -1.0, -0.25] and arrays[3].tolist() == [[2, 2], [2, 1], [2, 1]]
+    assert arrays[2].tolist() == [-0.5, -1.0, -0.25] and arrays[3].tolist() == [[0, 2], [2, 2], [2, 1], [2, 1]]
+
+
+def test_a_shared_prompt_is_sent_once_and_received_as_one_view():
+    """The samples of a group share their prompt object: it crosses the wire once and arrives as one shared view."""
+    prompt = np.arange(1, 6, dtype=np.int32)
+    group = [make_sample(seq=i, index=i, prompt_ids=prompt, completion_ids=np.array([i + 7], np.int32), behavior_logprobs=np.array([-1.0], np.float32)) for i in range(4)]
+    other = make_sample(seq=4, index=0, group_id="g1", prompt_ids=prompt.copy())  # equal but not the same object: sent again
+    frames = encode_samples("samples", [*group, other, group[0]])
+    _, body, arrays = decode(over_wire(frames))
+    assert arrays[0].tolist() == [1, 2, 3, 4, 5] * 2
+    assert arrays[3][:2].tolist() == [[0, 0, 0, 0, 5, 0], [5] * 6]
+    out = samples_from(body, arrays, VOCAB)
+    for got, want in zip(out, [*group, other, group[0]], strict=True):
+        assert_same_sample(got, want)
+    assert all(s.prompt_ids is out[0].prompt_ids for s in out[1:4]) and out[4].prompt_ids is not out[0].prompt_ids
+    assert np.shares_memory(out[5].prompt_ids, arrays[0][:5])  # a later sample of the first prompt: its own view, same bytes
+
+
+def test_an_out_of_vocab_token_in_a_shared_prompt_fails_every_sample_that_shares_it():
+    bad_prompt = np.array([3, VOCAB, 4], np.int32)
+    samples = [make_sample(seq=0), *(make_sample(seq=i, index=i, prompt_ids=bad_prompt) for i in (1, 2)), make_sample(seq=3)]
+    out = relay(samples)
+    assert [None if isinstance(x, Sample) else (x.reason, x.seq) for x in out] == [None, ("token_out_of_vocab", 1), ("token_out_of_vocab", 2), None]
+
+
+def test_columns_of_one_value_of_one_type_are_sent_once():
+    samples = [make_sample(seq=i, index=i % 2, version_start=1, version_end=2, reward=1.0, metadata={"k": 1}) for i in range(3)]
+    samples[2].version_end = 2.0  # equal to 2 but a float: the column goes value by value, and the float is refused
+    _, body, arrays = decode(over_wire(encode_samples("samples", samples)))
+    columns = body["samples"]
+    assert columns["version_start"] == [1] and columns["actor_id"] == ["actor-0"] and columns["group_id"] == ["g0"]
+    assert columns["version_end"] == [2, 2, 2.0] and columns["seq"] == [0, 1, 2] and columns["reward"] == [1.0] * 3
+    assert columns["metadata"] == [{"k": 1}] * 3  # never folded: each sample gets its own map
+    out = samples_from(body, arrays, VOCAB)
+    assert_same_sample(out[0], samples[0]) and assert_same_sample(out[1], samples[1])
+    assert (out[2].reason, out[2].seq) == ("bad_sample", 2)
 
 
 def test_empty_samples_message():
     kind, body, arrays = decode(over_wire(encode_samples("samples", [])))
     assert (kind, len(arrays)) == ("samples", SAMPLE_FRAMES)
-    assert all(column == [] for column in body["samples"].values()) and arrays[3].shape == (3, 0)
+    assert all(column == [] for column in body["samples"].values()) and arrays[3].shape == (4, 0)
     assert samples_from(body, arrays, VOCAB) == []
 
 

@@ -11,7 +11,7 @@ import xxhash
 
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
-from protocol.wire import SCHEMA_VERSION, decode, encode, encode_samples, samples_from
+from protocol.wire import SCHEMA_VERSION, decode, encode, encode_samples, per_sample_columns, samples_from
 from tests.helpers import META_FIELDS, VOCAB, assert_same_sample, over_wire, raise_reason, relay, v1_message
 from tests.helpers import make_wire_sample as make_sample
 
@@ -36,7 +36,8 @@ def whole_message_reason(body: dict, arrays: list[np.ndarray]) -> str:
 
 def test_samples_from_needs_a_map_of_columns_and_four_arrays():
     body, arrays = two_samples()
-    v1_layout = [{name: column[i] for name, column in body["samples"].items()} for i in range(2)]  # a list of per-sample maps
+    columns = per_sample_columns(body["samples"], 2)
+    v1_layout = [{name: column[i] for name, column in columns.items()} for i in range(2)]  # a list of per-sample maps
     for bad_body, bad_arrays in [
         ({}, arrays),
         ({"samples": "x"}, arrays),
@@ -47,7 +48,7 @@ def test_samples_from_needs_a_map_of_columns_and_four_arrays():
         assert whole_message_reason(bad_body, bad_arrays) == "frame_count"
 
 
-@pytest.mark.parametrize("column", [[0], [0, 1, 2], [], 5, "01", {"0": 0, "1": 1}, None], ids=["short", "long", "empty", "int", "str", "map", "nil"])
+@pytest.mark.parametrize("column", [[0, 1, 2], [], 5, "01", {"0": 0, "1": 1}, None], ids=["long", "empty", "int", "str", "map", "nil"])
 @pytest.mark.parametrize("name", ["seq", "metadata", "unexpected"])
 def test_column_of_the_wrong_length_or_type_is_a_whole_message_error(name, column):
     body, arrays = two_samples()
@@ -55,14 +56,32 @@ def test_column_of_the_wrong_length_or_type_is_a_whole_message_error(name, colum
     assert whole_message_reason(body, arrays) == "frame_count"
 
 
-def test_lengths_must_match_the_frame_sizes():
+def test_column_of_one_value_applies_to_every_sample():
     body, arrays = two_samples()
-    assert [len(a) for a in arrays[:3]] == [6, 4, 4] and arrays[3].tolist() == [[3, 3], [2, 2], [2, 2]]
-    for row, col, delta in [(0, 0, 1), (1, 1, -1), (2, 0, 5), (0, 1, -3)]:
-        lengths = arrays[3].copy()
-        lengths[row, col] += delta
-        assert whole_message_reason(body, [*arrays[:3], lengths]) == "bad_shape", (row, col, delta)
-    for frame in range(3):  # one token more or less in a frame than the lengths say
+    assert body["samples"]["actor_id"] == ["actor-0"] and body["samples"]["version_end"] == [2]  # the same for both: sent once
+    assert body["samples"]["seq"] == [0, 1]
+    body["samples"]["metadata"] = [{"task": "x"}]
+    out = samples_from(*resent(body, arrays), VOCAB)
+    assert [(s.seq, s.actor_id, s.version_end, s.metadata) for s in out] == [(0, "actor-0", 2, {"task": "x"}), (1, "actor-0", 2, {"task": "x"})]
+
+
+def test_column_of_three_values_for_two_samples_or_one_for_none():
+    body, arrays = two_samples()
+    body["samples"]["seq"] = [0, 1, 2]
+    assert whole_message_reason(body, arrays) == "frame_count"
+    _, empty, no_arrays = decode(over_wire(encode_samples("samples", [])))
+    empty["samples"]["seq"] = [0]
+    assert whole_message_reason(empty, no_arrays) == "frame_count"
+
+
+def test_layout_must_match_the_frame_sizes():
+    body, arrays = two_samples()
+    assert [len(a) for a in arrays[:3]] == [6, 4, 4] and arrays[3].tolist() == [[0, 3], [3, 3], [2, 2], [2, 2]]
+    for row, col, delta in [(0, 1, 1), (0, 1, -1), (0, 0, 1), (1, 0, 1), (1, 1, -1), (2, 0, 5), (3, 1, -1)]:
+        layout = arrays[3].copy()
+        layout[row, col] += delta
+        assert whole_message_reason(body, [*arrays[:3], layout]) == "bad_shape", (row, col, delta)
+    for frame in range(3):  # one token more or less in a frame than the layout says
         longer = list(arrays)
         longer[frame] = np.concatenate([arrays[frame], arrays[frame][:1]])
         assert whole_message_reason(body, longer) == "bad_shape", frame
@@ -71,28 +90,56 @@ def test_lengths_must_match_the_frame_sizes():
         assert whole_message_reason(body, shorter) == "bad_shape", frame
 
 
-def test_negative_lengths_are_a_whole_message_error_even_when_the_sums_match():
+@pytest.mark.parametrize(
+    "starts, lengths",
+    [([0, 0], [3, 3]), ([0, 2], [3, 4]), ([0, 3], [3, 6]), ([0, 6], [6, 1]), ([0, 4], [3, 2]), ([0, 0], [3, 6])],
+    ids=["tokens-of-nobody", "overlap", "outside", "outside-after-shared", "gap", "one-start-two-lengths"],
+)
+def test_prompt_spans_must_tile_the_prompt_frame(starts, lengths):
+    """Every prompt token belongs to some sample, once: no span outside, no overlap, nothing unaccounted for."""
     body, arrays = two_samples()
-    lengths = arrays[3].copy()
-    lengths[0] = [7, -1]  # still sums to the 6 prompt tokens
-    assert whole_message_reason(body, [*arrays[:3], lengths]) == "bad_shape"
+    layout = arrays[3].copy()
+    layout[:2] = [starts, lengths]
+    assert whole_message_reason(body, [*arrays[:3], layout]) == "bad_shape"
+
+
+def test_prompt_spans_that_tile_in_any_order_are_accepted():
+    body, arrays = two_samples()
+    arrays = [a.copy() for a in arrays]
+    arrays[0][:] = [1, 2, 3, 7, 8, 9]
+    arrays[3][:2] = [[3, 0], [3, 3]]  # sample 0 takes the second prompt
+    first, second = samples_from(*resent(body, arrays), VOCAB)
+    assert first.prompt_ids.tolist() == [7, 8, 9] and second.prompt_ids.tolist() == [1, 2, 3]
+    arrays[3][:2] = [[0, 0], [6, 6]]  # one six-token prompt for both
+    first, second = samples_from(*resent(body, arrays), VOCAB)
+    assert first.prompt_ids.tolist() == second.prompt_ids.tolist() == [1, 2, 3, 7, 8, 9]
+
+
+def test_negative_values_are_a_whole_message_error_even_when_the_sums_match():
+    body, arrays = two_samples()
+    layout = arrays[3].copy()
+    layout[2:] = [[5, -1], [5, -1]]  # still sums to the 4 completion tokens and log-probs
+    assert whole_message_reason(body, [*arrays[:3], layout]) == "bad_shape"
+    layout = arrays[3].copy()
+    layout[0] = [0, -3]
+    assert whole_message_reason(body, [*arrays[:3], layout]) == "bad_shape"
 
 
 @pytest.mark.parametrize(
-    "lengths",
+    "layout",
     [
-        np.array([[3, 3], [2, 2], [2, 2]], dtype="<i8"),
-        np.array([[3, 3], [2, 2], [2, 2]], dtype="<f4"),
-        np.array([[3, 3], [2, 2]], dtype="<i4"),
-        np.array([3, 3, 2, 2, 2, 2], dtype="<i4"),
-        np.array([[3, 3, 0], [2, 2, 0], [2, 2, 0]], dtype="<i4"),  # three samples' lengths for two samples' columns
+        np.array([[0, 3], [3, 3], [2, 2], [2, 2]], dtype="<i8"),
+        np.array([[0, 3], [3, 3], [2, 2], [2, 2]], dtype="<f4"),
+        np.array([[3, 3], [2, 2], [2, 2]], dtype="<i4"),  # schema 2's (3, n) lengths
+        np.array([0, 3, 3, 3, 2, 2, 2, 2], dtype="<i4"),
+        np.array([[0, 3, 6], [3, 3, 0], [2, 2, 0], [2, 2, 0]], dtype="<i4"),  # three samples' layout for two samples' columns
     ],
-    ids=["i8", "f4", "two-rows", "flat", "three-samples"],
+    ids=["i8", "f4", "three-rows", "flat", "three-samples"],
 )
-def test_lengths_array_of_the_wrong_dtype_or_shape(lengths):
+def test_layout_array_of_the_wrong_dtype_or_shape(layout):
     body, arrays = two_samples()
-    expected = "frame_count" if lengths.shape == (3, 3) else "bad_shape"  # the columns then have the wrong length
-    assert whole_message_reason(body, [*arrays[:3], lengths]) == expected
+    expected = "frame_count" if layout.shape == (4, 3) else "bad_shape"  # the columns then have the wrong length
+    assert whole_message_reason(body, [*arrays[:3], layout]) == expected
 
 
 @pytest.mark.parametrize("frame", [0, 1, 2])
