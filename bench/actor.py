@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,9 +41,15 @@ def direct(engine: VLLMEngine, prompts: list[list[int]], n: int) -> tuple[int, f
 
 
 def through_actor(engine: VLLMEngine, config, tokenizer, groups: int) -> tuple[int, float]:
+    with tempfile.TemporaryDirectory(prefix="bench-actor-") as run_dir:  # a fresh write-ahead log: nothing replayed
+        return _through_actor(engine, config.model_copy(update={"run": config.run.model_copy(update={"dir": Path(run_dir)})}), tokenizer, groups)
+
+
+def _through_actor(engine: VLLMEngine, config, tokenizer, groups: int) -> tuple[int, float]:
     broker = Broker(config, vocab_size(resolve_model(config.model.path)))
     stop_broker, stop_actor = threading.Event(), threading.Event()
-    threading.Thread(target=broker.serve, args=(stop_broker,), daemon=True).start()
+    server = threading.Thread(target=broker.serve, args=(stop_broker,), daemon=True)
+    server.start()
     client = Client(config.endpoints.broker, "bench-actor")
     weights = WeightClient(config.endpoints.weights, "bench-weights")
     actor = Actor(config, 0, engine, make_task(config.task, tokenizer, config.run.seed), weights, client)
@@ -59,6 +66,7 @@ def through_actor(engine: VLLMEngine, config, tokenizer, groups: int) -> tuple[i
     actor.run(stop_actor)
     elapsed = finished[0] - start
     stop_broker.set()
+    server.join(30)  # its log closed before the run directory goes
     tokens = sum(len(s.completion_ids) for g in broker.buffer.ready for s in g)
     client.close()
     weights.close()
