@@ -5,7 +5,8 @@ them back to numpy arrays (ours also validates every field, dtype, length, log-p
 and token id). Ours hands over its frames as they are, because the transport sends
 and receives them without a copy (`copy=False`); pickle hands over one bytes object,
 and its protocol-5 variant the out-of-band buffers that Ray uses to avoid copies.
-Rewards and correctness vary per sample, as in a real rollout.
+Rewards and correctness vary per sample, and the 8 samples of a group share their
+prompt array, as in a real rollout (pickle then also writes each prompt once).
 Prints a table with the ratios and writes JSON.
 
     .venv/bin/python -m bench.protocol [--quick]
@@ -31,11 +32,13 @@ VOCAB = 49152
 
 
 def make_samples(tokens: int, count: int) -> list[Sample]:
+    """GRPO groups of 8 as the actor sends them: the samples of a group share one prompt array."""
     rng = np.random.default_rng(0)
     prompt = tokens // 4
+    prompts = [rng.integers(0, VOCAB, prompt, dtype=np.int32) for _ in range(0, count, 8)]
     return [
         Sample(
-            prompt_ids=rng.integers(0, VOCAB, prompt, dtype=np.int32),
+            prompt_ids=prompts[i // 8],
             completion_ids=rng.integers(0, VOCAB, tokens - prompt, dtype=np.int32),
             behavior_logprobs=-rng.random(tokens - prompt, dtype=np.float32) * 5,
             reward=float(i % 3 == 0), group_id=f"g{i // 8}", group_size=8, index=i % 8, version_start=3, version_end=4,
