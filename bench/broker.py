@@ -46,13 +46,16 @@ SIZES = {"1KB": (64, 96), "8KB": (256, 896), "64KB": (2048, 7168)}  # prompt, co
 
 
 def make_samples(size: str, count: int, actor: str = "bench") -> list[Sample]:
+    """Groups of GROUP samples sharing one prompt array each, as the actor sends them: our messages then carry
+    a group's prompt once (wire schema 3), while each Redis entry, one per sample as in PipelineRL, carries it."""
     prompt, completion = SIZES[size]
     rng = np.random.default_rng(0)
     ids, comp = rng.integers(0, 1000, prompt, dtype=np.int32), rng.integers(0, 1000, completion, dtype=np.int32)
+    prompts = [ids.copy() for _ in range(0, count, GROUP)]
     logprobs = -rng.random(completion, dtype=np.float32)
     incarnation = uuid.uuid4().hex[:8]
     return [
-        Sample(prompt_ids=ids, completion_ids=comp, behavior_logprobs=logprobs, reward=1.0, group_id=f"{actor}-g{i // GROUP}",
+        Sample(prompt_ids=prompts[i // GROUP], completion_ids=comp, behavior_logprobs=logprobs, reward=1.0, group_id=f"{actor}-g{i // GROUP}",
                group_size=GROUP, index=i % GROUP, version_start=0, version_end=0, actor_id=actor, incarnation=incarnation, seq=i)
         for i in range(count)
     ]  # fmt: skip
