@@ -183,7 +183,10 @@ class Broker:
         self.frames = frames
         try:
             kind, body, arrays = decode(frames, self.config.broker.max_message_bytes)
-        except ProtocolError as err:
+        except Exception as err:  # a ProtocolError, or a bug in decoding: one message lost, never the broker
+            if not isinstance(err, ProtocolError):
+                log.exception("internal error decoding a message")
+                err = ProtocolError("internal_error", repr(err))
             self._reject(err)
             send_reply(socket, identity, None, m.ERROR, {"reason": err.reason, "detail": err.detail})
             return

@@ -118,7 +118,12 @@ def _array(spec: Any, frame: memoryview) -> np.ndarray:
     if math.prod(shape) * dtype.itemsize != frame.nbytes:
         raise ProtocolError("bad_shape", f"shape {shape} of {dtype} needs {math.prod(shape) * dtype.itemsize} bytes, frame has {frame.nbytes}")
     array = np.frombuffer(frame, dtype=dtype)
-    return array if len(shape) == 1 else array.reshape(shape)
+    if len(shape) == 1:
+        return array
+    try:
+        return array.reshape(shape)
+    except ValueError:  # more than 64 dimensions, or sizes whose product overflows even with a zero among them
+        raise ProtocolError("bad_shape", f"numpy cannot hold an array of shape {shape!r}") from None
 
 
 def encode_samples(kind: str, samples: list[Sample], extra: dict[str, Any] | None = None) -> list[bytes | memoryview]:
@@ -176,7 +181,8 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     """Rebuild and validate each sample; a bad one becomes a ProtocolError in its slot, carrying its seq.
 
     Whole-message errors (raised): `frame_count` when the body's `samples` is not a map of
-    lists, each of one value per sample or one value for all, or there are not exactly
+    lists, each of one value per sample or, for the fields an encoder may fold (actor,
+    incarnation, group, group size, versions, finish reason), one value for all, or there are not exactly
     `SAMPLE_FRAMES` arrays; `bad_shape` when the layout array is not <i4 of shape
     (LAYOUT_ROWS, n) with n the column length, holds a negative value, its completion and
     log-prob lengths do not sum to the sizes of the (1-D) frames, or the prompts' spans do
@@ -196,7 +202,7 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     views = _prompt_views(prompt, starts, prompt_lengths)
     columns = per_sample_columns(sent, n)
     errors = _defects(sent, columns, prompt, completion, logprobs, layout, vocab_size)
-    prompts = list(map(views.__getitem__, starts)) if 0 not in prompt_lengths else [prompt[a : a + b] for a, b in zip(starts, prompt_lengths)]
+    prompts = list(map(views.__getitem__, starts)) if 0 not in prompt_lengths else [views[a] if b else prompt[:0] for a, b in zip(starts, prompt_lengths)]
     fields = [columns.get(name) or [None] * n for name in _FIELD_NAMES]  # a missing column fails every sample
     out: list[Sample | ProtocolError] = list(map(Sample, prompts, _cut(completion, completion_lengths), _cut(logprobs, logprob_lengths), *fields))
     seqs = columns.get("seq")
@@ -217,14 +223,17 @@ def _prompt_views(frame: np.ndarray, starts: list[int], lengths: list[int]) -> d
 
     Every prompt token then belongs to some sample, and only once: no span reaches
     outside the frame, spans never overlap, and a message holds no bytes that its
-    samples do not account for. Empty prompts take no part (each is a per-sample
-    `empty_sequence`). A tiling in any order is accepted; the encoder's is in order.
+    samples do not account for. Empty prompts take no part in the tiling (each is a
+    per-sample `empty_sequence`) but must start inside the frame or at its end. A tiling
+    in any order is accepted; the encoder's is in order.
     """
+    inside = True
     if 0 in lengths:
+        inside = all(a <= frame.size for a, b in zip(starts, lengths) if not b)  # an empty span must not point past the end
         starts, lengths = [a for a, b in zip(starts, lengths) if b], [b for b in lengths if b]
     spans = dict(zip(starts, lengths))
     end = 0
-    if all(map(operator.eq, map(spans.__getitem__, starts), lengths)):  # one length per start
+    if inside and all(map(operator.eq, map(spans.__getitem__, starts), lengths)):  # one length per start
         for start in sorted(spans):
             if start != end:
                 break
@@ -250,8 +259,8 @@ def _checked_layout(columns: Any, arrays: list[np.ndarray]) -> tuple[np.ndarray,
         raise ProtocolError("bad_shape", f"the sample layout must be <i4 of shape ({LAYOUT_ROWS}, n), not {layout.dtype.str} {layout.shape}")
     n = layout.shape[1]
     for name, column in columns.items():
-        if type(column) is not list or not (len(column) == n or (n > 1 and len(column) == 1)):
-            raise ProtocolError("frame_count", f"column {name!r} is not a list of {n} values (one per sample) or of one (for all)")
+        if type(column) is not list or not (len(column) == n or (n > 1 and len(column) == 1 and name in _FOLDABLE)):
+            raise ProtocolError("frame_count", f"column {name!r} is not a list of {n} values (one per sample), or of one for all where allowed")
     if prompt.ndim != 1 or completion.ndim != 1 or logprobs.ndim != 1:
         raise ProtocolError("bad_shape", "prompt ids, completion ids and log-probs must each be one flat array")
     rows = layout.tolist()

@@ -151,6 +151,32 @@ def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
     assert stats["rejected_by_reason"] == {"bad_header": 1, "unknown_type": 1, "frame_count": 1}
 
 
+def test_an_injected_decoder_bug_costs_one_message_not_the_broker(broker, monkeypatch):
+    """Whatever `decode` raises (here an injected RuntimeError standing in for a bug), the sender gets an error
+    and the broker keeps serving; found when a numpy ValueError on an odd shape escaped and stopped it."""
+    import broker.server as server_module
+
+    real_decode = server_module.decode
+
+    def buggy_decode(frames, *args):
+        if bytes(frames[0]) == b"boom":
+            raise RuntimeError("injected decoder bug")
+        return real_decode(frames, *args)
+
+    monkeypatch.setattr(server_module, "decode", buggy_decode)
+    _, endpoint = broker
+    raw = raw_dealer(endpoint)
+    raw.send_multipart([b"boom"])
+    assert raw.poll(5000)
+    from protocol.wire import decode
+
+    kind, body, _ = decode(raw.recv_multipart())
+    raw.close()
+    assert (kind, body["reason"]) == (m.ERROR, "internal_error") and "injected decoder bug" in body["detail"]
+    assert send(Client(endpoint, "actor"), [sample(0, 0, 0)])["acked"] == [0]
+    assert Client(endpoint, "probe").request(m.STATS)[1]["rejected_by_reason"] == {"internal_error": 1}
+
+
 def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_in_a_few_lines(broker, caplog):
     _, endpoint = broker
     raw = raw_dealer(endpoint)

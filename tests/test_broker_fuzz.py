@@ -86,7 +86,7 @@ def bad_message(draw, seq: int) -> tuple[list[bytes], str, list[str]]:
         "garbage", "truncated_header", "dropped_frame", "truncated_array", "oversized", "version", "foreign_dtype",
         "checksum", "unknown_type", "nan_logprob", "positive_logprob", "nan_reward", "wide_ids", "float_ids",
         "out_of_vocab", "negative_id", "length_mismatch", "empty", "missing_field", "bad_index", "extra_field",
-        "bad_lengths", "short_column", "v1_layout",
+        "bad_lengths", "stray_prompt_span", "short_column", "v1_layout",
     ]))  # fmt: skip
     if kind in ("wide_ids", "float_ids"):
         return samples_message([_bad_field(draw, kind, seq), _bad_field(draw, kind, seq)], "bad"), "rejected", ["bad_dtype"] * 2
@@ -129,6 +129,11 @@ def _bad_message(draw, kind: str, seq: int, base: list[bytes]) -> tuple[list[byt
         offset = draw(st.sampled_from([-3, -2, -1, 1, 2, 5]))  # the prompt holds 3 tokens
         layout = np.array([[0], [len(sample.prompt_ids) + offset], [2], [2]], dtype="<i4")
         arrays = [sample.prompt_ids, sample.completion_ids, sample.behavior_logprobs, layout]
+        body = {"actor_id": "bad", "incarnation": "i0", "samples": _columns([sample])}
+        return [bytes(f) for f in encode(m.SAMPLES, body, arrays)], "bad_shape"
+    if kind == "stray_prompt_span":  # an empty prompt whose span starts past the (empty) prompt frame
+        layout = np.array([[draw(st.integers(1, 2**31 - 1))], [0], [2], [2]], dtype="<i4")
+        arrays = [sample.prompt_ids[:0], sample.completion_ids, sample.behavior_logprobs, layout]
         body = {"actor_id": "bad", "incarnation": "i0", "samples": _columns([sample])}
         return [bytes(f) for f in encode(m.SAMPLES, body, arrays)], "bad_shape"
     if kind == "short_column":

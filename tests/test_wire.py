@@ -258,8 +258,10 @@ def test_reject_bad_dtype_spec(spec):
 
 @pytest.mark.parametrize(
     "shape, nbytes",
-    [([3], 8), ([2, 3], 20), ([], 8), ([-1], 4), ([-2, -2], 16), ([1.5], 4), (["2"], 8)],
-    ids=["short", "2d-short", "scalar", "negative", "two-negative", "float-dim", "str-dim"],
+    [([3], 8), ([2, 3], 20), ([], 8), ([-1], 4), ([-2, -2], 16), ([1.5], 4), (["2"], 8),
+     ([0, 2**63], 0), ([0, 2**31 - 1, 2**31 - 1], 0), ([1] * 65, 4)],
+    ids=["short", "2d-short", "scalar", "negative", "two-negative", "float-dim", "str-dim",
+         "empty-but-huge", "empty-but-too-big-for-numpy", "65-dims"],
 )
 def test_reject_bad_shape(shape, nbytes):
     data = b"\x01" * nbytes

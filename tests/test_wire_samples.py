@@ -48,7 +48,7 @@ def test_samples_from_needs_a_map_of_columns_and_four_arrays():
         assert whole_message_reason(bad_body, bad_arrays) == "frame_count"
 
 
-@pytest.mark.parametrize("column", [[0, 1, 2], [], 5, "01", {"0": 0, "1": 1}, None], ids=["long", "empty", "int", "str", "map", "nil"])
+@pytest.mark.parametrize("column", [[0], [0, 1, 2], [], 5, "01", {"0": 0, "1": 1}, None], ids=["one", "long", "empty", "int", "str", "map", "nil"])
 @pytest.mark.parametrize("name", ["seq", "metadata", "unexpected"])
 def test_column_of_the_wrong_length_or_type_is_a_whole_message_error(name, column):
     body, arrays = two_samples()
@@ -60,9 +60,17 @@ def test_column_of_one_value_applies_to_every_sample():
     body, arrays = two_samples()
     assert body["samples"]["actor_id"] == ["actor-0"] and body["samples"]["version_end"] == [2]  # the same for both: sent once
     assert body["samples"]["seq"] == [0, 1]
-    body["samples"]["metadata"] = [{"task": "x"}]
+    body["samples"]["finish_reason"] = ["stop"]
     out = samples_from(*resent(body, arrays), VOCAB)
-    assert [(s.seq, s.actor_id, s.version_end, s.metadata) for s in out] == [(0, "actor-0", 2, {"task": "x"}), (1, "actor-0", 2, {"task": "x"})]
+    assert [(s.seq, s.actor_id, s.version_end, s.finish_reason) for s in out] == [(0, "actor-0", 2, "stop"), (1, "actor-0", 2, "stop")]
+
+
+@pytest.mark.parametrize("name", ["seq", "index", "reward", "metadata"])
+def test_only_the_fields_an_encoder_folds_may_come_as_one_value(name):
+    """One seq for all would make duplicates, one metadata map would be one dict shared by every sample."""
+    body, arrays = two_samples()
+    body["samples"][name] = body["samples"][name][:1]
+    assert whole_message_reason(body, arrays) == "frame_count"
 
 
 def test_column_of_three_values_for_two_samples_or_one_for_none():
@@ -101,6 +109,36 @@ def test_prompt_spans_must_tile_the_prompt_frame(starts, lengths):
     layout = arrays[3].copy()
     layout[:2] = [starts, lengths]
     assert whole_message_reason(body, [*arrays[:3], layout]) == "bad_shape"
+
+
+@pytest.mark.parametrize("start", [4, 7, 2**31 - 1])
+def test_an_empty_prompt_must_not_start_past_the_prompt_frame(start):
+    """It holds no token, but a span pointing outside the frame is malformed (and used to crash the owner search)."""
+    body, arrays = two_samples()
+    arrays = [a.copy() for a in arrays]
+    arrays[0] = arrays[0][:3].copy()
+    arrays[0][2] = VOCAB  # a bad token in sample 0's prompt: its owner is searched over every span
+    arrays[3][:2] = [[0, start], [3, 0]]
+    assert whole_message_reason(body, arrays) == "bad_shape"
+
+
+def test_an_empty_prompt_at_the_frame_end_fails_only_its_own_sample():
+    body, arrays = two_samples()
+    arrays = [a.copy() for a in arrays]
+    arrays[0] = arrays[0][:3].copy()
+    arrays[0][2] = VOCAB
+    arrays[3][:2] = [[0, 3], [3, 0]]
+    out = samples_from(*resent(body, arrays), VOCAB)
+    assert [(e.reason, e.seq) for e in out] == [("token_out_of_vocab", 0), ("empty_sequence", 1)]
+
+
+def test_samples_sharing_a_prompt_share_its_view_beside_an_empty_prompt():
+    prompt = np.array([1, 2, 3], np.int32)
+    samples = [make_sample(seq=0, prompt_ids=prompt), make_sample(seq=1, index=1, prompt_ids=np.array([], np.int32)), make_sample(seq=2, index=2, prompt_ids=prompt)]
+    _, body, arrays = decode(over_wire(encode_samples("samples", samples)))
+    first, empty, third = samples_from(body, arrays, VOCAB)
+    assert first.prompt_ids is third.prompt_ids and first.prompt_ids.tolist() == [1, 2, 3]
+    assert (empty.reason, empty.seq) == ("empty_sequence", 1)
 
 
 def test_prompt_spans_that_tile_in_any_order_are_accepted():
