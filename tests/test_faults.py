@@ -12,7 +12,7 @@ from protocol import messages as m
 from protocol.errors import GenerationFailuresExceeded
 from protocol.sample import Sample
 from protocol.transport import Client, bind_router, send_reply
-from protocol.wire import decode, samples_from
+from protocol.wire import decode, per_sample_columns, samples_from
 from tests.helpers import start_role
 
 # The engine error drops every group in flight (0-3), so the other faults come after it.
@@ -107,7 +107,7 @@ def test_an_error_reply_costs_a_resend_never_the_actor(tmp_path, endpoints):
     """A broker that answers SAMPLES with ERROR (its own internal error, say) gets those samples again; the actor keeps running."""
     router = bind_router(endpoints["broker"], 1 << 30)  # the test plays the broker: refuses the first SAMPLES, acks the rest
     actor = start_role("actor", tmp_path, endpoints, "actor.resend_after_s=1")
-    refused, acked, stop = None, set(), False
+    refused, acked, stop, prompts = None, set(), False, []
     try:
         deadline = time.monotonic() + 240
         while not stop or actor.poll() is None:
@@ -115,8 +115,11 @@ def test_an_error_reply_costs_a_resend_never_the_actor(tmp_path, endpoints):
             if not router.poll(500):
                 continue
             identity, *frames = router.recv_multipart()
-            kind, body, _ = decode(frames)
+            kind, body, arrays = decode(frames)
             status = {"credits": 32, "policy_version": 0, "stop": stop}
+            if kind == m.SAMPLES:  # the samples of a group share their prompt: it crosses the wire once per group
+                groups = per_sample_columns(body["samples"], arrays[3].shape[1])["group_id"]
+                prompts.append((len(set(groups)), len(set(arrays[3][0].tolist())), arrays[0].size, int(arrays[3][1].sum())))
             if kind == m.SAMPLES and refused is None:
                 refused = body["samples"]["seq"]
                 send_reply(router, identity, body["rid"], m.ERROR, {"reason": "internal_error", "detail": "injected by the test"})
@@ -134,3 +137,5 @@ def test_an_error_reply_costs_a_resend_never_the_actor(tmp_path, endpoints):
     stats = json.loads((tmp_path / "actor-0_stats.json").read_text())
     assert stats["broker_refusals"] == 1 and stats["samples_sent"] >= 24
     assert "refused the request: internal_error: injected by the test" in (tmp_path / "actor.log").read_text()
+    assert all(groups == spans for groups, spans, _, _ in prompts)  # one prompt span per group
+    assert sum(sent for *_, sent in prompts) > sum(frame for *_, frame, _ in prompts)  # fewer prompt tokens than samples hold
