@@ -1,7 +1,10 @@
 """The broker's write-ahead log: segmented, length-prefixed, CRC-checked, append-only.
 
-A record is `[u32 length][u32 crc32][u8 type][payload]`, the CRC covering type and
-payload. Records are only appended, and `sync` (fdatasync) makes everything written
+A record is `[u32 length][u32 checksum][u8 type][payload]`, the checksum covering type
+and payload: the low 32 bits of its xxh3-64, marked by a lower-case type letter (xxh3 runs
+at about 47 GB/s here against zlib's CRC-32 at 4, which cost 5-7% of the broker's time at
+8 KB samples). Records with an upper-case type, written before 2026-11-27, carry a CRC-32
+and are still read. Records are only appended, and `sync` (fdatasync) makes everything written
 so far durable, so what survives a crash is always a prefix of what was written.
 `start_sync` runs that fdatasync on a thread of its own instead, so the broker keeps
 taking messages while the disk works; `durable_bytes` says how much of the log (counted
@@ -32,14 +35,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from protocol.sample import Key
 
 log = logging.getLogger("broker.wal")
-HEADER = struct.Struct("<IIB")  # payload length, crc32 over type + payload, type
+HEADER = struct.Struct("<IIB")  # payload length, checksum over type + payload, type
 FRAME_LEN = struct.Struct("<I")
-SAMPLES, SERVED, CONSUMED, RETIRED, SNAPSHOT = b"S", b"B", b"C", b"R", b"W"
-TYPES = {SAMPLES[0], SERVED[0], CONSUMED[0], RETIRED[0], SNAPSHOT[0]}
+SAMPLES, SERVED, CONSUMED, RETIRED, SNAPSHOT = b"S", b"B", b"C", b"R", b"W"  # what readers see
+CRC32_TYPES = {SAMPLES[0], SERVED[0], CONSUMED[0], RETIRED[0], SNAPSHOT[0]}  # as written before xxh3
+XXH3_TYPES = {kind + 32 for kind in CRC32_TYPES}  # the same letters in lower case: what is written now
 MAX_RECORD = 1 << 31
 
 
@@ -107,10 +112,11 @@ class WriteAheadLog:
     def append(self, kind: bytes, frames: list, keys: list[Key] = ()) -> None:
         """Append one record whose payload is `frames` concatenated; `keys` become live in it."""
         size = sum(memoryview(f).nbytes for f in frames)
-        crc = zlib.crc32(kind)
+        marked = kind[0] + 32  # lower case: an xxh3 record
+        digest = xxhash.xxh3_64(bytes([marked]))
         for frame in frames:
-            crc = zlib.crc32(frame, crc)
-        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, crc, kind[0]), *frames])
+            digest.update(frame)
+        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, digest.intdigest() & 0xFFFFFFFF, marked), *frames])
         self.bytes_written += HEADER.size + size
         self.sizes[self.active] += HEADER.size + size
         if keys:
@@ -263,15 +269,23 @@ def _parse(data: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
     """Intact records of one segment as (type, payload, end offset); stops at the first bad one."""
     view, pos = memoryview(data), 0
     while pos + HEADER.size <= len(data):
-        size, crc, kind = HEADER.unpack_from(view, pos)
+        size, checksum, kind = HEADER.unpack_from(view, pos)
         end = pos + HEADER.size + size
-        if kind not in TYPES or end > len(data):
+        if (kind not in XXH3_TYPES and kind not in CRC32_TYPES) or end > len(data):
             return
         payload = view[pos + HEADER.size : end]
-        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
+        if _record_checksum(kind, payload) != checksum:
             return
-        yield bytes([kind]), payload, end
+        yield bytes([kind & ~32]), payload, end  # upper case whichever checksum it carries
         pos = end
+
+
+def _record_checksum(kind: int, payload: memoryview) -> int:
+    if kind in XXH3_TYPES:
+        digest = xxhash.xxh3_64(bytes([kind]))
+        digest.update(payload)
+        return digest.intdigest() & 0xFFFFFFFF
+    return zlib.crc32(payload, zlib.crc32(bytes([kind])))
 
 
 def _lock(path: Path):

@@ -7,10 +7,12 @@ import os
 import select
 import threading
 import time
+import zlib
 
 import pytest
+import xxhash
 
-from broker.wal import CONSUMED, SAMPLES, SNAPSHOT, LogWriteError, WriteAheadLog, split_frames
+from broker.wal import CONSUMED, HEADER, SAMPLES, SNAPSHOT, LogWriteError, WriteAheadLog, split_frames
 
 
 def fresh(tmp_path, segment_bytes: int = 1 << 20) -> WriteAheadLog:
@@ -35,6 +37,38 @@ def test_records_round_trip_in_order_and_frames_split_back(tmp_path):
     assert [(k, p) for _, k, p in records[::2]] == [(SNAPSHOT, b"snap"), (CONSUMED, b"xyz")]
     assert records[1][1] == SAMPLES
     assert [bytes(f) for f in split_frames(memoryview(records[1][2]))] == [b"header", b"\x01\x02\x03", b""]
+
+
+def crc32_record(kind: bytes, payload: bytes) -> bytes:
+    """A record as logs written before 2026-11-27 held it: upper-case type, CRC-32 over type and payload."""
+    return HEADER.pack(len(payload), zlib.crc32(payload, zlib.crc32(kind)), kind[0]) + payload
+
+
+def test_records_are_written_with_an_xxh3_checksum_and_a_lower_case_type(tmp_path):
+    wal = fresh(tmp_path)
+    wal.append(CONSUMED, [b"x", b"yz"])
+    wal.close()
+    data = next(tmp_path.glob("wal-*.log")).read_bytes()
+    size, checksum, kind = HEADER.unpack_from(data, HEADER.size + 4)  # after the snapshot record b"snap"
+    assert (size, kind, data[-3:]) == (3, ord("c"), b"xyz")
+    assert checksum == xxhash.xxh3_64_intdigest(b"cxyz") & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("damage", [None, "flipped_byte"])
+def test_a_log_written_with_crc32_records_is_still_read(tmp_path, damage):
+    """Upgrading keeps an existing log: its CRC-32 records replay (and a corrupt one still ends the log), new ones follow."""
+    old = [crc32_record(SNAPSHOT, b"snap"), crc32_record(CONSUMED, b"one"), crc32_record(CONSUMED, b"two")]
+    data = bytearray(b"".join(old))
+    if damage:
+        data[-1] ^= 0xFF
+    (tmp_path / "wal-00000001.log").write_bytes(bytes(data))
+    wal = WriteAheadLog(tmp_path)
+    assert [(k, bytes(p)) for _, k, p in wal.records()] == [(SNAPSHOT, b"snap"), (CONSUMED, b"one"), *([(CONSUMED, b"two")] if not damage else [])]
+    assert wal.truncated_bytes == (len(old[-1]) if damage else 0)
+    wal.start_segment(b"snap2")
+    wal.append(CONSUMED, [b"three"])
+    wal.close()
+    assert [p for _, k, p in contents(tmp_path) if k == CONSUMED][-1] == b"three"
 
 
 @pytest.mark.parametrize("damage", ["cut_mid_record", "garbage_tail", "flipped_byte"])
