@@ -1,8 +1,8 @@
-"""The broker's write-ahead log: segmented, length-prefixed, CRC-checked, append-only.
+"""The broker's write-ahead log: segmented, length-prefixed, checksummed, append-only.
 
 A record is `[u32 length][u32 checksum][u8 type][payload]`, the checksum covering type
 and payload: the low 32 bits of its xxh3-64, marked by a lower-case type letter (xxh3 runs
-at about 47 GB/s here against zlib's CRC-32 at 4, which cost 5-7% of the broker's time at
+at about 47 GB/s here against zlib's CRC-32 at 4, which cost 5% of the broker's time at
 8 KB samples). Records with an upper-case type, written before 2026-11-27, carry a CRC-32
 and are still read. Records are only appended, and `sync` (fdatasync) makes everything written
 so far durable, so what survives a crash is always a prefix of what was written.
