@@ -60,7 +60,7 @@ class DurableLog:
     def served(self, batch_id: int, groups: list[list[Sample]], version: int) -> None:
         keys = [list(s.key) for g in groups for s in g]
         self.wal.append(SERVED, [_pack({"batch_id": batch_id, "version": version, "keys": keys})], [batch_key(batch_id)])
-        # the batch leaves only once a sync covers this record (`Broker._answer`): a restarted broker knows it
+        self.wal.sync()  # the batch may only leave once a restarted broker would know it
 
     def consumed(self, batch_id: int, groups: list[list[Sample]]) -> None:
         self.wal.append(CONSUMED, [_pack({"batch_id": batch_id})])

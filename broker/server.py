@@ -44,7 +44,6 @@ ACTOR_TTL_S = 30.0  # an actor silent this long no longer counts as live in the 
 COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resent", "consumed", "consumed_batches", "unreachable")
 Owner = tuple[str, str]  # (actor id, incarnation)
 PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
-Pending = tuple[bytes, Any, str, dict[str, Any], list, int]  # identity, rid, kind, reply, arrays, log position to be durable
 MAX_WAIT_MS = 60_000
 REJECT_LOG_S = 1.0  # at most one log line per second about rejected input
 
@@ -67,9 +66,9 @@ class Broker:
         self.next_batch_id = 1
         self.finished_at: float | None = None
         self.stopped_actors: set[str] = set()
-        self.pending: deque[Pending] = deque()  # ACKs and batches waiting for a sync up to their log position
-        self.pending_since: float | None = None  # when the first reply that no sync covers yet was held back
-        self.pending_samples = 0  # and how many samples those ACKs acknowledge
+        self.pending: deque[tuple[bytes, Any, dict[str, Any], int]] = deque()  # ACKs waiting for a sync up to their log position
+        self.pending_since: float | None = None  # when the first ACK that no sync covers yet arrived
+        self.pending_samples = 0  # and how many samples those ACKs hold
         self.frames: list = []  # the frames of the message being handled (logged as they are)
         self.parked: tuple[bytes, Any, dict[str, Any], float] | None = None  # a learner's long poll
         self.guard = Guard(config.broker.curve.keys_dir) if config.broker.curve.enabled else None
@@ -92,7 +91,7 @@ class Broker:
                 if socket in dict(poller.poll(100)):
                     self._drain(socket)
                 self._settle(socket)
-                self._wake_parked(socket)  # before the next sync: the batch then goes with it
+                self._wake_parked(socket)  # before the next sync: serving a batch syncs, and the waiting ACKs go with it
                 self._start_sync()
                 if self.guard is not None:
                     self.guard.poll()
@@ -152,27 +151,28 @@ class Broker:
                 return
 
     def _start_sync(self) -> None:
-        """Group commit: one sync on the log's thread for every reply held back now (none while one runs)."""
+        """Group commit: one sync on the log's thread for every ACK waiting now (none while one runs)."""
         if self.pending and self.log.wal.running is None:
             self.log.wal.start_sync()
             self.pending_since, self.pending_samples = None, 0
 
     def _settle(self, socket: zmq.Socket) -> None:
-        """Send the held-back replies (ACKs, batches) whose records a finished sync made durable."""
+        """Send the ACKs whose samples a finished sync made durable."""
         if self.log is None:
             return
         wal = self.log.wal
         wal.finish_sync()
         settled = False
-        while self.pending and self.pending[0][-1] <= wal.durable_bytes:
-            *answer, _ = self.pending.popleft()
+        while self.pending and self.pending[0][3] <= wal.durable_bytes:
+            identity, rid, reply, _ = self.pending.popleft()
             settled = True
-            self._send(socket, *answer)
+            if not send_reply(socket, identity, rid, m.ACK, reply):
+                self.counters["unreachable"] += 1
         if settled and self.log.roll_if_full(self.next_batch_id):
             self._settle(socket)  # the roll synced the log: every waiting ACK is durable now
 
     def _commit(self, socket: zmq.Socket) -> None:
-        """Make the log durable now (one fsync, after the running one) and send every held-back reply."""
+        """Make every waiting sample durable now (one fsync, after the running one) and send their ACKs."""
         if self.pending:
             self.log.wal.sync()
             self.pending_since, self.pending_samples = None, 0
@@ -202,27 +202,21 @@ class Broker:
             log.exception("internal error on a %s request", kind)
             self._reject(ProtocolError("internal_error", repr(err)))
             reply_kind, reply, reply_arrays = m.ERROR, {"reason": "internal_error", "detail": repr(err)}, []
-        if reply_kind == PARKED:
+        if reply_kind == m.ACK and reply["acked"] and self.log is not None and self.log.wal.dirty:  # refusals need no sync
+            if self.pending_since is None:
+                self.pending_since = time.monotonic()
+            self.pending.append((identity, rid, reply, self.log.wal.bytes_written))
+            self.pending_samples += len(reply["acked"])
+        elif reply_kind == PARKED:
             if self.parked is not None:  # one waiting learner request at a time: the older one gets its answer now
                 self._wake_parked(socket, force=True)
             self.parked = (identity, rid, body, time.monotonic() + body["wait_ms"] / 1000)
         else:
-            self._answer(socket, identity, rid, reply_kind, reply, reply_arrays)
-
-    def _answer(self, socket: zmq.Socket, identity: bytes, rid: Any, kind: str, reply: dict[str, Any], arrays: list) -> None:
-        """Send a reply, or hold it back until a sync covers the log so far: an ACK of new samples, and a
-        batch, whose SERVED record a restarted broker must know (the sync runs on the log's thread)."""
-        durable_first = (kind == m.ACK and reply["acked"]) or kind == m.BATCH  # refusals need no sync
-        if durable_first and self.log is not None and self.log.wal.dirty:
-            if self.pending_since is None:
-                self.pending_since = time.monotonic()
-            self.pending.append((identity, rid, kind, reply, arrays, self.log.wal.bytes_written))
-            self.pending_samples += len(reply["acked"]) if kind == m.ACK else 0
-        else:
-            self._send(socket, identity, rid, kind, reply, arrays)
+            self._send(socket, identity, rid, reply_kind, reply, reply_arrays)
 
     def _send(self, socket: zmq.Socket, identity: bytes, rid: Any, kind: str, reply: dict[str, Any], arrays: list) -> None:
         if kind == m.BATCH:
+            self._commit(socket)  # serving fsynced the log: the waiting ACKs are durable too
             sent = send_frames(socket, identity, encode_samples(m.BATCH, arrays, {**reply, "rid": rid}))
         else:
             sent = send_reply(socket, identity, rid, kind, reply, arrays)
@@ -236,7 +230,7 @@ class Broker:
         identity, rid, body, deadline = self.parked
         if force or len(self.buffer.ready) >= body["groups"] or time.monotonic() >= deadline:
             self.parked = None
-            self._answer(socket, identity, rid, *self._serve_batch({**body, "wait_ms": 0}))
+            self._send(socket, identity, rid, *self._serve_batch({**body, "wait_ms": 0}))
 
     def _dispatch(self, kind: str, body: dict[str, Any], arrays: list) -> tuple[str, dict[str, Any], list]:
         if kind == m.SAMPLES:

@@ -99,32 +99,6 @@ def test_resends_after_a_restart_are_duplicates_even_once_consumed(running):
     assert keys(batch) == [("a0-g2", s) for s in range(8, 12)]
 
 
-def test_a_batch_leaves_only_after_a_sync_covers_its_served_record_and_the_broker_keeps_answering(running, monkeypatch):
-    """The SERVED record is synced on the log's thread (a faked slow disk holds it): a PING is answered meanwhile,
-    and the batch goes out once the sync ends; a restart then serves the same batch again, not new samples."""
-    broker = running()
-    send(broker.client("actor"), group_samples(0, 0) + group_samples(1, 4))
-    release, real_fdatasync = threading.Event(), os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (release.wait(10), real_fdatasync(fd)))
-    learner = broker.client("learner")
-    asked = learner.post(m.GET_BATCH, {"groups": 1, "policy_version": 0})
-    time.sleep(0.3)  # served and logged; its sync hangs
-    started = time.monotonic()
-    assert broker.client("other").request(m.PING, {"actor_id": "a1", "incarnation": "i1"}, timeout_s=2)[0] == m.STATUS
-    assert time.monotonic() - started < 1.0
-    assert learner.collect(wait_s=0.3) == [], "no batch before its SERVED record is durable"
-    release.set()
-    replies = []
-    deadline = time.monotonic() + 5
-    while not replies and time.monotonic() < deadline:
-        replies += learner.collect(wait_s=0.5)
-    assert [(r[0], r[1]["rid"], r[1]["batch_id"]) for r in replies] == [(m.BATCH, asked, 1)]
-    assert keys(replies[0][1]) == [("a0-g0", s) for s in range(4)]
-    broker.restart()
-    _, again, _ = get_batch(broker.client("learner2"), 1, 0)
-    assert again["batch_id"] == 1 and keys(again) == keys(replies[0][1])
-
-
 def test_an_ack_is_sent_only_after_fsync(running):
     broker = running()
     send(broker.client("actor"), group_samples(0, 0))
