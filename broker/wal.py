@@ -113,10 +113,7 @@ class WriteAheadLog:
         """Append one record whose payload is `frames` concatenated; `keys` become live in it."""
         size = sum(memoryview(f).nbytes for f in frames)
         marked = kind[0] + 32  # lower case: an xxh3 record
-        digest = xxhash.xxh3_64(bytes([marked]))
-        for frame in frames:
-            digest.update(frame)
-        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, digest.intdigest() & 0xFFFFFFFF, marked), *frames])
+        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, _record_checksum(marked, frames), marked), *frames])
         self.bytes_written += HEADER.size + size
         self.sizes[self.active] += HEADER.size + size
         if keys:
@@ -274,18 +271,23 @@ def _parse(data: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
         if (kind not in XXH3_TYPES and kind not in CRC32_TYPES) or end > len(data):
             return
         payload = view[pos + HEADER.size : end]
-        if _record_checksum(kind, payload) != checksum:
+        if _record_checksum(kind, [payload]) != checksum:
             return
         yield bytes([kind & ~32]), payload, end  # upper case whichever checksum it carries
         pos = end
 
 
-def _record_checksum(kind: int, payload: memoryview) -> int:
+def _record_checksum(kind: int, parts: list) -> int:
+    """Over the type byte and the payload (in parts): xxh3's low 32 bits for a lower-case type, else CRC-32."""
     if kind in XXH3_TYPES:
         digest = xxhash.xxh3_64(bytes([kind]))
-        digest.update(payload)
+        for part in parts:
+            digest.update(part)
         return digest.intdigest() & 0xFFFFFFFF
-    return zlib.crc32(payload, zlib.crc32(bytes([kind])))
+    crc = zlib.crc32(bytes([kind]))
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 def _lock(path: Path):
