@@ -13,8 +13,9 @@ per group, not once per sample), every completion's token ids concatenated (<i4)
 every behaviour log-prob (<f4), and the layout, a <i4 array of shape (4, n) with each
 sample's prompt start and length, completion length and log-prob length. The
 per-sample metadata is the body's `samples` map of columns, one list per field
-(`{"seq": [...], "reward": [...], ...}`); a column whose values are all the same (one
-actor, one policy version) may be sent as a list of that one value. Validation runs
+(`{"seq": [...], "reward": [...], ...}`); a column of a field that is usually the same
+for a whole message (actor, incarnation, group, group size, versions, finish reason) may
+be sent as a list of one value for all. Validation runs
 over the whole message at once; see `samples_from` for which defects cost one sample
 and which the message.
 """
@@ -186,7 +187,7 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     `SAMPLE_FRAMES` arrays; `bad_shape` when the layout array is not <i4 of shape
     (LAYOUT_ROWS, n) with n the column length, holds a negative value, its completion and
     log-prob lengths do not sum to the sizes of the (1-D) frames, or the prompts' spans do
-    not tile the prompt frame (`_prompt_views`).
+    not tile the prompt frame (`_prompts`).
     Per sample (in its slot, the first defect in this order): `bad_sample` (missing,
     unknown or mistyped field, which for a missing, unknown or one-value column is every
     sample; negative seq), `bad_dtype` (a data frame of the wrong dtype: every sample of the
@@ -199,10 +200,9 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     prompt, completion, logprobs, layout = _checked_layout(sent, arrays)
     starts, prompt_lengths, completion_lengths, logprob_lengths = layout
     n = len(starts)
-    views = _prompt_views(prompt, starts, prompt_lengths)
+    prompts = _prompts(prompt, starts, prompt_lengths)
     columns = per_sample_columns(sent, n)
     errors = _defects(sent, columns, prompt, completion, logprobs, layout, vocab_size)
-    prompts = list(map(views.__getitem__, starts)) if 0 not in prompt_lengths else [views[a] if b else prompt[:0] for a, b in zip(starts, prompt_lengths)]
     fields = [columns.get(name) or [None] * n for name in _FIELD_NAMES]  # a missing column fails every sample
     out: list[Sample | ProtocolError] = list(map(Sample, prompts, _cut(completion, completion_lengths), _cut(logprobs, logprob_lengths), *fields))
     seqs = columns.get("seq")
@@ -218,8 +218,8 @@ def _cut(frame: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
     return [frame[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _prompt_views(frame: np.ndarray, starts: list[int], lengths: list[int]) -> dict[int, np.ndarray]:
-    """One view per distinct non-empty prompt span, by start; the spans must tile the prompt frame.
+def _prompts(frame: np.ndarray, starts: list[int], lengths: list[int]) -> list[np.ndarray]:
+    """Each sample's prompt, one view per distinct span shared by its samples; the spans must tile the prompt frame.
 
     Every prompt token then belongs to some sample, and only once: no span reaches
     outside the frame, spans never overlap, and a message holds no bytes that its
@@ -227,20 +227,23 @@ def _prompt_views(frame: np.ndarray, starts: list[int], lengths: list[int]) -> d
     per-sample `empty_sequence`) but must start inside the frame or at its end. A tiling
     in any order is accepted; the encoder's is in order.
     """
-    inside = True
+    some, inside = (starts, lengths), True
     if 0 in lengths:
         inside = all(a <= frame.size for a, b in zip(starts, lengths) if not b)  # an empty span must not point past the end
-        starts, lengths = [a for a, b in zip(starts, lengths) if b], [b for b in lengths if b]
-    spans = dict(zip(starts, lengths))
+        some = [a for a, b in zip(starts, lengths) if b], [b for b in lengths if b]
+    spans = dict(zip(*some))
     end = 0
-    if inside and all(map(operator.eq, map(spans.__getitem__, starts), lengths)):  # one length per start
+    if inside and all(map(operator.eq, map(spans.__getitem__, some[0]), some[1])):  # one length per start
         for start in sorted(spans):
             if start != end:
                 break
             end += spans[start]
         else:
             if end == frame.size:
-                return {start: frame[start : start + length] for start, length in spans.items()}
+                views = {start: frame[start : start + length] for start, length in spans.items()}
+                if some[0] is starts:  # no empty prompt: every start names its view
+                    return list(map(views.__getitem__, starts))
+                return [views[a] if b else frame[:0] for a, b in zip(starts, lengths)]
     raise ProtocolError("bad_shape", f"the prompt spans do not tile the prompt frame of {frame.size} tokens")
 
 
