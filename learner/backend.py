@@ -133,7 +133,7 @@ class FSDPBackend(Backend):
         return tensor.tolist()
 
     def full_state_dict(self, model: torch.nn.Module, stage: Stage | None = None) -> dict[str, torch.Tensor]:
-        """Gather one parameter at a time into fp32 CPU tensors from `stage` (fresh ones without it).
+        """Gather one parameter at a time into the fp32 tensors `stage` hands out (fresh CPU ones without it).
 
         No rank ever holds two full copies on the device, and the main rank holds none
         beside the destination: given a weight sender's `stage`, each gathered tensor is

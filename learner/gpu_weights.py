@@ -2,7 +2,8 @@
 
 Both stage the bucketed layout of `protocol.buckets` on the learner's GPU with
 `sum64` checksums (all buckets in one pass on the device, `protocol.sum64`) and answer GET_WEIGHTS on the same
-ROUTER as the CPU channels, so the control plane is unchanged:
+ROUTER as the CPU channels, so the control plane is unchanged. A sharded learner gathers
+each parameter straight into the device buckets (`GpuWeightServer.stage`):
 
 - `cuda_ipc` (learner and actor on one GPU): the reply carries the CUDA IPC handle
   of one of two device buffers the learner writes in turn; the actor maps it once,
@@ -26,11 +27,11 @@ import zmq
 
 from learner.weights import Published, WeightServer
 from protocol import messages as m
-from protocol.buckets import bucket_views, fill_buckets, plan
+from protocol.buckets import bucket_views, fill_buckets, plan, unpack
 from protocol.gpu import IpcBuffer, broadcast_buckets
 from protocol.sum64 import sum64_buckets
 from protocol.transport import send_reply
-from protocol.weights import Specs, allocate, unique_tensors
+from protocol.weights import Specs, unique_tensors
 from protocol.wire import decode
 
 log = logging.getLogger("learner.gpu_weights")
@@ -39,8 +40,8 @@ log = logging.getLogger("learner.gpu_weights")
 def stage_on_gpu(
     version: int, state_dict: dict[str, torch.Tensor], bucket_bytes: int, allocate: Callable[[int], torch.Tensor] | None = None
 ) -> Published:
-    """Pack the weights into GPU buckets with device checksums; `allocate(nbytes)` gives the flat buffer."""
-    tensors = {k: v.cuda() for k, v in unique_tensors(state_dict, device=None).items()}
+    """Copy the weights into GPU buckets with device checksums; `allocate(nbytes)` gives the flat buffer."""
+    tensors = unique_tensors(state_dict, device=None)  # copied into the buckets from wherever they are
     manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
     flat = allocate(manifest.total_bytes) if allocate else torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
     buckets = bucket_views(flat, manifest)
@@ -50,11 +51,51 @@ def stage_on_gpu(
 
 
 class GpuWeightServer(WeightServer):
-    """The CPU channels' serving loop with the version staged on the GPU by `publish`."""
+    """The CPU channels' serving loop with each version in device buckets carrying `sum64` checksums.
+
+    `stage` hands out views of the buckets the next version will be served from, so a
+    sharded learner gathers each parameter straight into them on the device: the main
+    rank holds no CPU copy of the model, and nothing is copied again at `publish`.
+    """
 
     def stage(self, specs: Specs) -> dict[str, torch.Tensor]:
-        """Plain CPU tensors: the buckets are on the device, written by `publish`."""
-        return allocate(specs)
+        """Views of the device buckets the next version goes into, laid out as `publish` would."""
+        self._return_staged()
+        meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (dtype, shape) in specs.items()}
+        manifest = plan(meta, self.bucket_bytes, version=-1, checksum="sum64")  # publish sets the version
+        flat = self._device_flat(manifest.total_bytes)
+        published = Published(manifest, flat, bucket_views(flat, manifest))
+        views = unpack(manifest, published.buckets)
+        self._staged = (published, views)
+        return dict(views)
+
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
+        """Serve `version` from now on (staged and checksummed on the device before this returns)."""
+        published = self._version(version, state_dict)
+        published.reply = self._reply_body(published)
+        with self._lock:
+            self._latest = published
+
+    def _reply_body(self, published: Published) -> dict[str, Any]:
+        """What a WEIGHTS reply tells the actor besides the manifest: the mode, and where the buckets are."""
+        raise NotImplementedError
+
+    def _version(self, version: int, state_dict: dict[str, torch.Tensor]) -> Published:
+        """`version` in device buckets with their checksums: the staged ones if `state_dict` is exactly their views, else a copy."""
+        tensors = unique_tensors(state_dict, device=None)
+        published = self._take_staged(tensors)
+        if published is None:
+            return stage_on_gpu(version, tensors, self.bucket_bytes, self._device_flat)
+        published.manifest.version = version
+        published.manifest.checksums = sum64_buckets(published.flat, published.manifest.bucket_sizes)
+        return published
+
+    def _device_flat(self, nbytes: int) -> torch.Tensor:
+        """The flat device buffer the next version is written into."""
+        return torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def _return_staged(self) -> None:
+        self._staged = None  # device buffers are not kept as a CPU channel's spare
 
 
 class CudaIpcWeightServer(GpuWeightServer):
@@ -68,13 +109,15 @@ class CudaIpcWeightServer(GpuWeightServer):
         self._turn = 0  # the buffer the next version goes into
         super().__init__(endpoint, bucket_bytes, curve_dir=curve_dir)
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
-        target, self._turn = self._turn, 1 - self._turn
-        staged = stage_on_gpu(version, state_dict, self.bucket_bytes, lambda n: self._buffer(target, n).tensor[:n])
-        buffer = self._buffers[target]
-        staged.reply = {"mode": "cuda_ipc", "handle": buffer.handle, "capacity": buffer.nbytes}
-        with self._lock:
-            self._latest = staged
+    def _reply_body(self, published: Published) -> dict[str, Any]:
+        """The handle of the buffer `published` was written into; the next version goes into the other."""
+        buffer = self._buffers[self._turn]
+        self._turn = 1 - self._turn
+        return {"mode": "cuda_ipc", "handle": buffer.handle, "capacity": buffer.nbytes}
+
+    def _device_flat(self, nbytes: int) -> torch.Tensor:
+        """The buffer whose turn it is (staged and published versions alike: `publish` moves the turn on)."""
+        return self._buffer(self._turn, nbytes).tensor[:nbytes]
 
     def _buffer(self, index: int, nbytes: int) -> IpcBuffer:
         if index < len(self._buffers) and self._buffers[index].nbytes >= nbytes:
@@ -115,11 +158,8 @@ class NcclWeightServer(GpuWeightServer):
         self.comm = nccl.NcclCommunicator(self.world, tuple(self.uid), 0)  # blocks until every actor joined
         log.info("NCCL weight group of %d ranks is up", self.world)
 
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
-        staged = stage_on_gpu(version, state_dict, self.bucket_bytes)
-        staged.reply = {"mode": "nccl"}
-        with self._lock:
-            self._latest = staged
+    def _reply_body(self, published: Published) -> dict[str, Any]:
+        return {"mode": "nccl"}
 
     def _answer(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
         try:

@@ -51,11 +51,12 @@ class WeightSender:
     """
 
     def stage(self, specs: Specs) -> dict[str, torch.Tensor]:
-        """CPU tensors for the caller to fill with the next version's weights and then `publish`.
+        """Tensors for the caller to fill with the next version's weights and then `publish`.
 
         A learner that gathers sharded weights one tensor at a time writes each straight
-        here; a sender that can hands out views of its own send buffers, so no other copy
-        of the whole model is made. This default allocates them.
+        here; a sender that can hands out views of its own send buffers (host memory for
+        the CPU channels, the device for the GPU ones), so no other copy of the whole model
+        is made. This default allocates CPU tensors.
         """
         return allocate(specs)
 
