@@ -9,6 +9,8 @@ FSDP2 shards every transformer block and then the root (`fully_shard`), on gloo
 for CPU or NCCL for GPUs, with bf16 parameters and fp32 gradient reduction on GPU.
 Gradients are averaged across ranks by FSDP, so each rank scales its loss by the
 world size to keep the step equal to a single-process one over the whole batch.
+The frozen KL reference is sharded the same way (`wrap_frozen`), not copied whole onto
+every rank.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class Backend:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
+    def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The frozen KL reference policy: on the device, in eval mode, without gradients."""
+        return model.eval().requires_grad_(False).to(self.device)
+
     def share(self, groups: list[list[Sample]] | None) -> list[list[Sample]] | None:
         """Rank 0's batch on every rank (None means stop)."""
         return groups
@@ -91,6 +97,15 @@ class FSDPBackend(Backend):
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self._shard(super().wrap(model))
+
+    def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Sharded like the policy: each rank holds 1/world_size of the reference, which computes in the policy's precision."""
+        return self._shard(super().wrap_frozen(model), frozen=True)
+
+    def _shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+        """FSDP2 over the blocks, then the root. A trained root keeps its parameters gathered from forward
+        to backward (FSDP's default); a frozen one has no backward, so it gives them back after forward."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -98,10 +113,9 @@ class FSDPBackend(Backend):
         policy = MixedPrecisionPolicy()
         if self.device.type == "cuda" and self.config.mixed_precision:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        model = super().wrap(model)
         for block in _blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy, **({"reshard_after_forward": True} if frozen else {}))
         return model
 
     def share(self, groups: list[list[Sample]] | None) -> list[list[Sample]] | None:

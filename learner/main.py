@@ -130,7 +130,7 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
     model = backend.wrap(load_model(checkpoint or model_dir))
     reference = None
     if config.loss.kl_coef > 0:
-        reference = load_model(model_dir).eval().requires_grad_(False).to(backend.device)
+        reference = backend.wrap_frozen(load_model(model_dir))
     trainer = Trainer(model, config, reference, backend)
     version, last_batch = restore_trainer(trainer, checkpoint) if checkpoint else (0, None)
     resumed_weights = backend.full_state_dict(model) if version else None  # collective: every rank gathers
