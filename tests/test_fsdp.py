@@ -63,6 +63,20 @@ def test_two_ranks_match_one_rank(tmp_path, endpoints, micro):
         assert max(r["kl_mean"] for r in double) > 1e-6
 
 
+def on_two_ranks(target, model_dir) -> list[dict]:
+    """Run `target(rank, port, model_dir, results)` as two spawned gloo ranks; what each put in `results`."""
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, model_dir, results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    return got
+
+
 def _gather_on_rank(rank: int, port: int, model_dir, results) -> None:
     """One FSDP rank: shard the tiny model, gather it on rank 0 into tensors a sender's `stage` handed out."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -94,16 +108,7 @@ def _gather_on_rank(rank: int, port: int, model_dir, results) -> None:
 
 def test_sharded_weights_are_gathered_straight_into_the_staged_tensors(tiny_model_dir):
     """Two gloo ranks: rank 0 gets the exact unsharded weights in the tensors `stage` gave it, tied ones once."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_gather_on_rank, args=(rank, port, tiny_model_dir, results)) for rank in (0, 1)]
-    for proc in procs:
-        proc.start()
-    got = [results.get(timeout=120) for _ in procs]
-    for proc in procs:
-        proc.join(30)
-        assert proc.exitcode == 0
+    got = on_two_ranks(_gather_on_rank, tiny_model_dir)
     main = next(r for r in got if "names" in r)
     assert {"empty": True} in got
     assert main["names"] and main["equal"] and main["in_place"] and main["tied"]
@@ -131,15 +136,6 @@ def _reference_on_rank(rank: int, port: int, model_dir, results) -> None:
 
 def test_the_kl_reference_is_sharded_across_ranks(tiny_model_dir):
     """Two gloo ranks: each holds about half of the frozen reference, and it computes the unsharded model's logits."""
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_reference_on_rank, args=(rank, port, tiny_model_dir, results)) for rank in (0, 1)]
-    for proc in procs:
-        proc.start()
-    got = [results.get(timeout=120) for _ in procs]
-    for proc in procs:
-        proc.join(30)
-        assert proc.exitcode == 0
-    for rank in got:
+    for rank in on_two_ranks(_reference_on_rank, tiny_model_dir):
         assert rank["close"] and rank["frozen"]
         assert 0.45 < rank["held"] < 0.55, rank["held"]
