@@ -42,6 +42,7 @@ from protocol.errors import PeerRefused, WeightTransferError
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightReceiver
+from protocol.wire import header_bytes
 
 log = logging.getLogger("actor")
 IDLE_POLL_S = 0.05
@@ -242,12 +243,13 @@ class Actor:
             self.counters["aborted_stale_groups"] += len(stale)
 
     def _send(self, samples: list[Sample]) -> None:
-        """Send in as few messages as the broker's size limit allows (half of it, leaving room for the header),
-        each posted once fewer than `actor.messages_in_flight` await their acknowledgement."""
+        """Send in as few messages as the broker's limits allow (half of its message and header sizes, leaving
+        room for the rest), each posted once fewer than `actor.messages_in_flight` await their acknowledgement."""
         now = time.monotonic()
         for s in samples:  # all unacknowledged before any wait, so none is lost if posting fails
             self.unacked[s.seq] = (s, now)
-        for chunk in _chunks(samples, self.config.broker.max_message_bytes // 2):
+        limits = self.config.broker
+        for chunk in _chunks(samples, limits.max_message_bytes // 2, limits.max_header_bytes // 2):
             self._wait_for_acks(max(self.config.actor.messages_in_flight - 1, 0))
             now = time.monotonic()  # overdue counts from the post, not from a wait for room before it
             for s in chunk:
@@ -343,16 +345,19 @@ def credit_room(credits: int, open_groups: int, unacked: int, group_size: int) -
     return credits - open_groups * group_size - unacked
 
 
-def _chunks(samples: list[Sample], max_bytes: int) -> list[list[Sample]]:
-    """Consecutive runs of samples whose arrays hold at most `max_bytes` together (a larger sample goes alone)."""
+def _chunks(samples: list[Sample], max_bytes: int, max_header_bytes: int) -> list[list[Sample]]:
+    """Consecutive runs of samples whose arrays hold at most `max_bytes` together and whose metadata adds at
+    most `max_header_bytes` to the header (a sample larger than either goes alone)."""
     chunks: list[list[Sample]] = []
-    size = 0
+    size = header = 0
     for sample in samples:
-        if not chunks or size + sample.nbytes > max_bytes:
+        extra = header_bytes(sample)
+        if not chunks or size + sample.nbytes > max_bytes or header + extra > max_header_bytes:
             chunks.append([])
-            size = 0
+            size = header = 0
         chunks[-1].append(sample)
         size += sample.nbytes
+        header += extra
     return chunks
 
 

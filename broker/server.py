@@ -182,7 +182,7 @@ class Broker:
         self.counters["messages"] += 1
         self.frames = frames
         try:
-            kind, body, arrays = decode(frames, self.config.broker.max_message_bytes)
+            kind, body, arrays = decode(frames, self.config.broker.max_message_bytes, self.config.broker.max_header_bytes)
         except Exception as err:  # a ProtocolError, or a bug in decoding: one message lost, never the broker
             if not isinstance(err, ProtocolError):
                 log.exception("internal error decoding a message")

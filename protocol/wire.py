@@ -78,14 +78,21 @@ def encode(kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarra
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
-def decode(frames: list[bytes | memoryview], max_bytes: int = 1 << 30) -> tuple[str, dict[str, Any], list[np.ndarray]]:
-    """Parse and verify a message; return (type, body, arrays) or raise ProtocolError."""
+def decode(frames: list[bytes | memoryview], max_bytes: int = 1 << 30, max_header_bytes: int | None = None) -> tuple[str, dict[str, Any], list[np.ndarray]]:
+    """Parse and verify a message; return (type, body, arrays) or raise ProtocolError.
+
+    `max_header_bytes` bounds what unpacking the header may build: msgpack's smallest objects
+    (an empty map or list: one byte) become Python objects of 60-70 bytes, so a header of the
+    whole message limit would briefly cost some 70x that in memory.
+    """
     if not frames:
         raise ProtocolError("empty", "message has no frames")
     frames = [memoryview(f) for f in frames]  # bytes and zmq.Frame alike, without copying
     total = sum(f.nbytes for f in frames)
     if total > max_bytes:
         raise ProtocolError("too_large", f"message of {total} bytes exceeds the limit of {max_bytes}")
+    if max_header_bytes is not None and frames[0].nbytes > max_header_bytes:
+        raise ProtocolError("header_too_large", f"header of {frames[0].nbytes} bytes exceeds the limit of {max_header_bytes}")
     try:
         header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -142,6 +149,11 @@ def encode_samples(kind: str, samples: list[Sample], extra: dict[str, Any] | Non
         row[:] = np.fromiter(map(len, parts), _I4, n)
     arrays = [_concat(distinct, _I4), _concat(completions, _I4), _concat(logprobs, _F4), layout]
     return encode(kind, {**(extra or {}), "samples": columns}, arrays)
+
+
+def header_bytes(sample: Sample) -> int:
+    """At most what `sample` adds to the header of a samples message (its metadata packed unfolded)."""
+    return len(msgpack.packb(_meta_of(sample), use_bin_type=True))
 
 
 def _folded(name: str, column: list) -> list:

@@ -13,6 +13,7 @@ from protocol import messages as m
 from protocol.config import load_config
 from protocol.transport import Client, free_port, send_reply
 from protocol.weights import WeightReceiver
+from protocol.wire import encode_samples, header_bytes
 from tests.helpers import make_sample, router_in_thread
 
 
@@ -43,10 +44,19 @@ def test_samples_finished_together_go_in_as_few_messages_as_the_size_limit_allow
                for i, n in enumerate([10, 10, 10, 40, 10])]  # fmt: skip
     sizes = [s.nbytes for s in samples]  # prompt 3 tokens: 12 bytes, plus 8 bytes per completion token
     assert sizes == [92, 92, 92, 332, 92]
-    chunks = _chunks(samples, max_bytes=200)
+    chunks = _chunks(samples, max_bytes=200, max_header_bytes=1 << 20)
     assert [[s.seq for s in chunk] for chunk in chunks] == [[0, 1], [2], [3], [4]]  # the 332-byte one goes alone
-    assert [s.seq for chunk in _chunks(samples, max_bytes=1 << 20) for s in chunk] == [0, 1, 2, 3, 4]
-    assert len(_chunks(samples, max_bytes=1 << 20)) == 1 and _chunks([], 100) == []
+    assert [s.seq for chunk in _chunks(samples, 1 << 20, 1 << 20) for s in chunk] == [0, 1, 2, 3, 4]
+    assert len(_chunks(samples, 1 << 20, 1 << 20)) == 1 and _chunks([], 100, 100) == []
+
+
+def test_samples_with_large_metadata_are_split_to_keep_each_header_within_its_limit():
+    samples = [make_sample(seq=i, metadata={"note": "x" * 300, "i": i}) for i in range(7)]
+    chunks = _chunks(samples, max_bytes=1 << 20, max_header_bytes=1000)
+    assert [[s.seq for s in chunk] for chunk in chunks] == [[0, 1], [2, 3], [4, 5], [6]]
+    for chunk in chunks:  # header_bytes bounds what each sample adds to the real header
+        assert len(encode_samples(m.SAMPLES, chunk)[0]) <= sum(map(header_bytes, chunk)) + 256
+    assert _chunks(samples, 1 << 20, max_header_bytes=10) == [[s] for s in samples]  # one too large still goes, alone
 
 
 def test_open_groups_hold_credit_for_every_sample_they_will_send():

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -19,7 +20,7 @@ from protocol.config import load_config
 from protocol.errors import PeerRefused
 from protocol.sample import Sample
 from protocol.transport import Client, tcp
-from protocol.wire import encode
+from protocol.wire import decode, encode
 from tests.helpers import make_sample, wait_for
 
 VOCAB = 100
@@ -142,13 +143,26 @@ def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
         raw.send_multipart(frames)
         assert raw.poll(5000)
         reply = raw.recv_multipart()
-        from protocol.wire import decode
-
         kind, body, _ = decode(reply)
         assert kind == m.ERROR
     raw.close()
     stats = Client(endpoint, "probe").request(m.STATS)[1]
     assert stats["rejected_by_reason"] == {"bad_header": 1, "unknown_type": 1, "frame_count": 1}
+
+
+def test_a_header_over_the_limit_is_refused_unread_and_good_samples_still_go_in(broker):
+    """Five million empty maps (5 MB of msgpack, some 300 MB as Python objects) in a samples header."""
+    server, endpoint = broker
+    raw = raw_dealer(endpoint)
+    header = {"v": 3, "type": m.SAMPLES, "body": {"rid": 1, "samples": {"metadata": [{}] * 5_000_000}}, "arrays": []}
+    raw.send_multipart([msgpack.packb(header)])
+    assert raw.poll(5000)
+    kind, body, _ = decode(raw.recv_multipart())
+    assert kind == m.ERROR and body["reason"] == "header_too_large"
+    raw.close()
+    client = Client(endpoint, "a0")
+    assert send(client, group_samples(0, 0))["acked"] == list(range(GROUP))
+    assert client.request(m.STATS)[1]["rejected_by_reason"] == {"header_too_large": 1}
 
 
 def test_an_injected_decoder_bug_costs_one_message_not_the_broker(broker, monkeypatch):
@@ -168,8 +182,6 @@ def test_an_injected_decoder_bug_costs_one_message_not_the_broker(broker, monkey
     raw = raw_dealer(endpoint)
     raw.send_multipart([b"boom"])
     assert raw.poll(5000)
-    from protocol.wire import decode
-
     kind, body, _ = decode(raw.recv_multipart())
     raw.close()
     assert (kind, body["reason"]) == (m.ERROR, "internal_error") and "injected decoder bug" in body["detail"]

@@ -197,6 +197,15 @@ def test_reject_too_large():
     assert raise_reason(frames, max_bytes=1) == "too_large"
 
 
+def test_reject_a_header_over_its_limit_before_unpacking_it():
+    """A header of a million empty maps (a byte each, some 64 MB as Python objects) is refused by its size."""
+    empty = xxhash.xxh3_64().intdigest()  # the checksum of no array bytes
+    frames = [msgpack.packb({"v": SCHEMA_VERSION, "type": "t", "body": {"x": [{}] * 1_000_000}, "arrays": [], "xxh3": empty})]
+    size = len(frames[0])
+    assert decode(frames, max_header_bytes=size)[0] == "t"  # the limit itself is allowed
+    assert raise_reason(frames, max_header_bytes=size - 1) == "header_too_large"
+
+
 @pytest.mark.parametrize(
     "first",
     [
