@@ -2,9 +2,13 @@
 
 The loss always sees [B, T] tensors, one row per sequence (position t predicts
 token t+1; `mask` marks completion tokens). The forward pass may instead run on
-*packed* rows: several sequences concatenated with restarting position ids and a
-block-diagonal causal mask, so no compute is spent on padding. `gather` maps each
-[B, T] position to its place in the flattened forward output either way.
+*packed* rows: several sequences concatenated with restarting position ids, so no
+compute is spent on padding. A packed row has no attention mask: the model finds the
+sequences from where the position ids restart (transformers' packed-sequence
+detection) and keeps attention inside each, with whatever attention kernel it runs: a
+block-causal mask for SDPA or eager attention (as here on CPU), variable-length
+sequences for flash attention on GPUs, never a dense [L, L] mask built here. `gather`
+maps each [B, T] position to its place in the flattened forward output either way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from protocol.sample import Sample
 @dataclass
 class MicroBatch:
     input_ids: Tensor  # [R, L]
-    attention_mask: Tensor  # [R, L] (padded) or [R, 1, L, L] bool (packed)
+    attention_mask: Tensor | None  # [R, L] (padded); None when packed (the position ids delimit the sequences)
     position_ids: Tensor | None  # [R, L] when packed
     gather: Tensor  # [B, T] indices into the flattened [R, L-1] next-token outputs
     mask: Tensor  # [B, T]
@@ -75,13 +79,10 @@ def _packed(samples, advantages, mask, behavior, length, pad_id) -> MicroBatch:
     pieces = [_ids(s) for s in samples]
     starts = torch.tensor([0, *[len(p) for p in pieces]]).cumsum(0)
     total = int(starts[-1])
-    segment = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([len(p) for p in pieces]))
-    causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
-    attention = (causal & (segment[:, None] == segment[None, :]))[None, None]
     positions = torch.cat([torch.arange(len(p)) for p in pieces])[None]
     # Sequence b's position t (predicting its token t+1) sits at packed output starts[b] + t.
     gather = (starts[:-1, None] + torch.arange(length)[None]).clamp(max=total - 2)
-    return MicroBatch(torch.cat(pieces)[None], attention, positions, gather, mask, behavior, advantages)
+    return MicroBatch(torch.cat(pieces)[None], None, positions, gather, mask, behavior, advantages)
 
 
 def regroup(samples: list[Sample]) -> list[list[Sample]]:

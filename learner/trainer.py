@@ -241,7 +241,8 @@ def _head(model: torch.nn.Module, batch: MicroBatch, targets: torch.Tensor, temp
     mmapping and faulting in the 300 MB pieces of one [B, K, vocab] block each time
     (`bench/e2e.py`'s `train_ms_per_trained_sample`; docs/status.md).
     """
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+    # No KV cache: training never decodes, and with one the model would not look for packed sequences
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
     if type(model).__name__ not in PLAIN_HEADS or hasattr(model.lm_head.weight, "full_tensor"):  # FSDP: the root's forward unshards
         logits = model(**inputs, logits_to_keep=batch.keep).logits
         return token_logprobs(logits, targets, temperature), token_entropy(logits, temperature) if entropy else None
