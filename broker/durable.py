@@ -19,7 +19,6 @@ those samples. Drain such a log with the version that wrote it, or move it away.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -51,6 +50,7 @@ class DurableLog:
         self.buffer = buffer
         self.vocab_size = vocab_size
         self.replayed = 0
+        self.unservable: tuple[int, list[Key]] | None = None  # an in-flight batch replay could not rebuild, and its keys found
 
     # --- recording ---
 
@@ -63,9 +63,13 @@ class DurableLog:
         self.wal.sync()  # the batch may only leave once a restarted broker would know it
 
     def consumed(self, batch_id: int, groups: list[list[Sample]]) -> None:
-        self.wal.append(CONSUMED, [_pack({"batch_id": batch_id})])
-        self.wal.retire([batch_key(batch_id), *(s.key for g in groups for s in g)])
+        self._end_batch(batch_id, [s.key for g in groups for s in g])
         self.wal.collect()
+
+    def _end_batch(self, batch_id: int, keys: list[Key]) -> None:
+        """Log that batch `batch_id` is done with: none of its samples comes back, whatever a restart finds."""
+        self.wal.append(CONSUMED, [_pack({"batch_id": batch_id})])
+        self.wal.retire([batch_key(batch_id), *keys])
 
     def retired(self, samples: list[Sample], why: str) -> None:
         keys = [s.key for s in samples]
@@ -82,6 +86,10 @@ class DurableLog:
 
     def start_segment(self, next_batch_id: int) -> None:
         self.wal.start_segment(_pack(self._snapshot(next_batch_id)))
+        if self.unservable is not None:  # found by the replay before this first segment
+            self._end_batch(*self.unservable)
+            self.unservable = None
+            self.wal.sync()
         self.wal.collect()
 
     def _snapshot(self, next_batch_id: int) -> dict[str, Any]:
@@ -90,7 +98,7 @@ class DurableLog:
 
     # --- replay ---
 
-    def replay(self, on_sample: Callable[[Sample], None] | None = None) -> tuple[Batch | None, int]:
+    def replay(self) -> tuple[Batch | None, int]:
         """Rebuild the buffer from the log; return (in-flight batch or None, next batch id)."""
         dead, inflight, next_batch_id, version = self._scan()
         self.buffer.set_policy_version(version)
@@ -108,6 +116,8 @@ class DurableLog:
             elif kind == SERVED and inflight and _unpack(payload)["batch_id"] == inflight["batch_id"]:
                 self.wal.track([batch_key(inflight["batch_id"])], segment)
         batch = _regroup(inflight, inflight_samples)
+        if inflight is not None and batch is None:  # ended once a segment is open: kept, it would pin the log forever
+            self.unservable = (inflight["batch_id"], [s.key for s in inflight_samples if s is not None])
         log.info("replayed %d samples from the log; in-flight batch %s", self.replayed, batch[0] if batch else None)
         return batch, next_batch_id
 
@@ -165,7 +175,9 @@ def _regroup(inflight: dict[str, Any] | None, samples: list[Sample | None]) -> B
     if inflight is None:
         return None
     if any(s is None for s in samples):
-        log.error("in-flight batch %d lost samples in the log; it is not served again", inflight["batch_id"])
+        found = sum(s is not None for s in samples)
+        log.error("in-flight batch %d lost %d of its %d samples in the log; none is served again (the learner may have "
+                  "trained on it)", inflight["batch_id"], len(samples) - found, len(samples))  # fmt: skip
         return None
     groups: list[list[Sample]] = []
     for sample in samples:

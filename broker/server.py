@@ -35,7 +35,7 @@ from protocol.config import RunConfig
 from protocol.curve import Guard
 from protocol.errors import ProtocolError
 from protocol.memory import keep_freed_memory
-from protocol.sample import Sample
+from protocol.sample import Key, Sample
 from protocol.transport import bind_router, send_frames, send_reply
 from protocol.wire import decode, encode_samples, samples_from
 
@@ -266,7 +266,9 @@ class Broker:
                 rejected.append([item.seq, "bad_sample"])
         acked, refused, new = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget())
         if new and self.log is not None:
-            self.log.samples(self.frames, new)
+            # replay restores every sample a record holds: one that refused some (never acknowledged) logs only the new
+            frames = self.frames if not refused else encode_samples(m.SAMPLES, _with_keys(good, set(new)), {"actor_id": actor})
+            self.log.samples(frames, new)
         self.counters["acked"] += len(acked)
         self.counters["refused_no_credit"] += len(refused)
         return {"acked": acked, "rejected": rejected, "refused": refused, **self._status(actor)}
@@ -409,6 +411,10 @@ class Broker:
             tmp = self.stats_path.with_suffix(".tmp")
             tmp.write_bytes(orjson.dumps(self.stats(), option=orjson.OPT_INDENT_2))
             tmp.replace(self.stats_path)
+
+
+def _with_keys(samples: list[Sample], keys: set[Key]) -> list[Sample]:
+    return [s for s in samples if s.key in keys]
 
 
 def _actor_id(body: dict[str, Any]) -> str:

@@ -11,7 +11,14 @@ taking messages while the disk works; `durable_bytes` says how much of the log (
 in `bytes_written`) a finished sync covers, and `wakeup_fd` turns readable when one
 finishes. On
 open, the tail of the last segment is checked record by record: a torn or corrupt
-record ends the log there and the file is truncated, never a crash.
+record ends the log there and the file is truncated, never a crash. Then every segment
+and the directory are fsynced before anything is replayed: a broker killed with appends
+not yet synced finds them in the page cache, and would otherwise acknowledge resends of
+them (duplicates) on the strength of syncs that only cover its new segment. A corrupt
+record inside an older segment (only a power loss could do that) ends what is read of
+that segment, loudly (`log_corrupt_bytes`). A record that checks out but whose type
+is unknown (a newer streamrl wrote it) refuses the log by name (`LogFormatError`)
+instead of being cut as torn.
 
 The log knows which sample keys are still live (accepted but not yet consumed,
 dropped or expired) and in which segment each was written. Segments are deleted
@@ -37,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from protocol.errors import RoleFailed
 from protocol.sample import Key
 
 log = logging.getLogger("broker.wal")
@@ -46,6 +54,10 @@ SAMPLES, SERVED, CONSUMED, RETIRED, SNAPSHOT = b"S", b"B", b"C", b"R", b"W"  # w
 CRC32_TYPES = {SAMPLES[0], SERVED[0], CONSUMED[0], RETIRED[0], SNAPSHOT[0]}  # as written before xxh3
 XXH3_TYPES = {kind + 32 for kind in CRC32_TYPES}  # the same letters in lower case: what is written now
 MAX_RECORD = 1 << 31
+
+
+class LogFormatError(RoleFailed):
+    """The log holds an intact record of a type this version does not know: it is refused, never cut."""
 
 
 class LogWriteError(RuntimeError):
@@ -63,6 +75,8 @@ class WriteAheadLog:
         self.segment_bytes = segment_bytes
         self.segments = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("wal-*.log"))
         self.truncated_bytes = self._repair_tail()
+        self._sync_existing()
+        self.corrupt: dict[int, int] = {}  # older segment -> bytes after its first bad record (reported once)
         self.sizes = {s: self._path(s).stat().st_size for s in self.segments}
         self.live: dict[Key, int] = {}  # live sample key -> segment it was written in
         self.live_per_segment: dict[int, int] = {s: 0 for s in self.segments}
@@ -85,8 +99,14 @@ class WriteAheadLog:
         """Every intact record on disk, oldest first, as (segment, type, payload)."""
         for segment in self.segments:
             data = self._path(segment).read_bytes()
-            for kind, payload, _ in _parse(data):
+            read = 0
+            for kind, payload, end in _parse(data):
+                read = end
                 yield segment, kind, payload
+            if read < len(data) and segment not in self.corrupt:  # the last segment's tail was cut on open
+                self.corrupt[segment] = len(data) - read
+                log.error("write-ahead log %s: a corrupt record at byte %d; the %d bytes from there on are not replayed",
+                          self._path(segment).name, read, len(data) - read)  # fmt: skip
 
     def track(self, keys: list[Key], segment: int) -> None:
         """Mark `keys` live in `segment` (used while replaying)."""
@@ -108,6 +128,7 @@ class WriteAheadLog:
         self.file = open(self._path(self.active), "ab", buffering=0)  # noqa: SIM115 (kept open for appends)
         _fsync_dir(self.dir)
         self.append(SNAPSHOT, [snapshot])
+        self.sync()  # before any older segment is deleted: the snapshot carries their dedupe state
 
     def append(self, kind: bytes, frames: list, keys: list[Key] = ()) -> None:
         """Append one record whose payload is `frames` concatenated; `keys` become live in it."""
@@ -196,6 +217,7 @@ class WriteAheadLog:
             "log_segments": len(self.segments),
             "log_segments_deleted": self.segments_deleted,
             "log_truncated_bytes": self.truncated_bytes,
+            "log_corrupt_bytes": sum(self.corrupt.values()),
             "fsyncs": self.syncs,
             "fsync_ms_p50": round(float(p50), 3),
             "fsync_ms_p99": round(float(p99), 3),
@@ -227,6 +249,16 @@ class WriteAheadLog:
 
     def _path(self, segment: int) -> Path:
         return self.dir / f"wal-{segment:08d}.log"
+
+    def _sync_existing(self) -> None:
+        """Make what an earlier broker appended durable, synced or not, before it is replayed and built on."""
+        for segment in self.segments:
+            fd = os.open(self._path(segment), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(self.dir)
 
     def _repair_tail(self) -> int:
         """Truncate a torn or corrupt record (and everything after it) in the last segment."""
@@ -268,18 +300,21 @@ def _parse(data: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
     while pos + HEADER.size <= len(data):
         size, checksum, kind = HEADER.unpack_from(view, pos)
         end = pos + HEADER.size + size
-        if (kind not in XXH3_TYPES and kind not in CRC32_TYPES) or end > len(data):
+        if end > len(data):
             return
         payload = view[pos + HEADER.size : end]
         if _record_checksum(kind, [payload]) != checksum:
             return
+        if kind not in XXH3_TYPES and kind not in CRC32_TYPES:
+            raise LogFormatError(f"write-ahead log record of unknown type {bytes([kind])!r} at byte {pos}: written by a newer "
+                                 "streamrl? Drain the log with the version that wrote it, or move it away to start empty")  # fmt: skip
         yield bytes([kind & ~32]), payload, end  # upper case whichever checksum it carries
         pos = end
 
 
 def _record_checksum(kind: int, parts: list) -> int:
     """Over the type byte and the payload (in parts): xxh3's low 32 bits for a lower-case type, else CRC-32."""
-    if kind in XXH3_TYPES:
+    if kind & 32:  # lower case (any letter: an unknown type must check out before it is refused)
         digest = xxhash.xxh3_64(bytes([kind]))
         for part in parts:
             digest.update(part)

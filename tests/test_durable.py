@@ -29,16 +29,16 @@ class Running:
         ])  # fmt: skip
         self.start()
 
-    def start(self) -> None:
-        self.server = Broker(self.config, VOCAB)
+    def start(self, vocab: int = VOCAB) -> None:
+        self.server = Broker(self.config, vocab)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.server.serve, args=(self.stop_event,), daemon=True)
         self.thread.start()
 
-    def restart(self) -> None:
+    def restart(self, vocab: int = VOCAB) -> None:
         self.stop_event.set()
         self.thread.join(5)
-        self.start()
+        self.start(vocab)
 
     def client(self, name: str) -> Client:
         return Client(self.endpoint, name)
@@ -188,6 +188,45 @@ def test_fully_consumed_segments_are_deleted(running):
     assert stats["log_bytes"] < stats["log_bytes_written"] / 3
     broker.restart()
     assert broker.stats()["replayed"] == 4  # only g6
+
+
+def test_samples_refused_for_credit_are_not_replayed_and_are_taken_when_resent(running):
+    """The refused half of a message was never acknowledged: after a restart it is neither buffered nor a duplicate."""
+    broker = running(f"broker.credits_per_actor={GROUP}")
+    body = send(broker.client("actor"), group_samples(0, 0) + group_samples(1, GROUP))
+    assert body["acked"] == list(range(GROUP)) and body["refused"] == list(range(GROUP, 2 * GROUP))
+    broker.restart()
+    assert broker.stats()["buffered"] == GROUP  # was 2 x GROUP, over the actor's credit
+    learner = broker.client("learner")
+    _, batch, _ = get_batch(learner, 1, 0)
+    body = send(broker.client("actor2"), group_samples(1, GROUP))
+    assert body["acked"] == list(range(GROUP, 2 * GROUP)) and broker.stats()["duplicates"] == 0
+    _, second, _ = get_batch(learner, 1, 0, ack=batch["batch_id"])
+    assert keys(second) == [("a0-g1", s) for s in range(GROUP, 2 * GROUP)]
+
+
+def test_an_inflight_batch_replay_cannot_rebuild_is_ended_and_never_comes_back(running):
+    """Restarted with a smaller vocabulary, one sample of the in-flight batch no longer decodes: the batch is not
+    served, its other samples are not either (the learner may have trained on them), and its records do not keep
+    the log from being collected."""
+    broker = running("broker.segment_mb=0.001")
+    high = sample(3, 0, 3, completion_ids=np.array([4, 60], dtype=np.int32))  # out of a vocabulary of 50
+    send(broker.client("actor"), group_samples(0, 0)[:3] + [high])
+    get_batch(broker.client("learner"), 1, 0)  # batch 1 in flight
+    broker.restart(vocab=50)
+    learner, actor = broker.client("learner2"), broker.client("actor2")
+    assert get_batch(learner, 1, 0)[0] == m.NOT_READY and broker.stats()["buffered"] == 0
+    ack = None
+    for g in range(1, 5):  # more traffic: the segments the ended batch was in get deleted
+        send(actor, group_samples(g, 4 * g))
+        _, batch, _ = get_batch(learner, 1, 0, ack=ack)
+        ack = batch["batch_id"]
+    get_batch(learner, 1, 0, ack=ack)
+    send(actor, group_samples(5, 20))
+    assert broker.stats()["log_segments_deleted"] >= 2
+    broker.restart()  # the full vocabulary again: batch 1's samples all decode, and stay ended
+    stats = broker.stats()
+    assert stats["inflight_batch"] is None and stats["buffered"] == GROUP  # only g5
 
 
 def test_durable_off_writes_no_log(running, tmp_path):

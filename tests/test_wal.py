@@ -12,7 +12,7 @@ import zlib
 import pytest
 import xxhash
 
-from broker.wal import CONSUMED, HEADER, SAMPLES, SNAPSHOT, LogWriteError, WriteAheadLog, split_frames
+from broker.wal import CONSUMED, HEADER, SAMPLES, SNAPSHOT, LogFormatError, LogWriteError, WriteAheadLog, split_frames
 
 
 def fresh(tmp_path, segment_bytes: int = 1 << 20) -> WriteAheadLog:
@@ -123,8 +123,63 @@ def test_sync_is_timed_and_stats_add_up(tmp_path):
     wal.sync()
     wal.sync()  # nothing new: no second fsync
     stats = wal.stats()
-    assert stats["fsyncs"] == 1 and stats["fsync_ms_p99"] >= stats["fsync_ms_p50"] > 0
+    assert stats["fsyncs"] == 2 and stats["fsync_ms_p99"] >= stats["fsync_ms_p50"] > 0  # the snapshot's, then the record's
     assert stats["log_bytes"] == stats["log_bytes_written"] == 9 + 4 + 9 + 1000
+
+
+def test_opening_a_log_makes_every_segment_durable_before_anything_is_replayed(tmp_path, monkeypatch):
+    """A killed broker's last appends may sit unsynced in the page cache: the next one syncs them before
+    building on them (it would otherwise acknowledge resends of them as duplicates)."""
+    wal = fresh(tmp_path, segment_bytes=64)
+    wal.append(CONSUMED, [b"x" * 100])
+    wal.start_segment(b"snap2")
+    wal.append(CONSUMED, [b"not synced"])
+    wal.failed = OSError("killed")  # close as a crash would: nothing more synced
+    wal.close()
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    reopened = WriteAheadLog(tmp_path)
+    assert set(synced) == {str(tmp_path / "wal-00000000.log"), str(tmp_path / "wal-00000001.log"), str(tmp_path)}
+    reopened.close()
+
+
+def test_a_new_segment_is_durable_before_older_ones_can_be_deleted(tmp_path):
+    wal = fresh(tmp_path)
+    wal.append(CONSUMED, [b"x"])
+    wal.start_segment(b"snapshot of the dedupe windows")
+    assert not wal.dirty  # the snapshot is synced: deleting segment 0 loses no dedupe state, even on power loss
+    wal.close()
+
+
+def test_a_corrupt_record_in_an_older_segment_is_reported_and_counted(tmp_path, caplog):
+    wal = fresh(tmp_path, segment_bytes=64)
+    wal.append(CONSUMED, [b"a" * 50])
+    wal.append(CONSUMED, [b"b" * 50])
+    wal.start_segment(b"snap2")
+    wal.close()
+    path = tmp_path / "wal-00000000.log"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 1  # the second record of segment 0 (power loss could do this; a kill cannot)
+    path.write_bytes(bytes(data))
+    reopened = WriteAheadLog(tmp_path)
+    assert [bytes(p) for _, _, p in reopened.records()] == [b"snap", b"a" * 50, b"snap2"]
+    assert reopened.stats()["log_corrupt_bytes"] == HEADER.size + 50 and "corrupt record" in caplog.text
+    reopened.close()
+
+
+def test_an_intact_record_of_an_unknown_type_refuses_the_log_and_is_not_cut(tmp_path):
+    wal = fresh(tmp_path)
+    wal.append(CONSUMED, [b"x"])
+    wal.close()
+    path = tmp_path / "wal-00000000.log"
+    payload = b"from a newer version"
+    newer = HEADER.pack(len(payload), xxhash.xxh3_64(b"q" + payload).intdigest() & 0xFFFFFFFF, ord("q")) + payload
+    path.write_bytes(path.read_bytes() + newer)
+    before = path.read_bytes()
+    with pytest.raises(LogFormatError, match="unknown type b'q'"):
+        WriteAheadLog(tmp_path)
+    assert path.read_bytes() == before
 
 
 def test_a_second_broker_on_the_same_log_is_refused(tmp_path):
@@ -175,7 +230,7 @@ def test_a_sync_that_fails_on_the_thread_is_a_log_write_error_and_the_log_takes_
     wal.start_sync()
     with pytest.raises(LogWriteError, match="Input/output error"):
         wal.finish_sync(wait=True)
-    assert wal.dirty and wal.durable_bytes == 0
+    assert wal.dirty and wal.durable_bytes == HEADER.size + len(b"snap")  # only the snapshot, synced as the segment began
     with pytest.raises(LogWriteError, match="failed earlier"):
         wal.append(CONSUMED, [b"y"])
     with pytest.raises(LogWriteError, match="failed earlier"):
