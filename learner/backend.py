@@ -70,7 +70,7 @@ class Backend:
     def full_state_dict(self, model: torch.nn.Module, stage: Stage | None = None) -> dict[str, torch.Tensor]:
         """Unsharded tensors on the main rank (empty elsewhere); every rank must call it.
 
-        Sharded backends gather into the CPU tensors `stage` hands out (a weight sender's
+        Sharded backends gather into the tensors `stage` hands out (a weight sender's
         buffers); here the model's own tensors are returned and `stage` is not needed.
         """
         return model.state_dict()
@@ -149,9 +149,9 @@ class FSDPBackend(Backend):
     def full_state_dict(self, model: torch.nn.Module, stage: Stage | None = None) -> dict[str, torch.Tensor]:
         """Gather one parameter at a time into the fp32 tensors `stage` hands out (fresh CPU ones without it).
 
-        No rank ever holds two full copies on the device, and the main rank holds none
-        beside the destination: given a weight sender's `stage`, each gathered tensor is
-        written straight into the buffer it is served from.
+        Each rank holds one gathered parameter at a time beyond its shards, and the main
+        rank no copy of the model beside the destination: given a weight sender's `stage`,
+        each gathered tensor is written straight into the buffer it is served from.
         """
         state = model.state_dict()
         params = dict(model.named_parameters(remove_duplicate=False))

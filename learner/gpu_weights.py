@@ -55,7 +55,8 @@ class GpuWeightServer(WeightServer):
 
     `stage` hands out views of the buckets the next version will be served from, so a
     sharded learner gathers each parameter straight into them on the device: the main
-    rank holds no CPU copy of the model, and nothing is copied again at `publish`.
+    rank holds no CPU copy of the model (except while a checkpoint is written), and
+    nothing is copied again at `publish`.
     """
 
     def stage(self, specs: Specs) -> dict[str, torch.Tensor]:

@@ -40,10 +40,10 @@ MAX_REFUSALS = 5  # ERROR replies in a row before the learner gives up
 REFUSED_PAUSE_S = 1.0
 
 
-def load_model(model_dir: Path) -> torch.nn.Module:
+def load_model(model_dir: Path, attention: str = "sdpa") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     model.train()
     return model
 
@@ -127,10 +127,11 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir / "checkpoints")
-    model = backend.wrap(load_model(checkpoint or model_dir))
+    attention = config.learner.attention
+    model = backend.wrap(load_model(checkpoint or model_dir, attention))
     reference = None
     if config.loss.kl_coef > 0:
-        reference = backend.wrap_frozen(load_model(model_dir))
+        reference = backend.wrap_frozen(load_model(model_dir, attention))
     trainer = Trainer(model, config, reference, backend)
     version, last_batch = restore_trainer(trainer, checkpoint) if checkpoint else (0, None)
     resumed_weights = backend.full_state_dict(model) if version else None  # collective: every rank gathers

@@ -224,6 +224,10 @@ class LearnerSection(Section):
     mixed_precision: bool = True
     """GPU only: bf16 parameters and activations, fp32 gradient reduction."""
     activation_checkpointing: bool = False
+    attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """The attention kernel of the learner's model (transformers' `attn_implementation`). Packed micro-batches
+    carry no mask: `flash_attention_2` (the flash-attn package, GPUs) runs them as variable-length sequences,
+    `sdpa` and `eager` build a block-causal [L, L] mask per row."""
     weight_transport: Literal["auto", "tcp", "shm", "nccl", "cuda_ipc"] = "auto"
     """How new weights reach actors (docs/weights.md): `auto` takes `shm` when the weight endpoint is on
     loopback (every actor shares the learner's host), else `tcp`; `nccl`/`cuda_ipc` need CUDA."""

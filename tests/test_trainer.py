@@ -134,9 +134,12 @@ def test_lr_schedule(schedule, warmup, expected):
         assert lr_factor(5, train, total=5) == pytest.approx(0.1)
 
 
-def test_packed_rows_give_the_padded_logprobs(tiny_model_dir):
-    """Packing sequences into one row (block-diagonal attention, restarting positions) changes no log-prob."""
-    model = load_model(tiny_model_dir)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_padded_logprobs(tiny_model_dir, attention):
+    """Packing sequences into one row (restarting positions, no mask: the model keeps attention inside each
+    sequence, whichever kernel it runs) changes no log-prob."""
+    model = load_model(tiny_model_dir, attention)
+    assert model.config._attn_implementation == attention
     samples = [s for g in make_groups(model, num_groups=2) for s in g]
     samples[1].completion_ids = samples[1].completion_ids[:2]
     samples[1].behavior_logprobs = samples[1].behavior_logprobs[:2]
