@@ -36,7 +36,7 @@ from actors.faults import FailureBudget, FaultyEngine, group_ordinal, injected_r
 from actors.reward_guard import RewardFailed
 from actors.tasks import Problem, Task
 from protocol import messages as m
-from protocol.config import RunConfig
+from protocol.config import BrokerSection, RunConfig
 from protocol.curve import curve_keys_dir
 from protocol.errors import PeerRefused, WeightTransferError
 from protocol.sample import Sample
@@ -45,6 +45,7 @@ from protocol.weights import WeightReceiver
 from protocol.wire import header_bytes
 
 log = logging.getLogger("actor")
+MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metadata: the actor's status, field names
 IDLE_POLL_S = 0.05
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
@@ -214,6 +215,9 @@ class Actor:
                     metadata={"task": self.task.name, "correct": correct},
                 )
             )
+            why = unsendable(samples[-1], self.config.broker)
+            if why is not None:  # refused however it is sent: resending it would never end
+                return self._fail(group_id, "sample_too_large", why)
         return samples
 
     def _fail(self, group_id: str, cause: str, detail: str) -> None:
@@ -343,6 +347,16 @@ def credit_room(credits: int, open_groups: int, unacked: int, group_size: int) -
     only the unfinished ones let an actor start groups the broker then refused in part.
     """
     return credits - open_groups * group_size - unacked
+
+
+def unsendable(sample: Sample, limits: BrokerSection) -> str | None:
+    """Why the broker would refuse `sample` even alone in a message (arrays or metadata over its limits), else None."""
+    header = header_bytes(sample)
+    if sample.nbytes + header + MESSAGE_SLACK > limits.max_message_bytes:
+        return f"{sample.nbytes + header} bytes, over broker.max_message_bytes = {limits.max_message_bytes} less room for the rest"
+    if header + MESSAGE_SLACK > limits.max_header_bytes:
+        return f"{header} bytes of metadata, over broker.max_header_bytes = {limits.max_header_bytes} less room for the rest"
+    return None
 
 
 def _chunks(samples: list[Sample], max_bytes: int, max_header_bytes: int) -> list[list[Sample]]:

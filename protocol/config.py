@@ -154,7 +154,7 @@ class BrokerSection(Section):
     """Samples an actor may have buffered in the broker; a slow learner makes actors wait."""
     max_message_bytes: int = Field(64 << 20, gt=0)
     """Larger messages are refused (ZeroMQ drops the peer's message, decode rejects it)."""
-    max_header_bytes: int = Field(4 << 20, gt=0)
+    max_header_bytes: int = Field(4 << 20, ge=64 << 10)
     """Messages whose msgpack header (the samples' metadata columns) is larger are refused: unpacking builds
     Python objects of up to ~70x the header's bytes. Actors split what they send to stay within half of it."""
     memory_budget_mb: float = Field(1024, gt=0)

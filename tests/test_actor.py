@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from actors.worker import Actor, RateMeter, _chunks, _sync_quota, credit_room
+from actors.worker import Actor, RateMeter, _chunks, _sync_quota, credit_room, unsendable
 from protocol import messages as m
 from protocol.config import load_config
 from protocol.transport import Client, free_port, send_reply
@@ -57,6 +57,15 @@ def test_samples_with_large_metadata_are_split_to_keep_each_header_within_its_li
     for chunk in chunks:  # header_bytes bounds what each sample adds to the real header
         assert len(encode_samples(m.SAMPLES, chunk)[0]) <= sum(map(header_bytes, chunk)) + 256
     assert _chunks(samples, 1 << 20, max_header_bytes=10) == [[s] for s in samples]  # one too large still goes, alone
+
+
+def test_a_sample_the_broker_would_refuse_even_alone_is_named_so_its_group_is_dropped_not_resent_forever():
+    limits = load_config(None, ["broker.max_message_bytes=200000", "broker.max_header_bytes=65536"]).broker
+    assert unsendable(make_sample(), limits) is None
+    long = make_sample(completion_ids=np.zeros(30_000, np.int32), behavior_logprobs=np.zeros(30_000, np.float32))
+    assert "broker.max_message_bytes = 200000" in unsendable(long, limits)
+    chatty = make_sample(metadata={"note": "x" * 60_000})
+    assert "broker.max_header_bytes = 65536" in unsendable(chatty, limits)
 
 
 def test_open_groups_hold_credit_for_every_sample_they_will_send():
