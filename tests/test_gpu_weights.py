@@ -71,6 +71,53 @@ server.close()
 print("ok")
 """
 
+IPC_TURNS = """
+import itertools
+import torch
+import learner.gpu_weights as gpu_weights
+from protocol.buckets import Assembler, bucket_views
+from protocol.transport import free_port
+from tests.test_gpu_weights import staged_copy
+from tests.test_weights import assert_same, state
+
+class HostMemoryIpcBuffer:  # stands in for a cudaMalloc'd buffer and its IPC handle
+    names = itertools.count()
+
+    def __init__(self, nbytes):
+        self.nbytes, self.tensor, self.handle = nbytes, torch.zeros(nbytes, dtype=torch.uint8), next(self.names)
+
+    def free(self):
+        pass
+
+gpu_weights.IpcBuffer = HostMemoryIpcBuffer
+torch.cuda.synchronize = lambda: None
+server = gpu_weights.CudaIpcWeightServer(f"127.0.0.1:{free_port()}", 1 << 12)
+
+def served(want):
+    latest = server._latest
+    buffer = next(b for b in server._buffers if b.handle == latest.reply["handle"])
+    assembler = Assembler(latest.manifest)  # what an actor does with the buffer the reply names
+    for index, bucket in enumerate(bucket_views(buffer.tensor[: latest.manifest.total_bytes], latest.manifest)):
+        assembler.add(index, bucket)
+    assert_same(assembler.state_dict(), want)
+    return buffer.handle
+
+handles = []
+server.publish(1, state(1, 256))
+handles.append(served(state(1, 256)))
+server.publish(2, staged_copy(server, state(2, 256)))
+handles.append(served(state(2, 256)))
+staged_copy(server, state(3, 256))
+server.publish(3, state(4, 256))  # not the staged views: copied into the same next buffer
+handles.append(served(state(4, 256)))
+staged_copy(server, state(5, 256))
+server.publish(5, staged_copy(server, state(5, 256)))  # staged twice: the second is published
+handles.append(served(state(5, 256)))
+assert handles == [0, 1, 0, 1], handles  # two buffers in turn, never the one being served
+server.close()
+print("ok")
+"""
+
 
 def staged_copy(server, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a sharded learner does: ask `stage` for the next version's tensors and write each into its view."""
@@ -86,6 +133,14 @@ def test_staged_versions_are_served_from_their_buckets_host_memory_stand_in():
     some staged views but not all are refused. Host memory stands in for the device here (no GPU)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", STAND_IN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_cuda_ipc_versions_go_into_its_two_buffers_in_turn_host_memory_stand_in():
+    """Copied, staged, staged then not used, staged twice: each reply names the buffer its version was written to,
+    and the next version goes into the other. Host memory stands in for the IPC buffers here (no GPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", IPC_TURNS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
