@@ -70,10 +70,15 @@ def on_two_ranks(target, model_dir) -> list[dict]:
     procs = [ctx.Process(target=target, args=(rank, port, model_dir, results)) for rank in (0, 1)]
     for proc in procs:
         proc.start()
-    got = [results.get(timeout=120) for _ in procs]
-    for proc in procs:
-        proc.join(30)
-        assert proc.exitcode == 0
+    try:
+        got = [results.get(timeout=120) for _ in procs]
+        for proc in procs:
+            proc.join(30)
+            assert proc.exitcode == 0
+    finally:  # a rank that died early leaves the other waiting in a collective
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
     return got
 
 
