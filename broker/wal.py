@@ -125,8 +125,8 @@ class WriteAheadLog:
         self.segments.append(self.active)
         self.live_per_segment[self.active] = 0
         self.sizes[self.active] = 0
-        self.file = open(self._path(self.active), "ab", buffering=0)  # noqa: SIM115 (kept open for appends)
-        _fsync_dir(self.dir)
+        self.file = self._io(open, self._path(self.active), "ab", 0)  # unbuffered, kept open for appends
+        self._io(_fsync_dir, self.dir)  # a failing disk here is a LogWriteError like any other
         self.append(SNAPSHOT, [snapshot])
         self.sync()  # before any older segment is deleted: the snapshot carries their dedupe state
 

@@ -12,6 +12,7 @@ import zlib
 import pytest
 import xxhash
 
+from broker import wal as wal_module
 from broker.wal import CONSUMED, HEADER, SAMPLES, SNAPSHOT, LogFormatError, LogWriteError, WriteAheadLog, split_frames
 
 
@@ -180,6 +181,20 @@ def test_an_intact_record_of_an_unknown_type_refuses_the_log_and_is_not_cut(tmp_
     with pytest.raises(LogFormatError, match="unknown type b'q'"):
         WriteAheadLog(tmp_path)
     assert path.read_bytes() == before
+
+
+def test_a_disk_failing_as_a_segment_begins_is_a_log_write_error(tmp_path, monkeypatch):
+    wal = fresh(tmp_path)
+
+    def broken_disk(_directory):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(wal_module, "_fsync_dir", broken_disk)
+    with pytest.raises(LogWriteError, match="Input/output error"):
+        wal.start_segment(b"snap2")
+    with pytest.raises(LogWriteError, match="failed earlier"):  # the broker stops; nothing more is taken
+        wal.append(CONSUMED, [b"x"])
+    wal.close()
 
 
 def test_a_second_broker_on_the_same_log_is_refused(tmp_path):
