@@ -69,6 +69,8 @@ class Trainer:
         total = self.train.steps * self.train.updates_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, train=self.train, total=total))
         if self.loss.kl_coef > 0 and reference is None:
+            if self.backend.world_size > 1:  # a copy of a sharded model is not a sharded reference
+                raise ValueError("with FSDP, pass the KL reference: backend.wrap_frozen(load_model(...))")
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.reference = reference
 
