@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from learner import trainer as trainer_module
+from learner.backend import Backend
 from learner.batch import collate
 from learner.loss import Normalizer, group_advantages, policy_loss, token_logprobs
 from learner.main import batch_metrics, load_model
@@ -225,3 +226,13 @@ def test_activation_checkpointing_changes_memory_not_results(tiny_model_dir):
     assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
     for a, b in zip(plain_model.parameters(), ckpt_model.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_sharded_trainer_needs_its_kl_reference_passed(tiny_model_dir):
+    """A deep copy of a sharded model is no sharded reference: under FSDP the caller passes `wrap_frozen`'s."""
+    backend = Backend()
+    backend.world_size = 2  # what FSDPBackend reports; the check needs nothing else
+    config = load_config(None, ["loss.kl_coef=0.1"])
+    with pytest.raises(ValueError, match="wrap_frozen"):
+        Trainer(load_model(tiny_model_dir), config, backend=backend)
+    assert Trainer(load_model(tiny_model_dir), config).reference is not None  # one process: a copy will do
