@@ -7,6 +7,7 @@ accepted == served + dropped_stale + expired + buffered.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 
@@ -73,6 +74,7 @@ class ReplayBuffer:
         self.on_retire = on_retire
         self.policy_version = 0
         self.partial: dict[str, list[Sample]] = {}
+        self.partial_since: dict[str, float] = {}  # group id -> when its first sample came (monotonic seconds)
         self.ready: deque[list[Sample]] = deque()
         self.seen: dict[tuple[str, str], SeqWindow] = {}
         self.held: Counter[str] = Counter()  # samples per actor currently buffered
@@ -90,12 +92,15 @@ class ReplayBuffer:
         if self._stale(sample.version_start):
             self.counters["dropped_stale"] += 1
             return "stale"
-        group = self.partial.setdefault(sample.group_id, [])
+        group = self.partial.get(sample.group_id)
+        if group is None:
+            group = self.partial[sample.group_id] = []
+            self.partial_since[sample.group_id] = time.monotonic()
         group.append(sample)
         self.held[sample.actor_id] += 1
         self.held_bytes[sample.actor_id] += sample.nbytes
         if len(group) == sample.group_size:
-            del self.partial[sample.group_id]
+            del self.partial[sample.group_id], self.partial_since[sample.group_id]
             self.ready.append(sorted(group, key=lambda s: s.index))
             self.counters["groups_completed"] += 1
         return "accepted"
@@ -127,7 +132,7 @@ class ReplayBuffer:
             return
         self.policy_version = version
         for group_id in [g for g, samples in self.partial.items() if self._stale(_oldest(samples))]:
-            self._drop(self.partial.pop(group_id))
+            self._drop(self._pop_partial(group_id))
         fresh = deque()
         for group in self.ready:
             if self._stale(_oldest(group)):
@@ -149,9 +154,18 @@ class ReplayBuffer:
 
     def expire(self, owner: tuple[str, str]) -> int:
         """Drop the partial groups of a silent (actor, incarnation); they can never complete. Returns samples dropped."""
+        return self._expire([g for g, samples in self.partial.items() if (samples[0].actor_id, samples[0].incarnation) == owner])
+
+    def expire_incomplete(self, started_before: float) -> int:
+        """Drop the partial groups whose first sample came before `started_before` (monotonic seconds): an actor sends
+        a group's samples together, so one still incomplete has lost a sibling (rejected, say) and would hold its
+        actor's credit forever. Returns samples dropped."""
+        return self._expire([g for g, since in self.partial_since.items() if since < started_before])
+
+    def _expire(self, group_ids: list[str]) -> int:
         dropped = 0
-        for group_id in [g for g, samples in self.partial.items() if (samples[0].actor_id, samples[0].incarnation) == owner]:
-            group = self.partial.pop(group_id)
+        for group_id in group_ids:
+            group = self._pop_partial(group_id)
             self._release(group)
             self.counters["expired"] += len(group)
             self.counters["expired_groups"] += 1
@@ -159,6 +173,10 @@ class ReplayBuffer:
             if self.on_retire is not None:
                 self.on_retire(group, "expired")
         return dropped
+
+    def _pop_partial(self, group_id: str) -> list[Sample]:
+        del self.partial_since[group_id]
+        return self.partial.pop(group_id)
 
     def credits(self, actor_id: str, window: int, byte_budget: int | None = None) -> int:
         """How many more samples `actor_id` may have buffered here: `window` samples, and no more bytes than `byte_budget`."""

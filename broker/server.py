@@ -342,13 +342,16 @@ class Broker:
         return {a for a, seen in self.actor_seen.items() if now - seen < ACTOR_TTL_S}
 
     def _expire_silent(self) -> None:
-        """Partial groups of an actor incarnation silent for broker.actor_ttl_s can never complete: drop them."""
-        now = time.monotonic()
+        """Partial groups of an actor incarnation silent for broker.actor_ttl_s can never complete: drop them;
+        so do groups still partial that long after their first sample (a sibling was rejected or lost)."""
+        now, ttl = time.monotonic(), self.config.broker.actor_ttl_s
         for owner, seen in list(self.owner_seen.items()):
-            if now - seen > self.config.broker.actor_ttl_s:
+            if now - seen > ttl:
                 del self.owner_seen[owner]
                 if expired := self.buffer.expire(owner):
                     log.warning("actor %s (incarnation %s) silent for %.0f s: %d samples of partial groups expired", *owner, now - seen, expired)
+        if expired := self.buffer.expire_incomplete(now - ttl):
+            log.warning("%d samples of groups still incomplete %.0f s after their first sample expired", expired, ttl)
 
     def _retired(self, samples: list[Sample], why: str) -> None:
         if self.log is not None:

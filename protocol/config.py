@@ -170,7 +170,8 @@ class BrokerSection(Section):
     segment_mb: float = Field(64, gt=0)
     """Log segment size; a segment is deleted once every sample in it was consumed, dropped or expired."""
     actor_ttl_s: float = Field(60.0, gt=0)
-    """An actor incarnation silent this long is dead: its partial groups are dropped (counted as expired)."""
+    """An actor incarnation silent this long is dead: its partial groups are dropped (counted as expired), as is
+    any group still incomplete this long after its first sample came (a sibling was rejected or lost)."""
     curve: CurveSection = CurveSection()
 
 

@@ -208,6 +208,32 @@ def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_in_a_few_lines(br
     assert min(more) > 0 and len(lines) + sum(more) <= sent
 
 
+def test_a_group_left_incomplete_by_a_rejected_sample_expires_and_gives_its_credit_back(endpoints, tmp_path):
+    """Its actor stays alive (pinging), so only the group's own age can free the credit its three good samples hold."""
+    config = load_config(None, [
+        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
+        f"broker.credits_per_actor={GROUP}", "broker.actor_ttl_s=1", "train.groups_per_step=1",
+    ])  # fmt: skip
+    server, stop = Broker(config, VOCAB), threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        client = Client(endpoints["broker"], "a0")
+        bad = sample(3, 0, 3, behavior_logprobs=np.array([0.5, -1.0], dtype=np.float32))  # a positive log-prob
+        body = send(client, group_samples(0, 0)[:3] + [bad])
+        assert body["acked"] == [0, 1, 2] and body["rejected"] == [[3, "bad_logprobs"]] and body["credits"] == 1
+        for _ in range(30):  # alive all along: not the silent-actor expiry
+            credits = client.request(m.PING, {"actor_id": "a0", "incarnation": "i0"})[1]["credits"]
+            if credits == GROUP:
+                break
+            time.sleep(0.2)
+        stats = client.request(m.STATS)[1]
+        assert credits == GROUP and stats["expired"] == 3 and stats["partial_groups"] == 0
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def test_sample_from_another_actor_id_is_rejected(broker):
     _, endpoint = broker
     body = send(Client(endpoint, "actor"), [sample(0, 0, 0, actor="someone-else")], actor="a0")

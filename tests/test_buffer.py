@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import numpy as np
@@ -52,7 +53,7 @@ def keys(group: list[Sample]) -> list[tuple[str, str, int]]:
 
 def conserved(buffer: ReplayBuffer) -> bool:
     c = buffer.counters
-    return c["accepted"] == c["served"] + c["dropped_stale"] + buffer.buffered
+    return c["accepted"] == c["served"] + c["dropped_stale"] + c["expired"] + buffer.buffered
 
 
 # --------------------------------------------------------------------------- group assembly
@@ -131,6 +132,19 @@ def test_same_seq_from_other_incarnation_or_actor_is_new():
 
 
 # --------------------------------------------------------------------------- take
+
+
+def test_groups_still_incomplete_long_after_their_first_sample_expire():
+    """A group whose sibling was rejected never completes; left alone it would hold its actor's credit forever."""
+    buffer, make = ReplayBuffer(max_policy_lag=2), Maker()
+    buffer.add(make("lost_sibling", 0))
+    before_second = time.monotonic()
+    buffer.add(make("young", 0))
+    assert buffer.expire_incomplete(started_before=before_second) == 1  # only the older one
+    assert set(buffer.partial) == {"young"} and buffer.credits("a", window=4) == 3
+    assert buffer.counters["expired"] == 1 and buffer.counters["expired_groups"] == 1 and conserved(buffer)
+    buffer.add(make("young", 1))  # complete groups are never expired
+    assert buffer.expire_incomplete(started_before=time.monotonic() + 1) == 0 and len(buffer.ready) == 1
 
 
 def test_take_is_fifo_by_completion():
