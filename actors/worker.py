@@ -48,7 +48,8 @@ log = logging.getLogger("actor")
 MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metadata: the actor's status, field names
 IDLE_POLL_S = 0.05
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
-ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups", "aborted_stale_groups", "oversample_cancelled")
+ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups",
+                  "aborted_stale_groups", "oversample_cancelled", "rejected_samples")  # fmt: skip
 
 
 @dataclass
@@ -56,7 +57,7 @@ class OpenGroup:
     problem: Problem
     version_start: int
     running: dict[str, float]  # request id -> monotonic time it was submitted
-    done: list[Completion]
+    done: list[tuple[Completion, int]]  # each finished request, and the version the engine held when it finished
 
 
 class RateMeter:
@@ -128,6 +129,7 @@ class Actor:
         except Exception as err:  # an engine error costs the groups in flight, never the actor
             log.error("%s: engine step failed, dropping %d groups in flight: %r", self.actor_id, len(self.groups), err)
             self.counters["dropped_groups"] += len(self.groups)
+            self._give_back_quota(list(self.groups.values()))
             self._abort(list(self.groups))
             self.failures.record("engine_error", repr(err))
             return
@@ -167,7 +169,7 @@ class Actor:
         group = self.groups.get(group_id)
         if group is None or group.running.pop(c.request_id, None) is None:
             return []  # its group was dropped meanwhile
-        group.done.append(c)
+        group.done.append((c, self.version))
         if len(group.done) < self.config.sampling.group_size:
             return []
         if group.running:
@@ -183,17 +185,17 @@ class Actor:
     def _score(self, group_id: str, group: OpenGroup) -> list[Sample] | None:
         """The group's samples with their rewards, or None (dropped, counted) if any reward could not be computed."""
         samples = []
-        for index, c in enumerate(group.done):
+        for index, (c, version_end) in enumerate(group.done):
             try:
                 reward, correct = self.task.score(group.problem, c.token_ids)
                 injected = injected_reward_fault(self.config.actor.inject_faults, group_ordinal(c.request_id))
                 reward = reward if injected is None else injected
             except RewardFailed as err:  # raised, hung or crashed in the guarded child (counted there too)
-                return self._fail(group_id, f"reward_{err.kind}", str(err))
+                return self._fail(group_id, group, f"reward_{err.kind}", str(err))
             except Exception as err:  # a reward function run in-process may fail in any way
-                return self._fail(group_id, "reward_error", repr(err))
+                return self._fail(group_id, group, "reward_error", repr(err))
             if not math.isfinite(reward):
-                return self._fail(group_id, "reward_nan", f"reward {reward!r}")
+                return self._fail(group_id, group, "reward_nan", f"reward {reward!r}")
             if index == 0 and group_id.endswith("0"):  # every tenth group: show what the model writes
                 text = self.task.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                 log.info("%s v%d sample: %r -> reward %.2f", self.actor_id, self.version, text, reward)
@@ -207,24 +209,32 @@ class Actor:
                     group_size=self.config.sampling.group_size,
                     index=index,
                     version_start=group.version_start,
-                    version_end=self.version,
+                    version_end=version_end,
                     actor_id=self.actor_id,
                     incarnation=self.incarnation,
-                    seq=next(self.seq),
+                    seq=-1,  # numbered below, once the whole group is kept
                     finish_reason=c.finish_reason,
                     metadata={"task": self.task.name, "correct": correct},
                 )
             )
             why = unsendable(samples[-1], self.config.broker)
             if why is not None:  # refused however it is sent: resending it would never end
-                return self._fail(group_id, "sample_too_large", why)
+                return self._fail(group_id, group, "sample_too_large", why)
+        for sample in samples:  # a dropped group uses no sequence numbers: gaps would stay in the broker's dedupe window
+            sample.seq = next(self.seq)
         return samples
 
-    def _fail(self, group_id: str, cause: str, detail: str) -> None:
-        """A dropped group counts against the failure budget, with its cause in the log."""
+    def _fail(self, group_id: str, group: OpenGroup, cause: str, detail: str) -> None:
+        """A dropped group counts against the failure budget, with its cause in the log, and gives its place
+        in a synchronous run's per-version quota back (the step still needs a group in its stead)."""
         log.error("%s: dropping group %s: %s: %s", self.actor_id, group_id, cause, detail)
         self.counters["dropped_groups"] += 1
+        self._give_back_quota([group])
         self.failures.record(cause, detail)
+
+    def _give_back_quota(self, groups: list[OpenGroup]) -> None:
+        if self.quota is not None:
+            self.started_at_version -= sum(g.version_start == self.version for g in groups)
 
     def _abort(self, group_ids: list[str]) -> None:
         """Cancel every running request of these groups in the engine and forget the groups."""
@@ -238,7 +248,7 @@ class Actor:
             late = sum(now - submitted > limit for submitted in group.running.values())
             if late:
                 self._abort([group_id])
-                self._fail(group_id, "generation_timeout", f"{late} requests ran over {limit:g} s")
+                self._fail(group_id, group, "generation_timeout", f"{late} requests ran over {limit:g} s")
         lag = self.config.broker.max_policy_lag
         stale = [g for g, group in self.groups.items() if self.broker_version - group.version_start > lag]
         if stale:
@@ -316,7 +326,9 @@ class Actor:
                 self.unacked.pop(seq, None)
             for seq, reason in reply.get("rejected", []):
                 log.error("%s: broker rejected sample %s: %s", self.actor_id, seq, reason)
-                self.unacked.pop(seq, None)
+                if self.unacked.pop(seq, None) is not None:  # its group will not complete there (it expires)
+                    self.counters["rejected_samples"] += 1
+                    self.failures.record(f"rejected_{reason}", f"sample {seq}")
             self.credits = reply.get("credits", self.credits)
             self.broker_version = max(self.broker_version, reply.get("policy_version", 0))
             self.stop_requested = self.stop_requested or bool(reply.get("stop", False))

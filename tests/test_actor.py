@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from actors.worker import Actor, RateMeter, _chunks, _sync_quota, credit_room, unsendable
+from actors.engine import Completion
+from actors.tasks import Problem, TokenRangeTask
+from actors.worker import Actor, OpenGroup, RateMeter, _chunks, _sync_quota, credit_room, unsendable
 from protocol import messages as m
 from protocol.config import load_config
 from protocol.transport import Client, free_port, send_reply
@@ -166,3 +168,48 @@ def test_a_late_acknowledgement_does_not_undo_a_newer_stop_or_version():
         assert actor.stop_requested and actor.broker_version == 3
     finally:
         actor.broker.close()
+
+
+@pytest.fixture
+def scoring_actor(tiny_model_dir):
+    """An actor with a real (token range) task and no engine: `_score`, `_fail` and `_take_replies` need no more."""
+
+    def make(*overrides: str) -> Actor:
+        from transformers import AutoTokenizer
+
+        config = load_config(None, ["task.name=token_range", *overrides])
+        task = TokenRangeTask(config.task, AutoTokenizer.from_pretrained(tiny_model_dir), seed=0)
+        return Actor(config, 0, engine=None, task=task, weights=WeightReceiver(), broker=Client(f"127.0.0.1:{free_port()}", "a"))
+
+    return make
+
+
+def finished_group(actor: Actor, ordinal: int, versions: list[int]) -> tuple[str, OpenGroup]:
+    """A group whose requests finished while the engine held `versions` (one per completion)."""
+    group_id = f"{actor.actor_id}-{actor.incarnation}-{ordinal}"
+    done = [(Completion(f"{group_id}/{i}", np.array([5, 6], np.int32), np.array([-0.1, -0.2], np.float32), "stop"), v)
+            for i, v in enumerate(versions)]  # fmt: skip
+    return group_id, OpenGroup(Problem([1, 2, 3]), versions[0], {}, done)
+
+
+def test_a_dropped_group_uses_no_sequence_numbers_and_each_sample_keeps_the_version_it_finished_under(scoring_actor):
+    actor = scoring_actor("sampling.group_size=2", "actor.inject_faults.reward_nan=[1]")
+    assert actor._score(*finished_group(actor, 1, [3, 3])) is None  # the second sample's reward is NaN: dropped
+    samples = actor._score(*finished_group(actor, 2, [3, 4]))  # finished across an in-flight weight load
+    assert [s.seq for s in samples] == [0, 1]  # no gap left at the broker by the dropped group
+    assert [(s.version_start, s.version_end) for s in samples] == [(3, 3), (3, 4)]
+
+
+def test_a_dropped_group_gives_its_place_in_a_synchronous_step_back(scoring_actor):
+    actor = scoring_actor("broker.max_policy_lag=0", "sampling.group_size=2", "train.groups_per_step=2")
+    actor.version, actor.started_at_version = 3, actor.quota
+    actor._fail(*finished_group(actor, 1, [3, 3]), "generation_timeout", "late")  # started at this version: replaced
+    actor._fail(*finished_group(actor, 2, [2, 2]), "generation_timeout", "late")  # an older version's: not this step's
+    assert actor.started_at_version == actor.quota - 1
+
+
+def test_a_rejected_sample_is_counted_and_charged_to_the_failure_budget(scoring_actor):
+    actor = scoring_actor()
+    actor.unacked[7] = (make_sample(seq=7), time.monotonic())
+    actor._take_replies([(m.ACK, {"acked": [], "rejected": [[7, "bad_logprobs"]]}, None)] * 2)  # the second is a repeat
+    assert actor.counters["rejected_samples"] == 1 and actor.failures.counts["rejected_bad_logprobs"] == 1
