@@ -49,7 +49,7 @@ MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metad
 IDLE_POLL_S = 0.05
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups",
-                  "aborted_stale_groups", "oversample_cancelled", "rejected_samples")  # fmt: skip
+                  "aborted_stale_groups", "oversample_cancelled", "rejected_samples", "skipped_long_prompts")  # fmt: skip
 
 
 @dataclass
@@ -153,9 +153,13 @@ class Actor:
             and credit_room(self.credits, len(self.groups), len(self.unacked), n) >= n
             and (self.quota is None or self.started_at_version < self.quota)
         ):
+            problem = self.task.next_problem()
+            if len(problem.prompt_ids) >= self.config.model.max_model_len:  # vLLM would refuse it (no room to answer)
+                self.counters["skipped_long_prompts"] += 1
+                self.failures.record("prompt_too_long", f"{len(problem.prompt_ids)} tokens, model.max_model_len {self.config.model.max_model_len}")
+                continue
             self.started_at_version += 1
             group_id = f"{self.actor_id}-{self.incarnation}-{next(self.group_ids)}"
-            problem = self.task.next_problem()
             now = time.monotonic()
             requests = [f"{group_id}/{i}" for i in range(n + self.config.sampling.oversample)]
             self.groups[group_id] = OpenGroup(problem, self.version, dict.fromkeys(requests, now), [])

@@ -103,6 +103,23 @@ def test_a_flood_of_failures_stops_the_actor_by_name(tmp_path, endpoints):
 
 
 @pytest.mark.slow
+def test_prompts_too_long_for_the_model_are_skipped_and_counted_not_a_crash(tmp_path, endpoints):
+    """Every arithmetic prompt (about 40 tokens with the chat template) is over a 24-token model.max_model_len: each
+    is skipped and charged to the failure budget, which then stops the actor by name."""
+    broker = start_role("broker", tmp_path, endpoints)
+    actor = start_role("actor", tmp_path, endpoints, "model.max_model_len=24", "sampling.max_tokens=8",
+                       "actor.max_generation_failures=3")  # fmt: skip
+    try:
+        assert actor.wait(timeout=240) == 1
+    finally:
+        for p in (broker, actor):
+            p.kill()
+    assert "4 generation failures within 300 s (limit 3); last: prompt_too_long" in (tmp_path / "actor.log").read_text()
+    stats = json.loads((tmp_path / "actor-0_stats.json").read_text())
+    assert stats["skipped_long_prompts"] == 4 and stats["groups_started"] == 0
+
+
+@pytest.mark.slow
 def test_an_error_reply_costs_a_resend_never_the_actor(tmp_path, endpoints):
     """A broker that answers SAMPLES with ERROR (its own internal error, say) gets those samples again; the actor keeps running."""
     router = bind_router(endpoints["broker"], 1 << 30)  # the test plays the broker: refuses the first SAMPLES, acks the rest
