@@ -17,13 +17,17 @@ from protocol.sample import Key, Sample
 class SeqWindow:
     """The set of sequence numbers seen from one actor incarnation, compacted below a watermark.
 
-    A sequence number that never arrives (its sample was rejected) would hold the
-    watermark back forever and let `above` grow with every later sample. Once `above`
-    holds more than MAX_ABOVE numbers, the watermark jumps past the older half of them:
-    a gap that old is far outside any credit window, so no legitimate resend can fill it.
+    A sequence number that never arrives would hold the watermark back forever and let
+    `above` grow with every later sample. Gaps are rare: the actor numbers only the samples
+    it sends, and the broker marks the ones it rejects as seen (`ReplayBuffer.mark_seen`);
+    what is left is a sample refused for credit and not yet resent, or one lost with a
+    peer. Once `above` holds more than MAX_ABOVE numbers, the watermark jumps past the
+    older half of them. That declares a refused sample still to come seen (its resend
+    would be acknowledged and dropped), so the bound is set far beyond what an actor gets
+    accepted within one resend delay (`actor.resend_after_s`).
     """
 
-    MAX_ABOVE = 4096
+    MAX_ABOVE = 1 << 16
 
     def __init__(self) -> None:
         self.below = 0  # every seq < below has been seen
@@ -121,6 +125,12 @@ class ReplayBuffer:
                     new.append(sample.key)
                 acked.append(sample.seq)
         return acked, refused, new
+
+    def mark_seen(self, owner: tuple[str, str], seqs: list[int]) -> None:
+        """Record sequence numbers answered for good without being accepted (rejected samples are never resent)."""
+        window = self.seen.get(owner) or self.seen.setdefault(owner, SeqWindow())
+        for seq in seqs:
+            window.add(seq)
 
     def is_duplicate(self, sample: Sample) -> bool:
         window = self.seen.get((sample.actor_id, sample.incarnation))

@@ -264,6 +264,9 @@ class Broker:
             else:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))
                 rejected.append([item.seq, "bad_sample"])
+        incarnation = body.get("incarnation")
+        if rejected and isinstance(incarnation, str):  # no gap left in the dedupe window: the actor never resends them
+            self.buffer.mark_seen((actor, incarnation), [seq for seq, _ in rejected if type(seq) is int and seq >= 0])
         acked, refused, new = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget())
         if new and self.log is not None:
             # replay restores every sample a record holds: one that refused some (never acknowledged) logs only the new

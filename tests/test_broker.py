@@ -222,6 +222,8 @@ def test_a_group_left_incomplete_by_a_rejected_sample_expires_and_gives_its_cred
         bad = sample(3, 0, 3, behavior_logprobs=np.array([0.5, -1.0], dtype=np.float32))  # a positive log-prob
         body = send(client, group_samples(0, 0)[:3] + [bad])
         assert body["acked"] == [0, 1, 2] and body["rejected"] == [[3, "bad_logprobs"]] and body["credits"] == 1
+        window = server.buffer.seen[("a0", "i0")]
+        assert (window.below, window.above) == (GROUP, set())  # the rejected seq leaves no gap: it is never resent
         for _ in range(30):  # alive all along: not the silent-actor expiry
             credits = client.request(m.PING, {"actor_id": "a0", "incarnation": "i0"})[1]["credits"]
             if credits == GROUP:
