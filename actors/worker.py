@@ -38,7 +38,7 @@ from actors.tasks import Problem, Task
 from protocol import messages as m
 from protocol.config import BrokerSection, RunConfig
 from protocol.curve import curve_keys_dir
-from protocol.errors import PeerRefused, WeightTransferError
+from protocol.errors import PeerRefused, RoleFailed, WeightTransferError
 from protocol.sample import Sample
 from protocol.transport import Client
 from protocol.weights import WeightReceiver
@@ -47,6 +47,7 @@ from protocol.wire import header_bytes
 log = logging.getLogger("actor")
 MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metadata: the actor's status, field names
 IDLE_POLL_S = 0.05
+LONG_PROMPTS_IN_A_ROW = 100  # problems skipped for length with none started between: the config, not the data
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups",
                   "aborted_stale_groups", "oversample_cancelled", "rejected_samples", "skipped_long_prompts")  # fmt: skip
@@ -92,6 +93,7 @@ class Actor:
         self.weight_updates = 0
         self.started_at_version = 0
         self.quota = _sync_quota(config, index)
+        self.long_prompts_in_a_row = 0
         self.failures = FailureBudget(config.actor.max_generation_failures, config.actor.failure_window_s)
         self.counters: Counter[str] = Counter({name: 0 for name in ACTOR_COUNTERS})
         self.in_flight = config.actor.weight_update == "in_flight"
@@ -155,9 +157,9 @@ class Actor:
         ):
             problem = self.task.next_problem()
             if len(problem.prompt_ids) >= self.config.model.max_model_len:  # vLLM would refuse it (no room to answer)
-                self.counters["skipped_long_prompts"] += 1
-                self.failures.record("prompt_too_long", f"{len(problem.prompt_ids)} tokens, model.max_model_len {self.config.model.max_model_len}")
-                continue
+                self._skip_long_prompt(len(problem.prompt_ids))
+                return  # back to the loop (pings, stop), one problem per turn
+            self.long_prompts_in_a_row = 0
             self.started_at_version += 1
             group_id = f"{self.actor_id}-{self.incarnation}-{next(self.group_ids)}"
             now = time.monotonic()
@@ -166,6 +168,19 @@ class Actor:
             for request_id in requests:
                 self.engine.submit(request_id, problem.prompt_ids)
             self.counters["groups_started"] += 1
+
+    def _skip_long_prompt(self, tokens: int) -> None:
+        """Skip a problem the model has no room to answer: counted and logged now and then, not a generation
+        failure (a dataset may hold a few); only a long run of them, a too small model.max_model_len, stops the actor."""
+        limit = self.config.model.max_model_len
+        self.counters["skipped_long_prompts"] += 1
+        self.long_prompts_in_a_row += 1
+        if self.counters["skipped_long_prompts"] % 100 == 1:
+            log.warning("%s: skipping a prompt of %d tokens, no room in model.max_model_len = %d (%d skipped so far)",
+                        self.actor_id, tokens, limit, self.counters["skipped_long_prompts"])  # fmt: skip
+        if self.long_prompts_in_a_row >= LONG_PROMPTS_IN_A_ROW:
+            raise RoleFailed(f"{self.long_prompts_in_a_row} prompts in a row leave no room in model.max_model_len = {limit} "
+                             f"(the last: {tokens} tokens); raise it or shorten the prompts")  # fmt: skip
 
     def _finish(self, c: Completion) -> list[Sample]:
         """File a finished request; when its group has group_size of them, cancel the spares and return its scored samples."""
@@ -330,12 +345,24 @@ class Actor:
                 self.unacked.pop(seq, None)
             for seq, reason in reply.get("rejected", []):
                 log.error("%s: broker rejected sample %s: %s", self.actor_id, seq, reason)
-                if self.unacked.pop(seq, None) is not None:  # its group will not complete there (it expires)
-                    self.counters["rejected_samples"] += 1
-                    self.failures.record(f"rejected_{reason}", f"sample {seq}")
+                self.counters["rejected_samples"] += 1
+                rejected = self.unacked.pop(seq, None)
+                if rejected is not None:
+                    self._drop_rejected_group(rejected[0], reason)
             self.credits = reply.get("credits", self.credits)
             self.broker_version = max(self.broker_version, reply.get("policy_version", 0))
             self.stop_requested = self.stop_requested or bool(reply.get("stop", False))
+
+    def _drop_rejected_group(self, sample: Sample, reason: str) -> None:
+        """Its group cannot complete at the broker (which expires the rest): forget the group's other unacknowledged
+        samples, count the group once against the failure budget, and give its place in a synchronous step back."""
+        siblings = [seq for seq, (s, _) in self.unacked.items() if s.group_id == sample.group_id]
+        for seq in siblings:
+            del self.unacked[seq]
+        self.counters["dropped_groups"] += 1
+        if self.quota is not None and sample.version_start == self.version:
+            self.started_at_version -= 1
+        self.failures.record(f"rejected_{reason}", f"sample {sample.seq} of group {sample.group_id}")
 
     def _update_weights(self) -> None:
         started = time.monotonic()

@@ -113,12 +113,15 @@ class ReplayBuffer:
         """Add one message's samples as far as each actor's credit goes (see `credits`); returns the seqs to
         acknowledge (duplicates too, so the actor forgets them), the seqs refused for want of credit (the actor
         sends them again later) and the keys newly accepted. The same decisions as `credits` then `add` per
-        sample, without a method call per sample for the credit."""
+        sample, without a method call per sample for the credit. A sample whose group is already partial here is
+        taken over the credit (by at most group_size - 1 per such group): refused, it would leave that group to
+        wait on the learner, and to expire if the learner is slower than broker.actor_ttl_s."""
         acked, refused, new = [], [], []
         held, held_bytes = self.held, self.held_bytes
         for sample in samples:
             actor = sample.actor_id
-            if _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0 and not self.is_duplicate(sample):
+            over = _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0
+            if over and not self.is_duplicate(sample) and sample.group_id not in self.partial:
                 refused.append(sample.seq)
             else:
                 if self.add(sample) == "accepted":

@@ -254,19 +254,20 @@ class Broker:
         actor = self._note_actor(body)
         items = samples_from(body, arrays, self.vocab_size)
         self.counters["received"] += len(items)
-        good, rejected = [], []
+        good, rejected, settled = [], [], []  # settled: the sender's own samples rejected for good
         for item in items:
             if type(item) is Sample and item.actor_id == actor:  # the common case first, and cheapest
                 good.append(item)
             elif isinstance(item, ProtocolError):
                 self._reject(item)
                 rejected.append([item.seq, item.reason])
+                settled.append(item.seq)
             else:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))
                 rejected.append([item.seq, "bad_sample"])
         incarnation = body.get("incarnation")
-        if rejected and isinstance(incarnation, str):  # no gap left in the dedupe window: the actor never resends them
-            self.buffer.mark_seen((actor, incarnation), [seq for seq, _ in rejected if type(seq) is int and seq >= 0])
+        if settled and isinstance(incarnation, str):  # no gap left in the dedupe window: the actor never resends them
+            self.buffer.mark_seen((actor, incarnation), [seq for seq in settled if type(seq) is int and seq >= 0])
         acked, refused, new = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget())
         if new and self.log is not None:
             # replay restores every sample a record holds: one that refused some (never acknowledged) logs only the new
@@ -366,13 +367,13 @@ class Broker:
         self.log = DurableLog(wal, self.buffer, self.vocab_size)
         try:
             self.inflight, self.next_batch_id = self.log.replay()
+            self.log.start_segment(self.next_batch_id)
         except BaseException:
             wal.close()  # unlock it: a refused log (LogSchemaError) stays as it is, for whoever drains it
             raise
         now = time.monotonic()
         for samples in self.buffer.partial.values():  # their actors get a full TTL to come back
             self.owner_seen.setdefault((samples[0].actor_id, samples[0].incarnation), now)
-        self.log.start_segment(self.next_batch_id)
 
     def _reject(self, err: ProtocolError) -> None:
         """Count every rejection; log at most one line per REJECT_LOG_S, saying how many went unlogged, so a flood

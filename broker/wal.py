@@ -74,8 +74,12 @@ class WriteAheadLog:
         self.lock = _lock(self.dir / "LOCK")
         self.segment_bytes = segment_bytes
         self.segments = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("wal-*.log"))
-        self.truncated_bytes = self._repair_tail()
-        self._sync_existing()
+        try:
+            self.truncated_bytes = self._repair_tail()
+            self._sync_existing()
+        except BaseException:  # a refused log (LogFormatError) or a failing disk: nobody holds it now
+            self.lock.close()
+            raise
         self.corrupt: dict[int, int] = {}  # older segment -> bytes after its first bad record (reported once)
         self.sizes = {s: self._path(s).stat().st_size for s in self.segments}
         self.live: dict[Key, int] = {}  # live sample key -> segment it was written in
@@ -103,7 +107,7 @@ class WriteAheadLog:
             for kind, payload, end in _parse(data):
                 read = end
                 yield segment, kind, payload
-            if read < len(data) and segment not in self.corrupt:  # the last segment's tail was cut on open
+            if read < len(data) and segment not in self.corrupt:  # an older segment (the last one's tail was cut on open)
                 self.corrupt[segment] = len(data) - read
                 log.error("write-ahead log %s: a corrupt record at byte %d; the %d bytes from there on are not replayed",
                           self._path(segment).name, read, len(data) - read)  # fmt: skip

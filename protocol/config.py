@@ -228,7 +228,8 @@ class LearnerSection(Section):
     attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """The attention kernel of the learner's model (transformers' `attn_implementation`). Packed micro-batches
     carry no mask: `flash_attention_2` (the flash-attn package, GPUs) runs them as variable-length sequences,
-    `sdpa` and `eager` build a block-causal [L, L] mask per row."""
+    `sdpa` and `eager` build a block-causal [L, L] mask per row. flash-attn computes in bf16 only: the FSDP
+    backend with `mixed_precision` (the default on GPUs) does; a single-process learner computes in fp32."""
     weight_transport: Literal["auto", "tcp", "shm", "nccl", "cuda_ipc"] = "auto"
     """How new weights reach actors (docs/weights.md): `auto` takes `shm` when the weight endpoint is on
     loopback (every actor shares the learner's host), else `tcp`; `nccl`/`cuda_ipc` need CUDA."""

@@ -208,8 +208,16 @@ def test_a_dropped_group_gives_its_place_in_a_synchronous_step_back(scoring_acto
     assert actor.started_at_version == actor.quota - 1
 
 
-def test_a_rejected_sample_is_counted_and_charged_to_the_failure_budget(scoring_actor):
-    actor = scoring_actor()
-    actor.unacked[7] = (make_sample(seq=7), time.monotonic())
-    actor._take_replies([(m.ACK, {"acked": [], "rejected": [[7, "bad_logprobs"]]}, None)] * 2)  # the second is a repeat
-    assert actor.counters["rejected_samples"] == 1 and actor.failures.counts["rejected_bad_logprobs"] == 1
+def test_a_rejected_sample_drops_its_group_once_and_gives_its_place_in_a_synchronous_step_back(scoring_actor):
+    """Its group cannot complete at the broker: the siblings still unacknowledged are forgotten (never resent), the
+    group is charged once to the failure budget, and the step gets a group in its stead."""
+    actor = scoring_actor("broker.max_policy_lag=0", "sampling.group_size=2", "train.groups_per_step=2")
+    actor.version, actor.started_at_version = 3, actor.quota
+    now = time.monotonic()
+    for seq in (7, 8):
+        actor.unacked[seq] = (make_sample(seq=seq, group_id="g", version_start=3, version_end=3), now)
+    actor.unacked[9] = (make_sample(seq=9, group_id="other", version_start=3, version_end=3), now)
+    actor._take_replies([(m.ACK, {"acked": [], "rejected": [[7, "bad_logprobs"], [8, "bad_logprobs"]]}, None)])
+    assert list(actor.unacked) == [9]
+    assert actor.counters["rejected_samples"] == 2 and actor.counters["dropped_groups"] == 1
+    assert actor.failures.counts["rejected_bad_logprobs"] == 1 and actor.started_at_version == actor.quota - 1

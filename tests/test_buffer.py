@@ -326,13 +326,24 @@ def test_admit_stops_at_the_credit_and_still_acks_duplicates():
     assert buffer.counters["duplicates"] == 1 and buffer.held["a"] == 4
 
 
+def test_admit_completes_a_partial_group_over_the_credit():
+    """Half of g1 got in before the credit ran out: its sibling is still taken, so g1 completes instead of waiting
+    on the learner; a new group is refused."""
+    buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
+    samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
+    acked, refused, _ = buffer.admit(samples[:3], window=3)
+    assert acked == [0, 1, 2] and refused == []
+    acked, refused, _ = buffer.admit(samples[3:], window=3)
+    assert acked == [3] and refused == [4, 5] and buffer.held["a"] == 4 and len(buffer.ready) == 2
+
+
 def test_admit_counts_bytes_as_it_goes():
     buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
     samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
     budget = 3 * samples[0].nbytes
     acked, refused, _ = buffer.admit(samples, window=100, byte_budget=budget)
-    assert (len(acked), len(refused)) == (3, 3)
-    assert buffer.held_bytes["a"] == budget
+    assert (len(acked), len(refused)) == (4, 2)  # the third sample's sibling completes g1 over the budget
+    assert buffer.held_bytes["a"] == budget + samples[0].nbytes
 
 
 def credits_as_before(buffer: ReplayBuffer, actor: str, window: int, budget: int | None) -> int:
@@ -359,7 +370,8 @@ def test_admit_decides_as_credits_then_add_per_sample(seed):
         window, budget = rng.randrange(2, 12), rng.choice([None, rng.randrange(100, 800)])
         expected: tuple[list, list, list] = ([], [], [])
         for sample in message:
-            if not reference.is_duplicate(sample) and credits_as_before(reference, sample.actor_id, window, budget) <= 0:
+            partial = sample.group_id in reference.partial  # the rest of a group already here is taken over the credit
+            if not reference.is_duplicate(sample) and not partial and credits_as_before(reference, sample.actor_id, window, budget) <= 0:
                 expected[1].append(sample.seq)
             else:
                 if reference.add(sample) == "accepted":

@@ -181,6 +181,8 @@ def test_an_intact_record_of_an_unknown_type_refuses_the_log_and_is_not_cut(tmp_
     with pytest.raises(LogFormatError, match="unknown type b'q'"):
         WriteAheadLog(tmp_path)
     assert path.read_bytes() == before
+    with pytest.raises(LogFormatError):  # refused again by name, not as "another broker is using" it: the lock is free
+        WriteAheadLog(tmp_path)
 
 
 def test_a_disk_failing_as_a_segment_begins_is_a_log_write_error(tmp_path, monkeypatch):
