@@ -114,14 +114,15 @@ class ReplayBuffer:
         acknowledge (duplicates too, so the actor forgets them), the seqs refused for want of credit (the actor
         sends them again later) and the keys newly accepted. The same decisions as `credits` then `add` per
         sample, without a method call per sample for the credit. A sample whose group is already partial here is
-        taken over the credit (by at most group_size - 1 per such group): refused, it would leave that group to
-        wait on the learner, and to expire if the learner is slower than broker.actor_ttl_s."""
+        taken over the credit, up to twice the credit (samples and bytes): refused, it would leave that group to
+        wait on the learner, and to expire if the learner is slower than broker.actor_ttl_s. The cap keeps a
+        sender claiming huge groups from growing one past any budget."""
         acked, refused, new = [], [], []
         held, held_bytes = self.held, self.held_bytes
         for sample in samples:
             actor = sample.actor_id
             over = _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0
-            if over and not self.is_duplicate(sample) and sample.group_id not in self.partial:
+            if over and not self.is_duplicate(sample) and not self._completes(sample, held, held_bytes, window, byte_budget):
                 refused.append(sample.seq)
             else:
                 if self.add(sample) == "accepted":
@@ -134,6 +135,12 @@ class ReplayBuffer:
         window = self.seen.get(owner) or self.seen.setdefault(owner, SeqWindow())
         for seq in seqs:
             window.add(seq)
+
+    def _completes(self, sample: Sample, held: Counter[str], held_bytes: Counter[str], window: int, byte_budget: int | None) -> bool:
+        """Whether `sample` joins a group partial here, within twice its actor's credit."""
+        if sample.group_id not in self.partial:
+            return False
+        return _credit_left(held[sample.actor_id], held_bytes[sample.actor_id], 2 * window, byte_budget and 2 * byte_budget) > 0
 
     def is_duplicate(self, sample: Sample) -> bool:
         window = self.seen.get((sample.actor_id, sample.incarnation))

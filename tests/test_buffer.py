@@ -337,6 +337,13 @@ def test_admit_completes_a_partial_group_over_the_credit():
     assert acked == [3] and refused == [4, 5] and buffer.held["a"] == 4 and len(buffer.ready) == 2
 
 
+def test_a_group_claiming_a_huge_size_grows_no_further_than_twice_the_credit():
+    buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
+    samples = [make("endless", i, group_size=10**6) for i in range(20)]
+    acked, refused, _ = buffer.admit(samples, window=4)
+    assert len(acked) == 8 and len(refused) == 12 and buffer.held["a"] == 8
+
+
 def test_admit_counts_bytes_as_it_goes():
     buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
     samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
@@ -370,8 +377,9 @@ def test_admit_decides_as_credits_then_add_per_sample(seed):
         window, budget = rng.randrange(2, 12), rng.choice([None, rng.randrange(100, 800)])
         expected: tuple[list, list, list] = ([], [], [])
         for sample in message:
-            partial = sample.group_id in reference.partial  # the rest of a group already here is taken over the credit
-            if not reference.is_duplicate(sample) and not partial and credits_as_before(reference, sample.actor_id, window, budget) <= 0:
+            partial = sample.group_id in reference.partial  # the rest of a group already here: up to twice the credit
+            room = credits_as_before(reference, sample.actor_id, 2 * window, budget and 2 * budget) if partial else 0
+            if not reference.is_duplicate(sample) and room <= 0 and credits_as_before(reference, sample.actor_id, window, budget) <= 0:
                 expected[1].append(sample.seq)
             else:
                 if reference.add(sample) == "accepted":
