@@ -131,7 +131,7 @@ class Actor:
         except Exception as err:  # an engine error costs the groups in flight, never the actor
             log.error("%s: engine step failed, dropping %d groups in flight: %r", self.actor_id, len(self.groups), err)
             self.counters["dropped_groups"] += len(self.groups)
-            self._give_back_quota(list(self.groups.values()))
+            self._give_back_quota([g.version_start for g in self.groups.values()])
             self._abort(list(self.groups))
             self.failures.record("engine_error", repr(err))
             return
@@ -248,12 +248,13 @@ class Actor:
         in a synchronous run's per-version quota back (the step still needs a group in its stead)."""
         log.error("%s: dropping group %s: %s: %s", self.actor_id, group_id, cause, detail)
         self.counters["dropped_groups"] += 1
-        self._give_back_quota([group])
+        self._give_back_quota([group.version_start])
         self.failures.record(cause, detail)
 
-    def _give_back_quota(self, groups: list[OpenGroup]) -> None:
+    def _give_back_quota(self, version_starts: list[int]) -> None:
+        """Dropped groups started at the current version free their places in a synchronous step's quota."""
         if self.quota is not None:
-            self.started_at_version -= sum(g.version_start == self.version for g in groups)
+            self.started_at_version -= version_starts.count(self.version)
 
     def _abort(self, group_ids: list[str]) -> None:
         """Cancel every running request of these groups in the engine and forget the groups."""
@@ -360,8 +361,7 @@ class Actor:
         for seq in siblings:
             del self.unacked[seq]
         self.counters["dropped_groups"] += 1
-        if self.quota is not None and sample.version_start == self.version:
-            self.started_at_version -= 1
+        self._give_back_quota([sample.version_start])
         self.failures.record(f"rejected_{reason}", f"sample {sample.seq} of group {sample.group_id}")
 
     def _update_weights(self) -> None:
