@@ -94,6 +94,7 @@ class WriteAheadLog:
         os.set_blocking(self.wakeup_fd, False)
         self.syncs = 0
         self.sync_seconds: deque[float] = deque(maxlen=4096)
+        self.sync_quantiles = (0, 0.0, 0.0)  # (syncs counted when computed, p50 ms, p99 ms)
         self.segments_deleted = 0
         self.failed: OSError | None = None
 
@@ -214,7 +215,7 @@ class WriteAheadLog:
         return self.sizes.get(self.active, 0)
 
     def stats(self) -> dict[str, float]:
-        p50, p99 = np.percentile(self.sync_seconds or [0.0], [50, 99]) * 1000
+        _, p50, p99 = self._fsync_quantiles()
         return {
             "log_bytes": sum(self.sizes.values()),
             "log_bytes_written": self.bytes_written,
@@ -223,9 +224,20 @@ class WriteAheadLog:
             "log_truncated_bytes": self.truncated_bytes,
             "log_corrupt_bytes": sum(self.corrupt.values()),
             "fsyncs": self.syncs,
-            "fsync_ms_p50": round(float(p50), 3),
-            "fsync_ms_p99": round(float(p99), 3),
+            "fsync_ms_p50": p50,
+            "fsync_ms_p99": p99,
         }
+
+    def _fsync_quantiles(self) -> tuple[int, float, float]:
+        """Recent fsyncs' p50 and p99 in ms, recomputed once a 64th of the window is new.
+
+        Stats go out with every batch served, and percentiles of 4096 timings take about
+        0.6 ms here: computed every time, they cost the broker a tenth of its time at 8 KB.
+        """
+        if self.syncs - self.sync_quantiles[0] >= max(1, len(self.sync_seconds) // 64):
+            p50, p99 = np.percentile(self.sync_seconds, [50, 99]) * 1000
+            self.sync_quantiles = (self.syncs, round(float(p50), 3), round(float(p99), 3))
+        return self.sync_quantiles
 
     def close(self) -> None:
         """Sync (unless the log failed) and release everything, the lock last, even if that sync fails."""

@@ -255,6 +255,19 @@ def test_a_sync_that_fails_on_the_thread_is_a_log_write_error_and_the_log_takes_
     wal.close()  # closes without syncing a failed log
 
 
+def test_fsync_percentiles_follow_the_window_a_64th_at_a_time(tmp_path):
+    wal = fresh(tmp_path)  # one real fsync (the snapshot's) of a few ms at most
+    for _ in range(4095):
+        wal._synced(0, 0.001)
+    assert wal.stats()["fsync_ms_p50"] == 1.0 and wal.stats()["fsync_ms_p99"] == 1.0
+    for _ in range(63):
+        wal._synced(0, 0.5)
+    assert wal.stats()["fsync_ms_p99"] == 1.0  # 63 new of 4096: the last percentiles stand (sorting 4096 on every batch served cost a tenth of the broker)
+    wal._synced(0, 0.5)
+    assert wal.stats()["fsync_ms_p99"] == 500.0 and wal.stats()["fsync_ms_p50"] == 1.0  # the 64th: recomputed over the window
+    wal.close()
+
+
 def test_a_sync_on_the_thread_is_timed_on_the_thread_not_when_the_loop_notices(tmp_path):
     wal = fresh(tmp_path)
     wal.append(CONSUMED, [b"x" * 1000])
