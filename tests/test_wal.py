@@ -45,20 +45,28 @@ def crc32_record(kind: bytes, payload: bytes) -> bytes:
     return HEADER.pack(len(payload), zlib.crc32(payload, zlib.crc32(kind)), kind[0]) + payload
 
 
-def test_records_are_written_with_an_xxh3_checksum_and_a_lower_case_type(tmp_path):
+def xxh3_record(kind: bytes, payload: bytes) -> bytes:
+    """A record as logs written on 2026-11-27 held it: lower-case type, unseeded xxh3 over type and payload."""
+    marked = kind.lower()
+    return HEADER.pack(len(payload), xxhash.xxh3_64_intdigest(marked + payload) & 0xFFFFFFFF, marked[0]) + payload
+
+
+def test_records_are_written_with_an_xxh3_checksum_seeded_with_the_segment_and_a_marked_type(tmp_path):
     wal = fresh(tmp_path)
+    wal.start_segment(b"snap")
     wal.append(CONSUMED, [b"x", b"yz"])
     wal.close()
-    data = next(tmp_path.glob("wal-*.log")).read_bytes()
+    data = (tmp_path / "wal-00000001.log").read_bytes()
     size, checksum, kind = HEADER.unpack_from(data, HEADER.size + 4)  # after the snapshot record b"snap"
-    assert (size, kind, data[-3:]) == (3, ord("c"), b"xyz")
-    assert checksum == xxhash.xxh3_64_intdigest(b"cxyz") & 0xFFFFFFFF
+    assert (size, kind, data[-3:]) == (3, ord("c") | wal_module.SEEDED, b"xyz")
+    assert checksum == xxhash.xxh3_64_intdigest(bytes([kind]) + b"xyz", seed=1) & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("damage", [None, "flipped_byte"])
-def test_a_log_written_with_crc32_records_is_still_read(tmp_path, damage):
-    """Upgrading keeps an existing log: its CRC-32 records replay (and a corrupt one still ends the log), new ones follow."""
-    old = [crc32_record(SNAPSHOT, b"snap"), crc32_record(CONSUMED, b"one"), crc32_record(CONSUMED, b"two")]
+@pytest.mark.parametrize("record", [crc32_record, xxh3_record])
+def test_a_log_written_with_older_records_is_still_read(tmp_path, damage, record):
+    """Upgrading keeps an existing log: its CRC-32 or unseeded records replay (and a corrupt one still ends the log), new ones follow."""
+    old = [record(SNAPSHOT, b"snap"), record(CONSUMED, b"one"), record(CONSUMED, b"two")]
     data = bytearray(b"".join(old))
     if damage:
         data[-1] ^= 0xFF
@@ -118,6 +126,65 @@ def test_segments_are_deleted_oldest_first_once_nothing_in_them_is_live(tmp_path
     assert sorted(p.name for p in tmp_path.glob("wal-*.log")) == ["wal-00000003.log"]
 
 
+def filled_and_retired(tmp_path, records: int = 20) -> WriteAheadLog:
+    """Segment 0 filled with equal records of live keys, consumed and retired: it is now the spare."""
+    wal = fresh(tmp_path, segment_bytes=records * 64)
+    keys = [("a", "i", i) for i in range(records)]
+    for key in keys:
+        wal.append_frames([b"o" * 51], [key])  # 64 bytes a record, as its successors will be
+    wal.start_segment(b"snap")
+    wal.retire(keys)
+    wal.collect()
+    return wal
+
+
+def test_a_retired_segment_is_kept_as_the_spare_and_the_next_segment_overwrites_it(tmp_path):
+    wal = filled_and_retired(tmp_path)
+    assert wal.segments == [1] and (tmp_path / "spare.wal").exists()
+    inode = (tmp_path / "spare.wal").stat().st_ino
+    wal.start_segment(b"snap")
+    assert (tmp_path / "wal-00000002.log").stat().st_ino == inode and not (tmp_path / "spare.wal").exists()
+    wal.append_frames([b"n" * 51], [("a", "i", 100)])
+    wal.close()  # cuts the retired file's old bytes off
+    assert (tmp_path / "wal-00000002.log").stat().st_size == wal.sizes[2]
+    reopened = WriteAheadLog(tmp_path)
+    assert reopened.truncated_bytes == 0 and reopened.stats()["log_segments_recycled"] == 0
+    assert [(seg, kind, bytes(p)[-1:]) for seg, kind, p in reopened.records()][-2:] == [(2, SNAPSHOT, b"p"), (2, SAMPLES, b"n")]
+    reopened.close()
+    assert wal.stats()["log_segments_recycled"] == 1
+
+
+def test_after_a_crash_a_recycled_segment_yields_only_its_new_records_never_the_old_ones_behind(tmp_path):
+    """The new records end exactly where an intact old record begins (records of equal size): only the
+    segment number seeded into the checksums tells the old one apart."""
+    wal = filled_and_retired(tmp_path)
+    wal.start_segment(b"snap")  # the same snapshot as segment 0's: its records line up with the old ones
+    wal.append_frames([b"n" * 51], [("a", "i", 100)])
+    assert wal.sizes[2] == 13 + 64 and (tmp_path / "wal-00000002.log").stat().st_size == 20 * 64
+    wal.sync()
+    wal.file.close()  # killed: no close, the old bytes stay behind the new
+    wal.lock.close()
+    reopened = WriteAheadLog(tmp_path)
+    assert reopened.truncated_bytes == 20 * 64 - wal.sizes[2]  # the old records, cut like a torn tail
+    new = [(seg, kind) for seg, kind, _ in reopened.records() if seg == 2]
+    assert new == [(2, SNAPSHOT), (2, SAMPLES)]
+    reopened.close()
+
+
+def test_segments_written_before_checksums_were_seeded_are_deleted_not_recycled(tmp_path):
+    wal = fresh(tmp_path, segment_bytes=100)
+    wal.append_frames([b"x" * 100], [("a", "i", 0)])
+    wal.start_segment(b"snap")
+    path = tmp_path / "wal-00000000.log"
+    data = bytearray(path.read_bytes())
+    data[HEADER.size - 1] &= ~wal_module.SEEDED  # the first record's type as an older streamrl wrote it
+    path.write_bytes(bytes(data))
+    wal.retire([("a", "i", 0)])
+    wal.collect()
+    assert not path.exists() and not (tmp_path / "spare.wal").exists()
+    wal.close()
+
+
 def test_sync_is_timed_and_stats_add_up(tmp_path):
     wal = fresh(tmp_path)
     wal.append(CONSUMED, [b"x" * 1000])
@@ -175,10 +242,11 @@ def test_an_intact_record_of_an_unknown_type_refuses_the_log_and_is_not_cut(tmp_
     wal.close()
     path = tmp_path / "wal-00000000.log"
     payload = b"from a newer version"
-    newer = HEADER.pack(len(payload), xxhash.xxh3_64(b"q" + payload).intdigest() & 0xFFFFFFFF, ord("q")) + payload
+    kind = ord("q") | wal_module.SEEDED  # seeded, as a newer version would write it after our seeded records
+    newer = HEADER.pack(len(payload), xxhash.xxh3_64_intdigest(bytes([kind]) + payload, seed=0) & 0xFFFFFFFF, kind) + payload
     path.write_bytes(path.read_bytes() + newer)
     before = path.read_bytes()
-    with pytest.raises(LogFormatError, match="unknown type b'q'"):
+    with pytest.raises(LogFormatError, match=r"unknown type b'\\xf1'"):
         WriteAheadLog(tmp_path)
     assert path.read_bytes() == before
     with pytest.raises(LogFormatError):  # refused again by name, not as "another broker is using" it: the lock is free
