@@ -188,7 +188,7 @@ class Broker:
                 log.exception("internal error decoding a message")
                 err = ProtocolError("internal_error", repr(err))
             self._reject(err)
-            send_reply(socket, identity, None, m.ERROR, {"reason": err.reason, "detail": err.detail})
+            send_reply(socket, identity, err.rid, m.ERROR, {"reason": err.reason, "detail": err.detail})
             return
         rid = body.get("rid")
         try:

@@ -2,13 +2,18 @@
 
 
 class ProtocolError(ValueError):
-    """A message from the wire is malformed; `reason` is a short stable name used in counters."""
+    """A message from the wire is malformed; `reason` is a short stable name used in counters.
+
+    `rid` is the request id the message's header carried, when its header could be read:
+    the error reply then names it, and the sender's slot for that request frees at once.
+    """
 
     def __init__(self, reason: str, detail: str, seq: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.seq = seq
+        self.rid: int | None = None
 
 
 class ConfigError(ValueError):

@@ -104,15 +104,24 @@ def decode(frames: list[bytes | memoryview], max_bytes: int = 1 << 30, max_heade
     kind, body, specs = header.get("type"), header.get("body"), header.get("arrays")
     if not isinstance(kind, str) or not isinstance(body, dict) or not isinstance(specs, list):
         raise ProtocolError("bad_header", "header needs type (str), body (map) and arrays (list)")
-    if len(specs) != len(frames) - 1:
-        raise ProtocolError("frame_count", f"header lists {len(specs)} arrays but {len(frames) - 1} frames follow")
-    arrays = [_array(spec, frame) for spec, frame in zip(specs, frames[1:])]
+    try:
+        return kind, body, _arrays(header, specs, frames[1:])
+    except ProtocolError as err:
+        err.rid = body.get("rid") if type(body.get("rid")) is int else None
+        raise
+
+
+def _arrays(header: dict[str, Any], specs: list, frames: list[memoryview]) -> list[np.ndarray]:
+    """The array frames as numpy views, once they match the header's specs and checksum."""
+    if len(specs) != len(frames):
+        raise ProtocolError("frame_count", f"header lists {len(specs)} arrays but {len(frames)} frames follow")
+    arrays = [_array(spec, frame) for spec, frame in zip(specs, frames)]
     digest = xxhash.xxh3_64()
-    for frame in frames[1:]:
+    for frame in frames:
         digest.update(frame)
     if digest.intdigest() != header.get("xxh3"):
         raise ProtocolError("checksum", "array bytes do not match the header's xxh3 checksum")
-    return kind, body, arrays
+    return arrays
 
 
 def _array(spec: Any, frame: memoryview) -> np.ndarray:

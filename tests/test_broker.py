@@ -139,15 +139,18 @@ def test_bad_samples_are_nacked_by_reason_and_good_ones_kept(broker):
 def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
     _, endpoint = broker
     raw = raw_dealer(endpoint)
-    for frames in ([b"\xc1garbage"], encode("no_such_type", {"rid": 1}), [encode(m.PING, {"rid": 2})[0], b"extra"]):
+    flipped = [bytes(f) for f in encode(m.SAMPLES, {"rid": 3}, [np.arange(4, dtype="<i4")])]
+    flipped[1] = b"\xff" + flipped[1][1:]
+    cases = [([b"\xc1garbage"], None), (encode("no_such_type", {"rid": 1}), 1), ([encode(m.PING, {"rid": 2})[0], b"extra"], 2), (flipped, 3)]
+    for frames, rid in cases:
         raw.send_multipart(frames)
         assert raw.poll(5000)
         reply = raw.recv_multipart()
         kind, body, _ = decode(reply)
-        assert kind == m.ERROR
+        assert kind == m.ERROR and body["rid"] == rid  # named whenever the header could be read: the sender's request ends now
     raw.close()
     stats = Client(endpoint, "probe").request(m.STATS)[1]
-    assert stats["rejected_by_reason"] == {"bad_header": 1, "unknown_type": 1, "frame_count": 1}
+    assert stats["rejected_by_reason"] == {"bad_header": 1, "unknown_type": 1, "frame_count": 1, "checksum": 1}
 
 
 def test_a_header_over_the_limit_is_refused_unread_and_good_samples_still_go_in(broker):
