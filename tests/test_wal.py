@@ -15,6 +15,8 @@ import xxhash
 from broker import wal as wal_module
 from broker.wal import CONSUMED, HEADER, SAMPLES, SNAPSHOT, LogFormatError, LogWriteError, WriteAheadLog, split_frames
 
+MARKER_BYTES = HEADER.size + len(wal_module.MARKER_PAYLOAD)  # the record every segment begins with
+
 
 def fresh(tmp_path, segment_bytes: int = 1 << 20) -> WriteAheadLog:
     wal = WriteAheadLog(tmp_path, segment_bytes)
@@ -57,7 +59,7 @@ def test_records_are_written_with_an_xxh3_checksum_seeded_with_the_segment_and_a
     wal.append(CONSUMED, [b"x", b"yz"])
     wal.close()
     data = (tmp_path / "wal-00000001.log").read_bytes()
-    size, checksum, kind = HEADER.unpack_from(data, HEADER.size + 4)  # after the snapshot record b"snap"
+    size, checksum, kind = HEADER.unpack_from(data, MARKER_BYTES + HEADER.size + 4)  # after the marker and the snapshot b"snap"
     assert (size, kind, data[-3:]) == (3, ord("c") | wal_module.SEEDED, b"xyz")
     assert checksum == xxhash.xxh3_64_intdigest(bytes([kind]) + b"xyz", seed=1) & 0xFFFFFFFF
 
@@ -140,10 +142,11 @@ def filled_and_retired(tmp_path, records: int = 20) -> WriteAheadLog:
 
 def test_a_retired_segment_is_kept_as_the_spare_and_the_next_segment_overwrites_it(tmp_path):
     wal = filled_and_retired(tmp_path)
-    assert wal.segments == [1] and (tmp_path / "spare.wal").exists()
-    inode = (tmp_path / "spare.wal").stat().st_ino
+    spare = tmp_path / "spare-00000000.wal"
+    assert wal.segments == [1] and spare.stat().st_size == MARKER_BYTES + 13 + 20 * 64  # kept whole: cut only once reused
+    inode = spare.stat().st_ino
     wal.start_segment(b"snap")
-    assert (tmp_path / "wal-00000002.log").stat().st_ino == inode and not (tmp_path / "spare.wal").exists()
+    assert (tmp_path / "wal-00000002.log").stat().st_ino == inode and not spare.exists()
     wal.append_frames([b"n" * 51], [("a", "i", 100)])
     wal.close()  # cuts the retired file's old bytes off
     assert (tmp_path / "wal-00000002.log").stat().st_size == wal.sizes[2]
@@ -160,7 +163,7 @@ def test_after_a_crash_a_recycled_segment_yields_only_its_new_records_never_the_
     wal = filled_and_retired(tmp_path)
     wal.start_segment(b"snap")  # the same snapshot as segment 0's: its records line up with the old ones
     wal.append_frames([b"n" * 51], [("a", "i", 100)])
-    assert wal.sizes[2] == 13 + 64 and (tmp_path / "wal-00000002.log").stat().st_size == 20 * 64
+    assert wal.sizes[2] == MARKER_BYTES + 13 + 64 and (tmp_path / "wal-00000002.log").stat().st_size == 20 * 64
     wal.sync()
     wal.file.close()  # killed: no close, the old bytes stay behind the new
     wal.lock.close()
@@ -172,16 +175,75 @@ def test_after_a_crash_a_recycled_segment_yields_only_its_new_records_never_the_
 
 
 def test_segments_written_before_checksums_were_seeded_are_deleted_not_recycled(tmp_path):
-    wal = fresh(tmp_path, segment_bytes=100)
-    wal.append_frames([b"x" * 100], [("a", "i", 0)])
+    (tmp_path / "wal-00000000.log").write_bytes(xxh3_record(SNAPSHOT, b"snap") + xxh3_record(CONSUMED, b"x" * 100))
+    wal = WriteAheadLog(tmp_path, 100)
     wal.start_segment(b"snap")
-    path = tmp_path / "wal-00000000.log"
-    data = bytearray(path.read_bytes())
-    data[HEADER.size - 1] &= ~wal_module.SEEDED  # the first record's type as an older streamrl wrote it
-    path.write_bytes(bytes(data))
-    wal.retire([("a", "i", 0)])
-    wal.collect()
-    assert not path.exists() and not (tmp_path / "spare.wal").exists()
+    wal.collect()  # nothing live in segment 0
+    assert wal.segments == [1] and not (tmp_path / "wal-00000000.log").exists() and not list(tmp_path.glob("spare-*"))
+    wal.close()
+
+
+def test_a_crash_while_a_segment_is_retired_leaves_it_whole(tmp_path, monkeypatch):
+    """Killed at the rename to the spare: the segment must still hold every record, here the batch record past
+    one segment's size whose keys the consumed record (in the next segment) retires; cut first, the batch came back."""
+    wal = fresh(tmp_path, segment_bytes=300)
+    wal.append_frames([b"x" * 200], [("a", "i", 0)])
+    wal.append(wal_module.SERVED, [b"batch 1 past the segment size"], [("", "batch", 1)])
+    wal.start_segment(b"snap")
+    wal.append(CONSUMED, [b"batch 1"])
+    wal.retire([("a", "i", 0), ("", "batch", 1)])
+    before = (tmp_path / "wal-00000000.log").read_bytes()
+    monkeypatch.setattr(os, "rename", lambda *_: (_ for _ in ()).throw(OSError(errno.EIO, "killed here")))
+    with pytest.raises(LogWriteError):
+        wal.collect()
+    assert (tmp_path / "wal-00000000.log").read_bytes() == before
+    wal.file.close()
+    wal.lock.close()
+    monkeypatch.undo()
+    reopened = WriteAheadLog(tmp_path, 300)
+    assert [k for s, k, _ in reopened.records() if s == 0] == [SNAPSHOT, SAMPLES, wal_module.SERVED]
+    assert reopened.stats()["log_corrupt_bytes"] == 0
+    reopened.close()
+
+
+def test_a_reader_from_before_seeding_refuses_the_log_instead_of_cutting_it(tmp_path, monkeypatch):
+    """The previous version checked every lower-case record unseeded and knew no marker: emulated, it stops at
+    every segment's first record by name, and the log is left as it was."""
+    wal = fresh(tmp_path)
+    wal.append_frames([b"an acknowledged sample"], [("a", "i", 0)])
+    wal.close()
+    before = (tmp_path / "wal-00000000.log").read_bytes()
+    monkeypatch.setattr(wal_module, "SEEDED", 0)
+    monkeypatch.setattr(wal_module, "SEEDED_TYPES", set())
+    monkeypatch.setattr(wal_module, "XXH3_TYPES", {kind + 32 for kind in wal_module.CRC32_TYPES})
+    with pytest.raises(LogFormatError, match="unknown type b'v'"):
+        WriteAheadLog(tmp_path)
+    assert (tmp_path / "wal-00000000.log").read_bytes() == before
+
+
+def test_a_spare_from_a_run_with_larger_segments_is_cut_to_the_new_size(tmp_path):
+    wal = filled_and_retired(tmp_path, records=40)
+    wal.close()
+    wal = WriteAheadLog(tmp_path, 20 * 64)  # segment_mb lowered between runs
+    wal.start_segment(b"snap")
+    for i in range(20):
+        wal.append_frames([b"n" * 51], [("a", "j", i)])
+    wal.start_segment(b"snap")  # rolls past the new size: every byte of the recycled segment is new
+    wal.close()
+    reopened = WriteAheadLog(tmp_path, 20 * 64)
+    assert sum(1 for s, k, _ in reopened.records() if s == 2 and k == SAMPLES) == 20
+    assert reopened.stats()["log_corrupt_bytes"] == 0
+    reopened.close()
+
+
+def test_a_spare_left_where_the_segments_were_moved_away_is_not_reused(tmp_path):
+    """Numbering restarts at 0 without segments, and a spare of segment 0 would repeat its seed."""
+    wal = filled_and_retired(tmp_path)
+    wal.close()
+    for path in tmp_path.glob("wal-*.log"):
+        path.unlink()
+    wal = fresh(tmp_path, segment_bytes=20 * 64)
+    assert wal.segments_recycled == 0 and not list(tmp_path.glob("spare-*"))
     wal.close()
 
 
@@ -192,7 +254,7 @@ def test_sync_is_timed_and_stats_add_up(tmp_path):
     wal.sync()  # nothing new: no second fsync
     stats = wal.stats()
     assert stats["fsyncs"] == 2 and stats["fsync_ms_p99"] >= stats["fsync_ms_p50"] > 0  # the snapshot's, then the record's
-    assert stats["log_bytes"] == stats["log_bytes_written"] == 9 + 4 + 9 + 1000
+    assert stats["log_bytes"] == stats["log_bytes_written"] == MARKER_BYTES + 9 + 4 + 9 + 1000
 
 
 def test_opening_a_log_makes_every_segment_durable_before_anything_is_replayed(tmp_path, monkeypatch):
@@ -315,7 +377,7 @@ def test_a_sync_that_fails_on_the_thread_is_a_log_write_error_and_the_log_takes_
     wal.start_sync()
     with pytest.raises(LogWriteError, match="Input/output error"):
         wal.finish_sync(wait=True)
-    assert wal.dirty and wal.durable_bytes == HEADER.size + len(b"snap")  # only the snapshot, synced as the segment began
+    assert wal.dirty and wal.durable_bytes == MARKER_BYTES + HEADER.size + len(b"snap")  # only the snapshot, synced as the segment began
     with pytest.raises(LogWriteError, match="failed earlier"):
         wal.append(CONSUMED, [b"y"])
     with pytest.raises(LogWriteError, match="failed earlier"):
