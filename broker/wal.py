@@ -47,6 +47,7 @@ where it would otherwise take the seeded records for a torn tail and cut them.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -170,7 +171,10 @@ class WriteAheadLog:
 
     def _write(self, marked: int, frames: list, keys: list[Key] = ()) -> None:
         size = sum(memoryview(f).nbytes for f in frames)
-        self._io(os.writev, self.file.fileno(), [HEADER.pack(size, _record_checksum(marked, frames, self.active), marked), *frames])
+        header = HEADER.pack(size, _record_checksum(marked, frames, self.active), marked)
+        written = self._io(os.writev, self.file.fileno(), [header, *frames])
+        if written != HEADER.size + size:  # a full disk may take part of it: records after a torn one are never read back
+            self._io(_raise, OSError(errno.ENOSPC, f"wrote {written} of a {HEADER.size + size}-byte record"))
         self.bytes_written += HEADER.size + size
         self.sizes[self.active] += HEADER.size + size
         if keys:
@@ -355,6 +359,10 @@ class WriteAheadLog:
                 f.truncate(end)
                 os.fsync(f.fileno())
         return len(data) - end
+
+
+def _raise(err: OSError) -> None:
+    raise err
 
 
 def _timed_fdatasync(fd: int) -> float:

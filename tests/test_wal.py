@@ -329,6 +329,20 @@ def test_a_disk_failing_as_a_segment_begins_is_a_log_write_error(tmp_path, monke
     wal.close()
 
 
+def test_a_record_the_disk_takes_only_part_of_is_a_log_write_error(tmp_path, monkeypatch):
+    """writev on a full disk may write part of a record and return the count: appending after it would put
+    acknowledged records behind a torn one, where replay never reads."""
+    wal = fresh(tmp_path)
+    real_writev = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, parts: real_writev(fd, parts[:1]))  # the header only
+    with pytest.raises(LogWriteError, match="wrote 9 of a 109-byte record"):
+        wal.append(CONSUMED, [b"x" * 100])
+    monkeypatch.undo()
+    with pytest.raises(LogWriteError, match="failed earlier"):
+        wal.append(CONSUMED, [b"y"])
+    wal.close()
+
+
 def test_a_second_broker_on_the_same_log_is_refused(tmp_path):
     wal = fresh(tmp_path)
     with pytest.raises(RuntimeError, match="another broker"):
