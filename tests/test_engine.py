@@ -62,3 +62,35 @@ def test_weight_update_takes_effect_exactly(engine, tiny_model_dir):
     engine.load_weights(original.state_dict())
     c = generate(engine, 1)[0]
     torch.testing.assert_close(torch.from_numpy(c.logprobs), learner_logprobs(original, c.token_ids), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny random Qwen2: its q/k/v projections carry biases, which vLLM fuses like the weights."""
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("qwen2-tiny")
+    config = Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    return out
+
+
+def test_a_weight_update_reaches_fused_biases(qwen2_dir):
+    """Found by a helper's hunt: only the fused weights were rebuilt, so a Qwen2 actor kept its first q/k/v biases."""
+    engine = VLLMEngine(qwen2_dir, load_config(None, ["model.max_model_len=128", "sampling.max_tokens=8"]), seed=0)
+    model = load_model(qwen2_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.add_(torch.randn_like(p) * 2.0)
+    engine.load_weights(model.state_dict())
+    c = generate(engine, 1)[0]
+    torch.testing.assert_close(torch.from_numpy(c.logprobs), learner_logprobs(model, c.token_ids), atol=1e-4, rtol=0)
+    with pytest.raises(KeyError, match="no place in the engine's model"):
+        engine.load_weights({**model.state_dict(), "model.layers.0.extra.weight": torch.zeros(2)})
