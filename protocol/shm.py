@@ -1,11 +1,11 @@
-"""Same-host weight segments in POSIX shared memory (/dev/shm), a fresh name for every published version.
+"""Same-host weight segments in POSIX shared memory (/dev/shm).
 
-The sender writes a version's buckets into a fresh segment and only then announces
-it, and never writes to it again, so a reader can never see a half-written version.
-When the next version is published the old segment's name is unlinked: readers that
-already mapped it keep a valid mapping until they drop it, and no file is left in
-/dev/shm. Each segment is registered with multiprocessing's resource tracker, which
-unlinks it even if the sender is killed with -9.
+The sender (learner/weights.py) writes versions into two segments in turn and readers
+verify what they copy out, so a copy torn by a later rewrite fails its checksum. Each
+segment is registered with multiprocessing's resource tracker as soon as its file
+exists, so it is unlinked even if the sender is killed with -9 (or fails) while the
+segment is still being allocated. Killing the sender's whole process group kills the
+tracker too, and then the files stay (`docs/weights.md`).
 
 We map the files with `mmap` rather than `multiprocessing.shared_memory.SharedMemory`
 because the latter refuses to close while tensors still view it; an `mmap` lives
@@ -44,14 +44,17 @@ class Segment:
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         self.size = size
         fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        resource_tracker.register(f"/{self.name}", "shared_memory")
+        self._linked = True
         try:
             os.ftruncate(fd, max(size, 1))
             os.posix_fallocate(fd, 0, max(size, 1))  # allocate and map every page up front, not a fault per page
             self.map = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except BaseException:  # e.g. ENOSPC from a small /dev/shm: leave no file behind
+            self.unlink()
+            raise
         finally:
             os.close(fd)
-        resource_tracker.register(f"/{self.name}", "shared_memory")
-        self._linked = True
 
     def unlink(self) -> None:
         if self._linked:
