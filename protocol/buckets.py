@@ -17,6 +17,7 @@ the same value) for GPU buckets, where it runs on the device.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,7 +98,9 @@ class Manifest:
         for t in self.tensors:
             if t.dtype not in DTYPES or not 0 <= t.bucket < len(self.bucket_sizes):
                 raise WeightTransferError("bad_manifest", f"tensor {t.name}: dtype {t.dtype} or bucket {t.bucket} unknown")
-            need = int(np.prod(t.shape, dtype=np.int64)) * DTYPES[t.dtype].itemsize
+            if not all(type(d) is int and d >= 0 for d in t.shape):
+                raise WeightTransferError("bad_manifest", f"tensor {t.name}: shape {t.shape} is not of non-negative ints")
+            need = math.prod(t.shape) * DTYPES[t.dtype].itemsize  # Python ints: no overflow to a small size
             if need != t.nbytes or t.offset < 0 or t.offset % ALIGN or t.offset + t.nbytes > self.bucket_sizes[t.bucket]:
                 raise WeightTransferError("bad_manifest", f"tensor {t.name} of shape {t.shape} does not fit bucket {t.bucket} at {t.offset}")
 

@@ -28,10 +28,11 @@ def unique_tensors(state_dict: dict[str, torch.Tensor], device: str | None = "cp
     """
     unique, seen = {}, set()
     for name, tensor in state_dict.items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            tensor = tensor.detach().contiguous()
-            unique[name] = tensor.to(device) if device else tensor
+        if tensor.numel() and tensor.data_ptr() in seen:  # empty tensors all have data_ptr 0 and tie nothing
+            continue
+        seen.add(tensor.data_ptr())
+        tensor = tensor.detach().contiguous()
+        unique[name] = tensor.to(device) if device else tensor
     return unique
 
 

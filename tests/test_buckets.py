@@ -102,6 +102,8 @@ def test_sum64_catches_swapped_words_and_does_not_depend_on_summation_order():
         lambda w: w["tensors"][1].__setitem__(3, 9),  # no such bucket
         lambda w: w.update(tensors="nope"),
         lambda w: w["bucket_sizes"].__setitem__(-1, w["bucket_sizes"][-1] + 4),  # sum64 reads 64-bit words
+        lambda w: w["tensors"][0].__setitem__(2, [-d for d in w["tensors"][0][2]]),  # negative dims, their product right
+        lambda w: (w["tensors"][0].__setitem__(2, [2**32, 2**32]), w["tensors"][0].__setitem__(5, 0)),  # int64 product 0
     ],
 )
 def test_inconsistent_manifests_are_rejected(edit):

@@ -172,6 +172,24 @@ def test_weights_written_into_staged_buffers_are_served_from_there_without_a_cop
     assert our_segments(os.getpid()) == []
 
 
+def test_empty_tensors_are_sent_each_and_never_taken_for_ties(endpoints):
+    """Found by a helper's hunt: ties were found by data_ptr, which is 0 for every empty tensor, so the second
+    empty tensor was dropped, and publishing staged views of two empty tensors raised."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=256)
+    client = WeightClient(endpoints["weights"], "actor", timeout_s=10)
+    try:
+        weights = {"a.empty": torch.empty(0, 4), "w": torch.randn(8), "b.empty": torch.empty(3, 0)}
+        server.publish(1, weights)
+        assert_same(client.fetch(have=0)[1], weights)
+        views = server.stage(specs_of(weights))
+        views["w"].copy_(torch.arange(8.0))
+        server.publish(2, views)
+        assert_same(client.fetch(have=1)[1], {**weights, "w": torch.arange(8.0)})
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "remote-actor", timeout_s=10)
