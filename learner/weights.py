@@ -31,6 +31,7 @@ from protocol import messages as m
 from protocol.buckets import Manifest, as_bytes, bucket_views, checksum, pack_bucket, plan, unpack
 from protocol.config import RunConfig
 from protocol.curve import Guard, curve_keys_dir
+from protocol.errors import RoleFailed
 from protocol.shm import Segment, host_id
 from protocol.transport import bind_router, send_frames, send_reply
 from protocol.weights import Specs, WeightSender, resolve_transport, unique_tensors
@@ -74,9 +75,11 @@ class WeightServer(WeightSender):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._bind_error: Exception | None = None
         self._thread = threading.Thread(target=self._serve, name="weight-server", daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10) or self._bind_error is not None:  # else actors would ask whoever holds the port
+            raise RoleFailed(f"the weight server cannot listen on {endpoint}: {self._bind_error or 'timed out'}")
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:
         """Serve `version` from now on. A thread packs its buckets; a stream sends each one as soon as it is
@@ -174,9 +177,14 @@ class WeightServer(WeightSender):
         return torch.empty(nbytes, dtype=torch.uint8), None
 
     def _serve(self) -> None:
-        socket = bind_router(self.endpoint, 1 << 20, self.guard and self.guard.arm)
+        try:
+            socket = bind_router(self.endpoint, 1 << 20, self.guard and self.guard.arm)
+        except Exception as err:  # e.g. the port is taken (a learner still running): `__init__` raises it
+            self._bind_error = err
+            return
+        finally:
+            self._ready.set()
         socket.setsockopt(zmq.SNDHWM, 0)  # a stream of buckets must never be dropped at the high-water mark
-        self._ready.set()
         try:
             while not self._stop.is_set():
                 if socket.poll(100):

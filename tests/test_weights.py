@@ -19,7 +19,7 @@ import torch
 from actors.weights import WeightClient, make_weight_receiver
 from learner.weights import WeightServer, make_weight_sender
 from protocol.config import load_config
-from protocol.errors import WeightTransferError
+from protocol.errors import RoleFailed, WeightTransferError
 from protocol.shm import PREFIX, SHM_DIR
 from protocol.weights import resolve_transport
 from tests.conftest import ROOT
@@ -188,6 +188,17 @@ def test_empty_tensors_are_sent_each_and_never_taken_for_ties(endpoints):
     finally:
         client.close()
         server.close()
+
+
+def test_a_weight_server_that_cannot_listen_says_so_at_once(endpoints):
+    """Found by a helper's hunt: the bind error only ended the server's thread, so a learner whose port a stale
+    learner still held published into the void while its actors got the stale learner's weights."""
+    first = WeightServer(endpoints["weights"], bucket_bytes=256)
+    try:
+        with pytest.raises(RoleFailed, match="cannot listen on"):
+            WeightServer(endpoints["weights"], bucket_bytes=256)
+    finally:
+        first.close()
 
 
 def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
