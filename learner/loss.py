@@ -38,14 +38,22 @@ from protocol.config import LossSection
 
 
 def group_advantages(rewards: Tensor, kind: str = "grpo", std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
-    """[G, n] rewards -> [G, n] advantages."""
-    n = rewards.shape[1]
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    """[G, n] rewards -> [G, n] float32 advantages, exactly 0 in a group whose rewards are all equal.
+
+    In float64, and zeroed for flat groups: in float32 the mean of eight rewards of 0.7 leaves
+    rounding noise of about 1e-8, which the std normalisation divides by a std of the same size
+    and turns into a full-sized advantage of one sign for the whole group.
+    """
+    wide = rewards.double()
+    n = wide.shape[1]
+    centered = wide - wide.mean(dim=1, keepdim=True)
     if kind == "rloo":
-        return centered * n / (n - 1)  # r_i - mean of the other n - 1
-    if kind == "grpo" and std_normalize:
-        return centered / (rewards.std(dim=1, keepdim=True) + eps)
-    return centered
+        advantages = centered * n / (n - 1)  # r_i - mean of the other n - 1
+    elif kind == "grpo" and std_normalize:
+        advantages = centered / (wide.std(dim=1, keepdim=True) + eps)
+    else:
+        advantages = centered
+    return advantages.masked_fill(flat_groups(rewards).unsqueeze(1), 0.0).float()
 
 
 def flat_groups(rewards: Tensor) -> Tensor:

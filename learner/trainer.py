@@ -89,7 +89,7 @@ class Trainer:
     def step(self, groups: list[list[Sample]], version: int | None = None) -> dict[str, float]:
         """One training step on complete groups; `version` (the policy version the weights are at) turns on parity stats."""
         started = time.perf_counter()
-        rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float32)
+        rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float64)
         flat = flat_groups(rewards)
         if self.loss.filter_flat_groups and not flat.all():
             groups, rewards = [g for g, f in zip(groups, flat) if not f], rewards[~flat]

@@ -70,6 +70,19 @@ def test_zero_advantage_groups_are_skipped_without_changing_the_update(tiny_mode
         torch.testing.assert_close(a, b, msg=name, rtol=1e-4, atol=1e-6)
 
 
+def test_a_flat_group_of_eight_rewards_of_0_7_is_not_trained(tiny_model_dir):
+    """Found by a helper's hunt: the float32 mean of 8 x 0.7 left noise that std normalisation blew up to an
+    advantage of +0.056 for all eight, so the group moved the weights by a full learning rate."""
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model, num_groups=1, n=8)
+    for s in groups[0]:
+        s.reward = 0.7
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = Trainer(model, load_config(None, ["train.lr=0.01"])).step(groups)
+    assert metrics["flat_groups"] == 1 and metrics["trained_samples"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_non_finite_gradients_refuse_the_update(tiny_model_dir):
     model = load_model(tiny_model_dir)
     groups = make_groups(model)
