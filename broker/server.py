@@ -255,12 +255,14 @@ class Broker:
         items = samples_from(body, arrays, self.vocab_size)
         self.counters["received"] += len(items)
         good, rejected, settled = [], [], []  # settled: the sender's own samples rejected for good
+        group_size = self.config.sampling.group_size
         for item in items:
-            if type(item) is Sample and item.actor_id == actor:  # the common case first, and cheapest
+            if type(item) is Sample and item.actor_id == actor and item.group_size == group_size:  # the common case first
                 good.append(item)
-            elif isinstance(item, ProtocolError):
-                self._reject(item)
-                rejected.append([item.seq, item.reason])
+            elif isinstance(item, ProtocolError) or item.actor_id == actor:  # a group of another size would stop the learner
+                err = item if isinstance(item, ProtocolError) else ProtocolError("bad_sample", f"group_size {item.group_size} is not the run's {group_size}")
+                self._reject(err)
+                rejected.append([item.seq, err.reason])
                 settled.append(item.seq)
             else:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))

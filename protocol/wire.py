@@ -37,6 +37,7 @@ from protocol.sample import Sample
 
 SCHEMA_VERSION = 3
 ALLOWED_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4"), "<i8": np.dtype("<i8"), "|u1": np.dtype("|u1")}
+MAX_ABS_REWARD = 1e30  # a finite reward beyond float32's range (3.4e38) would still train as inf: NaN advantages
 SAMPLE_FRAMES = 4  # prompt ids (each distinct prompt once), completion ids, log-probs (each all samples concatenated), layout
 LAYOUT_ROWS = 4  # per sample: prompt start, prompt length, completion length, log-prob length
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")
@@ -341,8 +342,8 @@ def _defects(sent: dict, columns: dict, prompt: np.ndarray, completion: np.ndarr
             bad = ~(np.isfinite(logprobs) & (logprobs <= 1e-4))
             fail(_owners(bad, None, logprob_len), "bad_logprobs", "behavior log-probs must be finite and <= 0")
         rewards = columns.get("reward")
-        if rewards is not None and not (all_typed and math.isfinite(sum(rewards))):  # a sum overflowing to inf only costs the loop
-            fail([i for i in typed if not math.isfinite(rewards[i])], "bad_reward", "reward is not finite")
+        if rewards is not None and not (all_typed and sum(map(abs, rewards)) <= MAX_ABS_REWARD):  # NaN compares False
+            fail([i for i in typed if not -MAX_ABS_REWARD <= rewards[i] <= MAX_ABS_REWARD], "bad_reward", f"reward is not within ±{MAX_ABS_REWARD:g}")
         for ids, span in ((prompt, (starts, prompt_len)), (completion, (None, completion_len))):
             # one pass: as uint32 a negative id is >= 2**31, so max < vocab_size means all lie in [0, vocab_size)
             if ids.size and (int(ids.min()) < 0 if vocab_size is None else int(ids.view(np.uint32).max()) >= vocab_size):

@@ -136,6 +136,22 @@ def test_bad_samples_are_nacked_by_reason_and_good_ones_kept(broker):
     assert stats["rejected_by_reason"] == {"token_out_of_vocab": 1, "bad_logprobs": 1}
 
 
+def test_a_group_of_another_size_than_the_runs_is_rejected(broker):
+    """Found by a helper's hunt: a group completed at its own claimed size, so a wire-valid group of 2 was served
+    beside groups of 4 and the learner's step raised on the ragged rewards (and again after every resume)."""
+    _, endpoint = broker
+    client = Client(endpoint, "a0")
+    small = [sample(i, 0, i) for i in range(2)]
+    for s in small:
+        s.group_size = 2
+    body = send(client, [*small, *group_samples(1, 2)])
+    assert body["acked"] == [2, 3, 4, 5] and body["rejected"] == [[0, "bad_sample"], [1, "bad_sample"]]
+    learner = Client(endpoint, "learner")
+    kind, batch, _ = get_batch(learner, 1, 0)
+    assert kind == m.BATCH and set(batch["samples"]["group_size"]) == {GROUP}
+    assert client.request(m.STATS)[1]["rejected_by_reason"] == {"bad_sample": 2}
+
+
 def test_malformed_messages_get_an_error_and_the_broker_keeps_serving(broker):
     _, endpoint = broker
     raw = raw_dealer(endpoint)

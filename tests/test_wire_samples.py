@@ -257,6 +257,8 @@ PER_SAMPLE_CASES = [
     ("reward-nan", {"reward": NAN}, None, "bad_reward"),
     ("reward-inf", {"reward": INF}, None, "bad_reward"),
     ("reward-neginf", {"reward": -INF}, None, "bad_reward"),
+    ("reward-beyond-float32", {"reward": 1e39}, None, "bad_reward"),  # finite, but inf once the learner trains on it
+    ("reward-huge-negative", {"reward": -3e38}, None, "bad_reward"),  # two of these overflowed a float32 group mean
     ("completion-eq-vocab", {"completion_ids": np.array([4, VOCAB], I32)}, None, "token_out_of_vocab"),
     ("prompt-gt-vocab", {"prompt_ids": np.array([VOCAB + 50, 1], I32)}, None, "token_out_of_vocab"),
     ("prompt-negative", {"prompt_ids": np.array([1, -1, 2], I32)}, None, "token_out_of_vocab"),
@@ -331,7 +333,7 @@ def test_boundary_values_are_accepted():
         group_size=4,
         version_start=5,
         version_end=5,
-        reward=-1e300,
+        reward=-1e30,  # protocol.wire.MAX_ABS_REWARD
     )
     (got,) = relay([edge])
     assert_same_sample(got, edge)
