@@ -3,13 +3,15 @@
 `checkpoints/step_N/` holds the policy (safetensors, config, tokenizer) so that
 `from_pretrained` loads it as is, `trainer.pt` (optimizer, LR schedule and RNG
 state) and `trainer_state.json` (step and policy version). It is written into
-`step_N.tmp` and renamed, so a learner killed mid-save never leaves half a
-checkpoint that resume would pick.
+`step_N.tmp`, fsynced, and renamed, so neither a learner killed mid-save nor a
+power loss leaves half a checkpoint that resume would pick: the next batch request
+acknowledges this step's batch to the broker, which then never serves it again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -53,9 +55,20 @@ def save_checkpoint(
             shutil.copy(model_dir / name, tmp / name)
     torch.save(state, tmp / "trainer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step, "batch_id": batch_id}))
+    for path in (*tmp.iterdir(), tmp):
+        _fsync(path)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    _fsync(final.parent)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -51,3 +52,18 @@ def test_checkpoint_is_a_loadable_hf_folder_and_latest_ignores_partial_ones(tiny
     for a, b in zip(trainer.model.state_dict().values(), reloaded.state_dict().values()):
         assert torch.equal(a, b)
     assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tiny_model_dir, tmp_path, monkeypatch):
+    """Found by a helper's hunt: nothing was fsynced, while the broker durably records the step's batch as consumed
+    once the next request acknowledges it; after a power loss the batch was gone and the checkpoint torn."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b)))
+    path = save_checkpoint(tmp_path, 5, Trainer(load_model(tiny_model_dir), load_config(None, [])), tiny_model_dir)
+    renamed = events.index(("rename", str(path)))
+    synced_before = {p for kind, p in events[:renamed] if kind == "fsync"}
+    tmp = str(path) + ".tmp"
+    assert {f"{tmp}/{p.name}" for p in path.iterdir()} | {tmp} <= synced_before
+    assert ("fsync", str(path.parent)) in events[renamed:]
