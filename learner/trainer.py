@@ -98,12 +98,12 @@ class Trainer:
         regularised = self.loss.kl_coef > 0 or self.loss.entropy_coef > 0
         active = [i for i in range(len(samples)) if regularised or advantages[i] != 0]
         chunks = _split(list(range(len(samples))), self.train.updates_per_step)
-        proximal = self._proximal(samples, active) if len(chunks) > 1 and self.loss.correction != "none" else {}
+        active_set = set(active)
+        trained_per_chunk = [[i for i in chunk if i in active_set] for chunk in chunks]
+        proximal = self._proximal(samples, trained_per_chunk) if len(chunks) > 1 and self.loss.correction != "none" else {}
         on_policy = {i for i, s in enumerate(samples) if s.version_start == s.version_end == version}
         totals, parity, loss, grad_norm, updates = LossStats(), ParityStats(), 0.0, 0.0, 0
-        active_set = set(active)
-        for chunk in chunks:
-            trained = [i for i in chunk if i in active_set]
+        for chunk, trained in zip(chunks, trained_per_chunk):
             if not trained:
                 continue
             norm = Normalizer(sum(len(samples[i].completion_ids) for i in chunk), len(chunk), self.max_tokens)
@@ -172,12 +172,14 @@ class Trainer:
             yield part, batch, 1.0 if part else 0.0
 
     @torch.no_grad()
-    def _proximal(self, samples: list[Sample], indices: list[int]) -> dict[int, torch.Tensor]:
-        """Log-probs under the weights as they are before this step's first update."""
+    def _proximal(self, samples: list[Sample], updates: list[list[int]]) -> dict[int, torch.Tensor]:
+        """Log-probs under the weights as they are before this step's first update, of each update's samples
+        spread over the ranks as that update will spread them: each rank computes the ones it will train."""
         out = {}
-        for part, batch, _ in self._micro_batches(samples, torch.zeros(len(samples)), indices):
-            logprobs, _ = forward_logprobs(self.model, batch, self.temperature)
-            out.update({i: logprobs[row].cpu() for row, i in enumerate(part)})
+        for trained in updates:
+            for part, batch, _ in self._micro_batches(samples, torch.zeros(len(samples)), trained):
+                logprobs, _ = forward_logprobs(self.model, batch, self.temperature)
+                out.update({i: logprobs[row].cpu() for row, i in enumerate(part)})
         return out
 
     def _update(self, samples, advantages, indices, proximal, norm: Normalizer, compare: set[int]) -> tuple[torch.Tensor | float, LossStats, ParityStats, float]:

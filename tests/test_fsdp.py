@@ -13,10 +13,11 @@ from safetensors.numpy import load_file
 
 from learner.backend import FSDPBackend
 from learner.main import load_model
-from protocol.config import LearnerSection
+from learner.trainer import Trainer
+from protocol.config import LearnerSection, load_config
 from protocol.transport import free_port
 from protocol.weights import allocate
-from tests.helpers import start_role
+from tests.helpers import make_groups, start_role
 from tests.test_resume import GROUPS, SETTINGS, STEPS, feed
 
 pytestmark = pytest.mark.slow
@@ -144,3 +145,30 @@ def test_the_kl_reference_is_sharded_across_ranks(tiny_model_dir):
     for rank in on_two_ranks(_reference_on_rank, tiny_model_dir):
         assert rank["close"] and rank["frozen"]
         assert 0.45 < rank["held"] < 0.55, rank["held"]
+
+
+def _updates_on_rank(rank: int, port: int, model_dir, results) -> None:
+    """One FSDP rank: a step of four updates whose mini-batches split unevenly over the ranks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    backend = FSDPBackend(LearnerSection(world_size=2))
+    try:
+        model = load_model(model_dir)
+        groups = make_groups(model, num_groups=3, n=4)
+        metrics = Trainer(backend.wrap(model), load_config(None, UPDATES), None, backend).step(groups)
+        results.put({"rank": rank, "loss": metrics["loss"], "updates": metrics["optimizer_steps"]})
+    finally:
+        backend.close()
+
+
+UPDATES = ["train.updates_per_step=4", "train.micro_batch_size=2", "train.lr=0.001"]
+
+
+def test_several_updates_per_step_on_two_ranks_match_one_rank(tiny_model_dir):
+    """Found by a helper's hunt: the proximal log-probs were spread over the ranks unlike the updates' samples,
+    so a rank asked for ones it never computed (KeyError) whenever a mini-batch had an odd length."""
+    model = load_model(tiny_model_dir)
+    single = Trainer(model, load_config(None, UPDATES)).step(make_groups(load_model(tiny_model_dir), num_groups=3, n=4))
+    for rank in on_two_ranks(_updates_on_rank, tiny_model_dir):
+        assert rank["updates"] == single["optimizer_steps"] == 4
+        assert rank["loss"] == pytest.approx(single["loss"], abs=1e-5)
