@@ -29,6 +29,7 @@ from protocol.weights import Progress, WeightReceiver, resolve_transport
 from protocol.wire import decode, encode
 
 log = logging.getLogger("actor.weights")
+SHM_TRIES = 3  # the learner's segments this actor failed to open in a row before it asks for streams instead
 
 
 class WeightClient(WeightReceiver):
@@ -49,6 +50,7 @@ class WeightClient(WeightReceiver):
         self._ids = itertools.count()
         self._buffer = torch.empty(0, dtype=torch.uint8)
         self._mapped: dict[str, mmap.mmap] = {}  # the learner's segments (it writes two in turn), mapped once each
+        self._unopened = 0  # segments in a row that could not be opened
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         rid = next(self._ids)
@@ -152,8 +154,26 @@ class WeightClient(WeightReceiver):
         if mapping is None or len(mapping) < size:
             if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
                 self._mapped.pop(next(iter(self._mapped)))
-            mapping = self._mapped[name] = attach(name, size)
+            try:
+                mapping = self._mapped[name] = attach(name, size)
+            except WeightTransferError as err:
+                self._give_up_on_shm(err)
+                raise
+            self._unopened = 0
         return mapping
+
+    def _give_up_on_shm(self, err: WeightTransferError) -> None:
+        """Same host, but not the same /dev/shm (a container with its own): after a few misses in a row, streams.
+
+        One miss can be a segment superseded between the reply and the open; several in a row are not.
+        """
+        if err.reason != "shm_unavailable":
+            return
+        self._unopened += 1
+        if self._unopened >= SHM_TRIES:
+            self.shm = False
+            log.warning("%s: %d of the learner's shared-memory segments in a row could not be opened (%s); asking for "
+                        "tcp streams from now on", self.endpoint, SHM_TRIES, err.detail)  # fmt: skip
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -201,6 +201,29 @@ def test_a_weight_server_that_cannot_listen_says_so_at_once(endpoints):
         first.close()
 
 
+def test_an_actor_that_cannot_open_the_learners_segments_falls_back_to_streams(endpoints, monkeypatch):
+    """Found by a helper's hunt: a container with its own /dev/shm on the learner's host (same host id) was answered
+    `shm` forever and never got weights. Its private /dev/shm is faked by making every open fail."""
+    import actors.weights as actor_weights
+
+    def private_shm(name, size):
+        raise WeightTransferError("shm_unavailable", f"segment {name}: No such file or directory")
+
+    monkeypatch.setattr(actor_weights, "attach", private_shm)
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    client = WeightClient(endpoints["weights"], "actor", timeout_s=10, shm=True)
+    try:
+        server.publish(1, state(1))
+        for _ in range(actor_weights.SHM_TRIES):
+            with pytest.raises(WeightTransferError, match="shm_unavailable"):
+                client.fetch(have=0)
+        assert_same(client.fetch(have=0)[1], state(1))
+        assert server.served["stream"] == 1 and not client.shm
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "remote-actor", timeout_s=10)
