@@ -22,7 +22,10 @@ from safetensors.torch import save_file
 from learner.trainer import Trainer
 from protocol.weights import unique_tensors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = (  # whichever the model has: fast (tokenizer.json), SentencePiece (tokenizer.model), BPE (vocab + merges)
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json",
+)  # fmt: skip
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 

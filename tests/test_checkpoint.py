@@ -67,3 +67,16 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tiny_model_dir,
     tmp = str(path) + ".tmp"
     assert {f"{tmp}/{p.name}" for p in path.iterdir()} | {tmp} <= synced_before
     assert ("fsync", str(path.parent)) in events[renamed:]
+
+
+def test_a_checkpoint_carries_every_tokenizer_file_the_model_has(tiny_model_dir, tmp_path):
+    """Found by a helper's hunt: SentencePiece (tokenizer.model) and BPE (vocab.json, merges.txt) files were left out."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    extra = {"tokenizer.model": b"sp", "vocab.json": b"{}", "merges.txt": b"#version", "added_tokens.json": b"{}"}
+    for name, data in extra.items():
+        (model_dir / name).write_bytes(data)
+    path = save_checkpoint(tmp_path, 1, Trainer(load_model(model_dir), load_config(None, [])), model_dir)
+    assert {name: (path / name).read_bytes() for name in extra} == extra
