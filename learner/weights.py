@@ -174,7 +174,7 @@ class WeightServer(WeightSender):
         if self.shm:
             segment = Segment(nbytes)
             return as_bytes(segment.map)[:nbytes], segment
-        return torch.empty(nbytes, dtype=torch.uint8), None
+        return torch.zeros(nbytes, dtype=torch.uint8), None  # zeros: the padding between tensors is sent, never written
 
     def _serve(self) -> None:
         try:

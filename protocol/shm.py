@@ -65,7 +65,7 @@ class Segment:
 
 def attach(name: str, size: int) -> mmap.mmap:
     """Map a published segment read-only; a name that is gone (superseded, sender died) is `shm_unavailable`."""
-    if not name.startswith(PREFIX) or "/" in name:
+    if not name.startswith(PREFIX) or "/" in name or "\0" in name:
         raise WeightTransferError("bad_manifest", f"segment name {name!r} is not ours")
     try:
         fd = os.open(SHM_DIR / name, os.O_RDONLY)

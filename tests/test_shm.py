@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from protocol.shm import PREFIX, SHM_DIR, Segment, shm_available
+from protocol.errors import WeightTransferError
+from protocol.shm import PREFIX, SHM_DIR, Segment, attach, shm_available
 
 pytestmark = pytest.mark.skipif(not shm_available(), reason="no writable /dev/shm")
 
@@ -33,3 +34,10 @@ def test_a_segment_is_written_through_and_unlinked():
     segment.unlink()
     segment.unlink()  # twice is harmless
     assert segment.name not in ours()
+
+
+@pytest.mark.parametrize("name", ["other-name", f"{PREFIX}a/b", f"{PREFIX}a\0b"])
+def test_a_segment_name_that_is_not_ours_is_a_bad_manifest(name):
+    with pytest.raises(WeightTransferError) as err:  # a NUL byte made os.open raise ValueError, which stopped the actor
+        attach(name, 16)
+    assert err.value.reason == "bad_manifest"

@@ -224,6 +224,17 @@ def test_an_actor_that_cannot_open_the_learners_segments_falls_back_to_streams(e
         server.close()
 
 
+def test_the_padding_between_tensors_is_sent_as_zeros(endpoints):
+    """Found by a helper's hunt: the tcp buffer came from torch.empty, so the learner's stale heap went out on the wire."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=1024)
+    try:
+        server.publish(1, {"a": torch.full((3,), -1.0), "b": torch.full((5,), -1.0)})
+        flat = server._latest.flat
+        assert flat[12:64].eq(0).all() and flat[64 + 20 :].eq(0).all()  # offsets are multiples of 64 bytes
+    finally:
+        server.close()
+
+
 def test_a_remote_actor_gets_a_stream_even_from_a_shm_sender(endpoints):
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "remote-actor", timeout_s=10)
