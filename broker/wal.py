@@ -1,11 +1,12 @@
-"""The broker's write-ahead log: segmented, length-prefixed, checksummed, append-only.
+"""The broker's write-ahead log: segmented, length-prefixed, checksummed, written in order.
 
 A record is `[u32 length][u32 checksum][u8 type][payload]`, the checksum covering type
 and payload: the low 32 bits of its xxh3-64 seeded with the segment's number, marked by a
 lower-case type letter with the top bit set (xxh3 runs at about 47 GB/s here against
 zlib's CRC-32 at 4, which cost 5% of the broker's time at 8 KB samples). Older records
-are still read: a plain lower-case letter is an unseeded xxh3 (written until 2026-11-27, fifth session),
-an upper-case one a CRC-32 (before 2026-11-27). Records are only appended, and `sync` (fdatasync) makes everything written
+are still read: a plain lower-case letter is an unseeded xxh3 (written from the third to the
+fourth session of 2026-11-27), an upper-case one a CRC-32 (before). Each segment is written
+front to back, one record after the other, and `sync` (fdatasync) makes everything written
 so far durable, so what survives a crash is always a prefix of what was written.
 `start_sync` runs that fdatasync on a thread of its own instead, so the broker keeps
 taking messages while the disk works; `durable_bytes` says how much of the log (counted
@@ -24,12 +25,12 @@ instead of being cut as torn.
 The log knows which sample keys are still live (accepted but not yet consumed,
 dropped or expired) and in which segment each was written. Segments are deleted
 oldest first once nothing in them is live, so a consumed record is never deleted
-while the samples it retires are still on disk. Each new segment starts with a
-snapshot record (written by the caller) so that deleting old segments loses no
-dedupe state.
+while the samples it retires are still on disk. Each new segment starts (after its
+marker, below) with a snapshot record (written by the caller) so that deleting old
+segments loses no dedupe state.
 
-Recycling: the first segment that is no longer needed is renamed `spare-NNNNNNNN.wal`
-(its own number) and, cut to one segment's size, renamed again to be the next new
+Recycling: a segment that is no longer needed is renamed `spare-NNNNNNNN.wal` (its own
+number) if there is no spare yet and it begins with the marker, and, cut to one segment's size, renamed again to be the next new
 segment, which then overwrites blocks the file system has already allocated. An
 fdatasync after appending to a file must also commit the file's new size through the
 journal; after overwriting it need not, which made fsyncs 35-45% faster here (0.75
@@ -146,7 +147,7 @@ class WriteAheadLog:
     # --- writing ---
 
     def start_segment(self, snapshot: bytes) -> None:
-        """Close the active segment (durably) and open a new one that begins with `snapshot`."""
+        """Close the active segment (durably) and open a new one that begins with the marker, then `snapshot`."""
         if self.file is not None:
             self.sync()
             self.file.close()
