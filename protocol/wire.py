@@ -37,7 +37,7 @@ from protocol.sample import Sample
 
 SCHEMA_VERSION = 3
 ALLOWED_DTYPES = {"<i4": np.dtype("<i4"), "<f4": np.dtype("<f4"), "<i8": np.dtype("<i8"), "|u1": np.dtype("|u1")}
-MAX_ABS_REWARD = 1e30  # a finite reward beyond float32's range (3.4e38) would still train as inf: NaN advantages
+MAX_ABS_REWARD = 1e6  # without std normalisation (rloo, drgrpo) advantages are the rewards' size: 1e20 overflowed the grad norm
 SAMPLE_FRAMES = 4  # prompt ids (each distinct prompt once), completion ids, log-probs (each all samples concatenated), layout
 LAYOUT_ROWS = 4  # per sample: prompt start, prompt length, completion length, log-prob length
 _I4, _F4 = np.dtype("<i4"), np.dtype("<f4")

@@ -16,6 +16,7 @@ from learner.main import batch_metrics, load_model
 from learner.trainer import Trainer, forward_logprobs, lr_factor
 from protocol.config import load_config
 from protocol.sample import Sample
+from protocol.wire import MAX_ABS_REWARD
 from tests.helpers import make_groups
 
 
@@ -81,6 +82,18 @@ def test_a_flat_group_of_eight_rewards_of_0_7_is_not_trained(tiny_model_dir):
     metrics = Trainer(model, load_config(None, ["train.lr=0.01"])).step(groups)
     assert metrics["flat_groups"] == 1 and metrics["trained_samples"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("advantage", ["drgrpo", "rloo"])
+def test_rewards_at_the_wires_bound_train_finitely_without_std_normalisation(tiny_model_dir, advantage):
+    """Found by a review: advantages then have the rewards' size, and at the first bound, 1e30 (even 1e20), the gradient norm
+    overflowed, so the step raised (and again after every resume)."""
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model, num_groups=1, n=4)
+    for s, reward in zip(groups[0], [MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, MAX_ABS_REWARD]):
+        s.reward = reward
+    metrics = Trainer(model, load_config(None, [f"loss.advantage={advantage}"])).step(groups)
+    assert math.isfinite(metrics["grad_norm"]) and math.isfinite(metrics["loss"]) and metrics["trained_samples"] == 4
 
 
 def test_non_finite_gradients_refuse_the_update(tiny_model_dir):

@@ -9,7 +9,7 @@ import xxhash
 
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
-from protocol.wire import SAMPLE_FRAMES, SCHEMA_VERSION, decode, encode, encode_samples, samples_from
+from protocol.wire import MAX_ABS_REWARD, SAMPLE_FRAMES, SCHEMA_VERSION, decode, encode, encode_samples, samples_from
 from tests.helpers import (
     VOCAB,
     assert_same_sample,
@@ -122,9 +122,9 @@ def test_samples_round_trip_without_vocab_check():
 
 
 def test_rewards_within_the_bound_whose_sum_exceeds_it_are_accepted():
-    samples = [make_sample(seq=i, index=i, reward=-1e30) for i in range(3)]  # the quick check sums |reward|: 3e30
+    samples = [make_sample(seq=i, index=i, reward=-MAX_ABS_REWARD) for i in range(3)]  # the quick check sums |reward|
     out = relay(samples)
-    assert [s.reward for s in out] == [-1e30] * 3
+    assert [s.reward for s in out] == [-MAX_ABS_REWARD] * 3
 
 
 def test_array_parts_of_any_shape_or_type_are_sent_flat():

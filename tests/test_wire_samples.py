@@ -11,7 +11,15 @@ import xxhash
 
 from protocol.errors import ProtocolError
 from protocol.sample import Sample
-from protocol.wire import SCHEMA_VERSION, decode, encode, encode_samples, per_sample_columns, samples_from
+from protocol.wire import (
+    MAX_ABS_REWARD,
+    SCHEMA_VERSION,
+    decode,
+    encode,
+    encode_samples,
+    per_sample_columns,
+    samples_from,
+)
 from tests.helpers import META_FIELDS, VOCAB, assert_same_sample, over_wire, raise_reason, relay, v1_message
 from tests.helpers import make_wire_sample as make_sample
 
@@ -333,7 +341,7 @@ def test_boundary_values_are_accepted():
         group_size=4,
         version_start=5,
         version_end=5,
-        reward=-1e30,  # protocol.wire.MAX_ABS_REWARD
+        reward=-MAX_ABS_REWARD,
     )
     (got,) = relay([edge])
     assert_same_sample(got, edge)
