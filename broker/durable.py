@@ -45,10 +45,12 @@ def batch_key(batch_id: int) -> Key:
 class DurableLog:
     """Mirrors the broker's state changes into a WriteAheadLog and replays them on start."""
 
-    def __init__(self, wal: WriteAheadLog, buffer: ReplayBuffer, vocab_size: int | None) -> None:
+    def __init__(self, wal: WriteAheadLog, buffer: ReplayBuffer, vocab_size: int | None, group_size: int | None = None) -> None:
+        """`group_size`: the run's; logged samples of groups of another size (the setting changed) are not replayed."""
         self.wal = wal
         self.buffer = buffer
         self.vocab_size = vocab_size
+        self.group_size = group_size
         self.replayed = 0
         self.unservable: tuple[int, list[Key]] | None = None  # an in-flight batch replay could not rebuild, and its keys found
 
@@ -149,7 +151,12 @@ class DurableLog:
         try:
             _, body, arrays = decode(split_frames(payload))
             actor = body.get("actor_id")
-            return [s for s in samples_from(body, arrays, self.vocab_size) if isinstance(s, Sample) and s.actor_id == actor]
+            samples = [s for s in samples_from(body, arrays, self.vocab_size) if isinstance(s, Sample) and s.actor_id == actor]
+            kept = [s for s in samples if self.group_size in (None, s.group_size)]
+            if len(kept) < len(samples):  # a group of another size would stop the learner's step
+                log.error("%d logged samples belong to groups of another size than the run's %d: not replayed",
+                          len(samples) - len(kept), self.group_size)  # fmt: skip
+            return kept
         except ProtocolError as err:  # logged before, so it decoded then; a changed vocabulary could do this
             if err.reason == "schema_version":  # written by another version of streamrl: every sample would be lost
                 raise LogSchemaError(

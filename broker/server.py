@@ -366,7 +366,7 @@ class Broker:
     def _recover(self, wal_dir: Path) -> None:
         """Open (and repair) the log, rebuild the buffer from it, and start a fresh segment."""
         wal = WriteAheadLog(wal_dir, int(self.config.broker.segment_mb * (1 << 20)))
-        self.log = DurableLog(wal, self.buffer, self.vocab_size)
+        self.log = DurableLog(wal, self.buffer, self.vocab_size, self.config.sampling.group_size)
         try:
             self.inflight, self.next_batch_id = self.log.replay()
             self.log.start_segment(self.next_batch_id)

@@ -83,6 +83,18 @@ def test_restart_replays_unconsumed_samples_and_the_inflight_batch_exactly_once(
     assert stats["replayed"] == 8 and stats["consumed"] == 8 and stats["inflight_batch"] is None
 
 
+def test_logged_groups_of_another_size_than_the_restarted_runs_are_not_replayed(running, caplog):
+    """A group of another size would stop the learner's step, so the broker refuses one on the wire; replay after
+    `sampling.group_size` changed must not bring one back either (found by a review)."""
+    broker = running()
+    send(broker.client("actor"), group_samples(0, 0))
+    broker.stop_event.set()
+    broker.thread.join(5)
+    broker.config = broker.config.model_copy(update={"sampling": broker.config.sampling.model_copy(update={"group_size": 2 * GROUP})})
+    broker.start()
+    assert broker.stats()["replayed"] == 0 and "groups of another size than the run's 8: not replayed" in caplog.text
+
+
 def test_resends_after_a_restart_are_duplicates_even_once_consumed(running):
     broker = running()
     actor, learner = broker.client("actor"), broker.client("learner")
