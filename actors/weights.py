@@ -152,14 +152,16 @@ class WeightClient(WeightReceiver):
     def _map(self, name: str, size: int) -> mmap.mmap:
         mapping = self._mapped.get(name)
         if mapping is None or len(mapping) < size:
-            if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
-                self._mapped.pop(next(iter(self._mapped)))
             try:
-                mapping = self._mapped[name] = attach(name, size)
+                mapping = attach(name, size)
             except WeightTransferError as err:
                 self._give_up_on_shm(err)
                 raise
-            self._unopened = 0
+            self._mapped.pop(name, None)
+            if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
+                self._mapped.pop(next(iter(self._mapped)))
+            self._mapped[name] = mapping
+        self._unopened = 0
         return mapping
 
     def _give_up_on_shm(self, err: WeightTransferError) -> None:
@@ -171,7 +173,7 @@ class WeightClient(WeightReceiver):
             return
         self._unopened += 1
         if self._unopened >= SHM_TRIES:
-            self.shm = False
+            self.shm, self._mapped = False, {}
             log.warning("%s: %d of the learner's shared-memory segments in a row could not be opened (%s); asking for "
                         "tcp streams from now on", self.endpoint, SHM_TRIES, err.detail)  # fmt: skip
 
