@@ -43,7 +43,7 @@ def stage_on_gpu(
     """Copy the weights into GPU buckets with device checksums; `allocate(nbytes)` gives the flat buffer."""
     tensors = unique_tensors(state_dict, device=None)  # copied into the buckets from wherever they are
     manifest = plan(tensors, bucket_bytes, version, checksum="sum64")
-    flat = allocate(manifest.total_bytes) if allocate else torch.empty(manifest.total_bytes, dtype=torch.uint8, device="cuda")
+    flat = allocate(manifest.total_bytes) if allocate else torch.zeros(manifest.total_bytes, dtype=torch.uint8, device="cuda")
     buckets = bucket_views(flat, manifest)
     fill_buckets(tensors, manifest.tensors, buckets)
     manifest.checksums = sum64_buckets(flat, manifest.bucket_sizes)  # reading the sums back waits for the copies
@@ -93,7 +93,7 @@ class GpuWeightServer(WeightServer):
 
     def _device_flat(self, nbytes: int) -> torch.Tensor:
         """The flat device buffer the next version is written into."""
-        return torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        return torch.zeros(nbytes, dtype=torch.uint8, device="cuda")  # the padding between tensors is sent, never written
 
     def _return_staged(self) -> None:
         self._staged = None  # device buffers are not kept as a CPU channel's spare

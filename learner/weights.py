@@ -79,6 +79,7 @@ class WeightServer(WeightSender):
         self._thread = threading.Thread(target=self._serve, name="weight-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(10) or self._bind_error is not None:  # else actors would ask whoever holds the port
+            self._stop.set()  # a bind that comes after all must not serve
             raise RoleFailed(f"the weight server cannot listen on {endpoint}: {self._bind_error or 'timed out'}")
 
     def publish(self, version: int, state_dict: dict[str, torch.Tensor], wait: bool = True) -> None:

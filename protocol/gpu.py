@@ -28,6 +28,7 @@ class IpcBuffer:
         self.ptr = runtime.malloc(max(nbytes, 1))
         self.handle = bytes(runtime.ipcGetMemHandle(self.ptr))
         self.tensor = device_tensor(self.ptr, nbytes)
+        self.tensor.zero_()  # the padding between tensors is sent, never written: no stale device memory
 
     def free(self) -> None:
         from cupy.cuda import runtime
