@@ -64,6 +64,7 @@ import numpy as np
 import xxhash
 
 from protocol.errors import RoleFailed
+from protocol.files import fsync_path
 from protocol.sample import Key
 
 log = logging.getLogger("broker.wal")
@@ -161,7 +162,7 @@ class WriteAheadLog:
             self._io(os.rename, spare, path)
             self.segments_recycled += 1
         self.file = self._io(open, path, "r+b" if spare is not None else "wb", 0)  # unbuffered, written from byte 0
-        self._io(_fsync_dir, self.dir)  # a failing disk here is a LogWriteError like any other
+        self._io(fsync_path, self.dir)  # a failing disk here is a LogWriteError like any other
         self._write(MARKER[0] + 32, [MARKER_PAYLOAD])
         self.append(SNAPSHOT, [snapshot])
         self.sync()  # before any older segment is deleted: the snapshot carries their dedupe state
@@ -338,12 +339,8 @@ class WriteAheadLog:
     def _sync_existing(self) -> None:
         """Make what an earlier broker appended durable, synced or not, before it is replayed and built on."""
         for segment in self.segments:
-            fd = os.open(self._path(segment), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(self.dir)
+            fsync_path(self._path(segment))
+        fsync_path(self.dir)
 
     def _repair_tail(self) -> int:
         """Truncate a torn or corrupt record (and everything after it) in the last segment."""
@@ -426,11 +423,3 @@ def _lock(path: Path):
         handle.close()
         raise RuntimeError(f"another broker is using the write-ahead log in {path.parent}") from None
     return handle
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,7 +11,6 @@ acknowledges this step's batch to the broker, which then never serves it again.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from learner.trainer import Trainer
+from protocol.files import fsync_path
 from protocol.weights import unique_tensors
 
 TOKENIZER_FILES = (  # whichever the model has: fast (tokenizer.json), SentencePiece (tokenizer.model), BPE (vocab + merges)
@@ -59,19 +59,11 @@ def save_checkpoint(
     torch.save(state, tmp / "trainer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step, "batch_id": batch_id}))
     for path in (*tmp.iterdir(), tmp):
-        _fsync(path)
+        fsync_path(path)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -321,7 +321,7 @@ def test_a_disk_failing_as_a_segment_begins_is_a_log_write_error(tmp_path, monke
     def broken_disk(_directory):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(wal_module, "_fsync_dir", broken_disk)
+    monkeypatch.setattr(wal_module, "fsync_path", broken_disk)
     with pytest.raises(LogWriteError, match="Input/output error"):
         wal.start_segment(b"snap2")
     with pytest.raises(LogWriteError, match="failed earlier"):  # the broker stops; nothing more is taken
