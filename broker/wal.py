@@ -176,7 +176,7 @@ class WriteAheadLog:
         header = HEADER.pack(size, _record_checksum(marked, frames, self.active), marked)
         written = self._io(os.writev, self.file.fileno(), [header, *frames])
         if written != HEADER.size + size:  # a full disk may take part of it: records after a torn one are never read back
-            self._io(_raise, OSError(errno.ENOSPC, f"wrote {written} of a {HEADER.size + size}-byte record"))
+            raise self._failure(OSError(errno.ENOSPC, f"wrote {written} of a {HEADER.size + size}-byte record"))
         self.bytes_written += HEADER.size + size
         self.sizes[self.active] += HEADER.size + size
         if keys:
@@ -330,8 +330,12 @@ class WriteAheadLog:
         try:
             return call(*args)
         except OSError as err:
-            self.failed = err
-            raise LogWriteError(f"write-ahead log in {self.dir}: {err}") from err
+            raise self._failure(err) from err
+
+    def _failure(self, err: OSError) -> LogWriteError:
+        """Mark the log failed (nothing more is taken) and name the error."""
+        self.failed = err
+        return LogWriteError(f"write-ahead log in {self.dir}: {err}")
 
     def _path(self, segment: int) -> Path:
         return self.dir / f"wal-{segment:08d}.log"
@@ -357,10 +361,6 @@ class WriteAheadLog:
                 f.truncate(end)
                 os.fsync(f.fileno())
         return len(data) - end
-
-
-def _raise(err: OSError) -> None:
-    raise err
 
 
 def _timed_fdatasync(fd: int) -> float:
