@@ -151,12 +151,11 @@ class DurableLog:
         try:
             _, body, arrays = decode(split_frames(payload))
             actor = body.get("actor_id")
-            samples = [s for s in samples_from(body, arrays, self.vocab_size) if isinstance(s, Sample) and s.actor_id == actor]
-            kept = [s for s in samples if self.group_size in (None, s.group_size)]
-            if len(kept) < len(samples):  # a group of another size would stop the learner's step
-                log.error("%d logged samples belong to groups of another size than the run's %d: not replayed",
-                          len(samples) - len(kept), self.group_size)  # fmt: skip
-            return kept
+            items = samples_from(body, arrays, self.vocab_size, self.group_size)
+            failed = [item for item in items if isinstance(item, ProtocolError)]
+            if failed:  # the run's settings changed since (vocabulary, group size): serving them would stop the learner
+                log.error("%d logged samples fail the run's checks (%s): not replayed", len(failed), failed[0])
+            return [s for s in items if isinstance(s, Sample) and s.actor_id == actor]
         except ProtocolError as err:  # logged before, so it decoded then; a changed vocabulary could do this
             if err.reason == "schema_version":  # written by another version of streamrl: every sample would be lost
                 raise LogSchemaError(

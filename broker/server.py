@@ -252,17 +252,15 @@ class Broker:
     def _ingest(self, body: dict[str, Any], arrays: list) -> dict[str, Any]:
         """Ack valid samples (duplicates too, so the actor forgets them), NACK bad ones, refuse those over credit."""
         actor = self._note_actor(body)
-        items = samples_from(body, arrays, self.vocab_size)
+        items = samples_from(body, arrays, self.vocab_size, self.config.sampling.group_size)
         self.counters["received"] += len(items)
         good, rejected, settled = [], [], []  # settled: the sender's own samples rejected for good
-        group_size = self.config.sampling.group_size
         for item in items:
-            if type(item) is Sample and item.actor_id == actor and item.group_size == group_size:  # the common case first
+            if type(item) is Sample and item.actor_id == actor:  # the common case first, and cheapest
                 good.append(item)
-            elif isinstance(item, ProtocolError) or item.actor_id == actor:  # a group of another size would stop the learner
-                err = item if isinstance(item, ProtocolError) else ProtocolError("bad_sample", f"group_size {item.group_size} is not the run's {group_size}")
-                self._reject(err)
-                rejected.append([item.seq, err.reason])
+            elif isinstance(item, ProtocolError):
+                self._reject(item)
+                rejected.append([item.seq, item.reason])
                 settled.append(item.seq)
             else:
                 self._reject(ProtocolError("bad_sample", "sample actor_id differs from the sender's"))

@@ -200,8 +200,10 @@ def _concat(parts: list, dtype: np.dtype) -> np.ndarray:
     return np.concatenate([np.asarray(p).reshape(-1) for p in parts], dtype=dtype, casting="unsafe")
 
 
-def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int | None) -> list[Sample | ProtocolError]:
+def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int | None, group_size: int | None = None) -> list[Sample | ProtocolError]:  # fmt: skip
     """Rebuild and validate each sample; a bad one becomes a ProtocolError in its slot, carrying its seq.
+
+    `group_size`, the run's, if given: a group of another size would stop the learner's step.
 
     Whole-message errors (raised): `frame_count` when the body's `samples` is not a map of
     lists, each of one value per sample or, for the fields an encoder may fold (actor,
@@ -215,7 +217,7 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     sample; negative seq), `bad_dtype` (a data frame of the wrong dtype: every sample of the
     message), `length_mismatch`, `empty_sequence`, `bad_logprobs`, `bad_reward`,
     `token_out_of_vocab`, `bad_sample` (index outside [0, group_size), versions not
-    0 <= start <= end). Good samples hold zero-copy views into the received frames, and
+    0 <= start <= end, then a group_size other than the run's). Good samples hold zero-copy views into the received frames, and
     samples that shared a prompt share one view of it.
     """
     sent = body.get("samples")
@@ -224,7 +226,7 @@ def samples_from(body: dict[str, Any], arrays: list[np.ndarray], vocab_size: int
     n = len(starts)
     prompts = _prompts(prompt, starts, prompt_lengths)
     columns = per_sample_columns(sent, n)
-    errors = _defects(sent, columns, prompt, completion, logprobs, layout, vocab_size)
+    errors = _defects(sent, columns, prompt, completion, logprobs, layout, vocab_size, group_size)
     fields = [columns.get(name) or [None] * n for name in _FIELD_NAMES]  # a missing column fails every sample
     out: list[Sample | ProtocolError] = list(map(Sample, prompts, _cut(completion, completion_lengths), _cut(logprobs, logprob_lengths), *fields))
     seqs = columns.get("seq")
@@ -298,7 +300,7 @@ def _checked_layout(columns: Any, arrays: list[np.ndarray]) -> tuple[np.ndarray,
 
 
 def _defects(sent: dict, columns: dict, prompt: np.ndarray, completion: np.ndarray, logprobs: np.ndarray, layout: list[list[int]],
-             vocab_size: int | None) -> dict[int, ProtocolError]:  # fmt: skip
+             vocab_size: int | None, group_size: int | None) -> dict[int, ProtocolError]:  # fmt: skip
     """Each bad sample's first defect, by sample index; one vectorised pass per array over the whole message.
 
     `sent` holds the columns as they came (one value for all samples, or one per sample),
@@ -358,6 +360,8 @@ def _defects(sent: dict, columns: dict, prompt: np.ndarray, completion: np.ndarr
                 "bad_sample",
                 "index must lie in [0, group_size) and versions be ordered",
             )
+        if group_size is not None and size.count(group_size) != n:
+            fail([i for i in typed if size[i] != group_size], "bad_sample", f"group_size is not the run's {group_size}")
     return errors
 
 

@@ -92,7 +92,7 @@ def test_logged_groups_of_another_size_than_the_restarted_runs_are_not_replayed(
     broker.thread.join(5)
     broker.config = broker.config.model_copy(update={"sampling": broker.config.sampling.model_copy(update={"group_size": 2 * GROUP})})
     broker.start()
-    assert broker.stats()["replayed"] == 0 and "groups of another size than the run's 8: not replayed" in caplog.text
+    assert broker.stats()["replayed"] == 0 and "4 logged samples fail the run's checks (bad_sample: group_size is not the run's 8): not replayed" in caplog.text
 
 
 def test_resends_after_a_restart_are_duplicates_even_once_consumed(running):

@@ -422,3 +422,14 @@ def test_received_samples_are_views_into_the_frames():
     for s in out:
         assert np.shares_memory(s.prompt_ids, arrays[0]) and np.shares_memory(s.completion_ids, arrays[1])
         assert np.shares_memory(s.behavior_logprobs, arrays[2])
+
+
+def test_a_group_size_other_than_the_runs_costs_its_samples_when_the_run_gives_one():
+    """Found by a helper's hunt: a group completed at its own claimed size, and one of another size stopped the
+    learner's step; the broker gives the run's size (ingest and replay alike)."""
+    samples = [make_sample(seq=0, index=0, group_size=2), make_sample(seq=1, index=1, group_size=4)]
+    body, arrays = decode(over_wire(encode_samples("samples", samples)))[1:]
+    assert all(isinstance(s, Sample) for s in samples_from(body, arrays, VOCAB))
+    first, second = samples_from(body, arrays, VOCAB, group_size=4)
+    assert (first.reason, first.seq, first.detail) == ("bad_sample", 0, "group_size is not the run's 4")
+    assert isinstance(second, Sample) and second.group_size == 4
