@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -36,12 +37,14 @@ def save_checkpoint(
     model_dir: Path,
     batch_id: int | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    version: int | None = None,
 ) -> Path:
     """Every rank calls this (gathering sharded state is collective); the main rank writes.
 
     `weights` is the full state dict if the caller already gathered it. `batch_id` is
     the broker batch trained at `step`: a resumed learner acknowledges it, so it is
-    never re-served.
+    never re-served. `version` is the policy version of these weights (`step` unless a
+    resume moved versions ahead of steps).
     """
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     weights = weights if weights is not None else trainer.backend.full_state_dict(trainer.model)
@@ -57,7 +60,7 @@ def save_checkpoint(
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, tmp / name)
     torch.save(state, tmp / "trainer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step, "batch_id": batch_id}))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step if version is None else version, "batch_id": batch_id}))
     for path in (*tmp.iterdir(), tmp):
         fsync_path(path)
     shutil.rmtree(final, ignore_errors=True)
@@ -72,13 +75,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def restore_trainer(trainer: Trainer, checkpoint: Path) -> tuple[int, int | None]:
-    """Load optimizer, schedule and RNG state into `trainer` (whose model came from `checkpoint`).
+class Restored(NamedTuple):
+    step: int
+    version: int  # the policy version of the checkpoint's weights
+    batch_id: int | None  # the broker batch trained at `step`
 
-    Returns (step, broker batch id trained at that step).
-    """
+
+def restore_trainer(trainer: Trainer, checkpoint: Path) -> Restored:
+    """Load optimizer, schedule and RNG state into `trainer` (whose model came from `checkpoint`)."""
     state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     torch.set_rng_state(state.pop("rng"))
     trainer.load_state_dict(state)
     meta = json.loads((checkpoint / "trainer_state.json").read_text())
-    return int(meta["step"]), meta.get("batch_id")
+    return Restored(int(meta["step"]), int(meta.get("policy_version", meta["step"])), meta.get("batch_id"))

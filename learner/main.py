@@ -1,9 +1,10 @@
 """The learner role: pull batches from the broker, train, publish weights, log metrics, checkpoint.
 
 Each step's batch is acknowledged in the next request, so the broker re-serves a
-batch the learner never confirmed. After step k the policy version is k; the new
-weights are published before the broker hears of the version, so an actor that
-sees version k can always fetch it.
+batch the learner never confirmed. Each step moves the policy version on by one
+(from 0, or from where a resume starts: see `rising_version`); the new weights are
+published before the broker hears of the version, so an actor that sees version k
+can always fetch it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from learner.backend import Backend, make_backend
 from learner.batch import regroup
-from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
+from learner.checkpoint import Restored, latest_checkpoint, restore_trainer, save_checkpoint
 from learner.metrics_log import MetricsLog
 from learner.trainer import Trainer
 from learner.weights import make_weight_sender
@@ -133,26 +134,56 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
     if config.loss.kl_coef > 0:
         reference = backend.wrap_frozen(load_model(model_dir, attention))
     trainer = Trainer(model, config, reference, backend)
-    version, last_batch = restore_trainer(trainer, checkpoint) if checkpoint else (0, None)
-    resumed_weights = backend.full_state_dict(model) if version else None  # collective: every rank gathers
-    if not backend.is_main:
-        train_loop(config, trainer, None, None, None, run_dir, model_dir, version, stop)
-        return
-    weights = make_weight_sender(config)
-    client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}", curve_dir=curve_keys_dir(config))
+    start = restore_trainer(trainer, checkpoint) if checkpoint else Restored(0, 0, None)
+    client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}", curve_dir=curve_keys_dir(config)) if backend.is_main else None
     try:
-        if version:
-            weights.publish(version, resumed_weights)
-            log.info("resumed from %s at policy version %d", checkpoint, version)
-        source = BatchSource(client, config.train.groups_per_step, last_batch)
-        with MetricsLog(run_dir, config.run.tensorboard) as metrics:
-            version = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, version, stop)
-        log.info("stopped at step %d; checkpoints in %s", version, run_dir / "checkpoints")
-        if version >= config.train.steps:  # a learner stopped early may be resumed: actors keep waiting for it
-            client.request(m.FINISH, {"ack_batch": source.last_batch})
+        heard = broker_version(client, stop) if client else -1  # None: stopped before the broker answered
+        version = int(backend.max([-1 if heard is None else rising_version(start.version, heard)])[0])
+        if version < 0:
+            return
+        first_weights = backend.full_state_dict(model) if version else None  # collective: every rank gathers
+        if client is None:
+            train_loop(config, trainer, None, None, None, run_dir, model_dir, start.step, version, stop)
+            return
+        weights = make_weight_sender(config)
+        try:
+            if version:
+                weights.publish(version, first_weights)
+                log.info("resumed from %s at policy version %d", checkpoint or model_dir, version)
+            source = BatchSource(client, config.train.groups_per_step, start.batch_id)
+            with MetricsLog(run_dir, config.run.tensorboard) as metrics:
+                step = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, start.step, version, stop)
+            log.info("stopped at step %d; checkpoints in %s", step, run_dir / "checkpoints")
+            if step >= config.train.steps:  # a learner stopped early may be resumed: actors keep waiting for it
+                client.request(m.FINISH, {"ack_batch": source.last_batch})
+        finally:
+            weights.close()
     finally:
-        weights.close()
-        client.close()
+        if client is not None:
+            client.close()
+
+
+def broker_version(client: Client, stop: threading.Event) -> int | None:
+    """The policy version the broker last heard of (it keeps it in its log), or None if stopped first."""
+    while not stop.is_set():
+        try:
+            return int(client.request(m.STATS)[1]["policy_version"])
+        except TimeoutError as err:
+            log.warning("broker not answering: %s", err)
+    return None
+
+
+def rising_version(restored: int, heard: int) -> int:
+    """The policy version to start at, so that versions only rise across restarts.
+
+    Actors fetch only weights newer than theirs and the broker ignores an older version,
+    so weights restored from a checkpoint older than what the broker heard of must not
+    reuse a number: that one, and the next (published before the broker hears of it, so
+    an actor may hold it), may name weights this learner is discarding. An equal number
+    is the same training state (resume is exact, and the step after it is trained again
+    on the batch the broker serves again).
+    """
+    return restored if heard <= restored else heard + 2
 
 
 def train_loop(
@@ -163,12 +194,16 @@ def train_loop(
     metrics: MetricsLog | None,
     run_dir: Path,
     model_dir: Path,
+    done: int,
     version: int,
     stop: threading.Event,
 ) -> int:
-    """Steps version+1 .. train.steps; returns the last version reached. `source` etc. are None off the main rank."""
+    """Steps done+1 .. train.steps, each one policy version on; returns the last step done.
+
+    `source` etc. are None off the main rank.
+    """
     started, every, backend = time.time(), config.train.checkpoint_every, trainer.backend
-    for step in range(version + 1, config.train.steps + 1):
+    for step in range(done + 1, config.train.steps + 1):
         got = source.next(version, stop) if source else None
         groups = backend.share(got[0] if got else None)
         if groups is None:
@@ -176,10 +211,10 @@ def train_loop(
         if weights is not None:
             weights.settle()  # the last version's buckets are packed: the optimizer may change the parameters
         row = {"step": step, **batch_metrics(groups, version), **trainer.step(groups, version)}
-        version = step
+        done, version = step, version + 1
         state = backend.full_state_dict(trainer.model, weights.stage if weights is not None else None)  # sharded: straight into the sender's buffers
         if (every and step % every == 0) or step == config.train.steps:
-            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state)
+            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state, version)
         if not backend.is_main:
             continue
         weights.publish(version, state, wait=False)  # packed while the next batch is fetched; actors stream it as it is
@@ -199,4 +234,4 @@ def train_loop(
             step, config.train.steps, row["reward_mean"], row["accuracy"], row["loss"],
             row["lag_mean"], row["gen_tokens_per_s"], row["train_tokens_per_s"],
         )  # fmt: skip
-    return version
+    return done

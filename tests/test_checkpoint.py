@@ -30,7 +30,7 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     del first
     checkpoint = latest_checkpoint(tmp_path)
     resumed = Trainer(load_model(checkpoint), config)
-    assert restore_trainer(resumed, checkpoint) == (2, 7)
+    assert restore_trainer(resumed, checkpoint) == (2, 2, 7)  # step, policy version, batch id
     losses += [resumed.step(b)["loss"] for b in batches[2:]]
 
     assert losses == straight_losses

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 
 from learner import main as learner_main
-from learner.main import BatchSource
+from learner.main import BatchSource, rising_version
 from protocol import messages as m
 from protocol.errors import RoleFailed
 from protocol.transport import Client, send_frames, send_reply
@@ -71,3 +71,17 @@ def test_stopping_ends_the_pause_after_a_refusal(monkeypatch):
         assert BatchSource(client, groups=1).next(version=0, stop=stop) is None
         assert time.monotonic() - started < 10
     assert len(requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("restored", "heard", "start"),
+    [
+        (0, 0, 0),  # a fresh run
+        (4, 4, 4),  # resumed from the step the broker last heard of: the same weights, the same number
+        (6, 4, 6),  # the broker restarted without its log: it takes the higher version
+        (2, 4, 6),  # an older checkpoint: past 4 and 5 (published, perhaps fetched, then discarded)
+        (0, 9, 11),  # no checkpoint at all against a broker that heard of 9
+    ],
+)
+def test_the_starting_version_never_reuses_a_number_that_may_name_discarded_weights(restored, heard, start):
+    assert rising_version(restored, heard) == start

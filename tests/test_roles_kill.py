@@ -40,3 +40,38 @@ def test_killed_actor_and_learner_restart_and_the_run_completes(tmp_path, endpoi
     assert stats["rejected"] == 0 and stats["consumed_batches"] == 10  # each step's batch consumed once, none twice
     assert stats["consumed"] == 10 * 4 * 8  # steps x groups_per_step x group_size (configs/tiny.yaml)
     assert stats["accepted"] == stats["served"] + stats["dropped_stale"] + stats["expired"] + stats["buffered"]
+
+
+def test_a_learner_resumed_behind_the_versions_actors_hold_moves_versions_on_and_a_synchronous_run_completes(
+    tmp_path, endpoints
+):
+    """No checkpoint before step 5, killed after step 2: the resumed learner starts over from the base model, while
+    the broker heard of version 2 or more and the actor holds it. Had versions restarted at 0, the synchronous actor
+    (it generates one step's groups per version) would wait for a version above its own forever."""
+    sync, every = "broker.max_policy_lag=0", "train.checkpoint_every=5"
+    broker = start_role("broker", tmp_path, endpoints, sync)
+    learner = start_role("learner", tmp_path, endpoints, sync, every)
+    actor = start_role("actor", tmp_path, endpoints, sync)
+    processes = [broker, learner, actor]
+    try:
+        wait_for(lambda: steps_done(tmp_path) >= 2, 300, "two learner steps")
+        learner.send_signal(signal.SIGKILL)
+        learner.wait()
+        assert not (tmp_path / "checkpoints").exists()
+        first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        processes.append(learner := start_role("learner", tmp_path, endpoints, sync, every, "--resume"))
+        assert learner.wait(timeout=300) == 0, (tmp_path / "learner.log").read_text()[-3000:]
+        assert actor.wait(timeout=60) == 0 and broker.wait(timeout=60) == 0
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed = rows[len(first):]
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    versions = [r["policy_version"] for r in rows]
+    assert versions == sorted(set(versions))  # rising across the restart, never repeated
+    assert resumed[0]["policy_version"] >= first[-1]["policy_version"] + 3  # past the version an actor may hold
+    # Synchronous: each batch comes from the weights being trained, but for the first, which the killed learner was
+    # given and never acknowledged (served again as it was: exactly once, the off-policy correction takes the lag).
+    assert all(r["lag_max"] == 0 for r in resumed[1:])
