@@ -36,6 +36,13 @@ from torch import Tensor
 
 from protocol.config import LossSection
 
+MAX_LOG_RATIO = 20.0
+"""The current/anchor log-ratio is cut here before exp: beyond 88 float32 overflows, and with
+`correction: none` the anchor is the actor's log-prob, which a valid sample may put at -1000;
+one such token with a negative advantage made the loss inf and the step refused its update,
+again after every resume. Ratios below e^20 are untouched; a token beyond keeps a finite loss
+and no gradient (it lies far outside any trust region)."""
+
 
 def group_advantages(rewards: Tensor, kind: str = "grpo", std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
     """[G, n] rewards -> [G, n] float32 advantages, exactly 0 in a group whose rewards are all equal.
@@ -155,7 +162,7 @@ def policy_loss(
     """
     mask = mask.bool()
     anchor = behavior if cfg.correction == "none" else proximal.detach()
-    log_ratio = torch.where(mask, logprobs - anchor, 0.0)  # zero off the mask: no inf * 0 = NaN
+    log_ratio = torch.where(mask, logprobs - anchor, 0.0).clamp(max=MAX_LOG_RATIO)  # zero off the mask: no inf * 0 = NaN
     ratio = torch.exp(_sequence_mean(log_ratio, mask) if cfg.ratio_level == "sequence" else log_ratio)
     weight, truncated, masked = correction_weights(proximal, behavior, mask, cfg)
     adv = advantages.unsqueeze(-1).to(ratio.dtype)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from learner.loss import (
+    MAX_LOG_RATIO,
     LossStats,
     Normalizer,
     flat_groups,
@@ -277,3 +278,19 @@ def test_loss_stats_stay_on_the_device_until_read_once():
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values)
     assert to_numbers([*values, 2.5]) == [float(v) for v in values] + [2.5]
     assert to_numbers([1, 2.5]) == [1.0, 2.5]
+
+
+@pytest.mark.parametrize("overrides", [{"correction": "none"}, {"correction": "none", "ratio_level": "sequence"}, {}])
+def test_a_token_the_actor_found_near_impossible_keeps_the_loss_and_gradient_finite(overrides):
+    """float32, as the learner trains: the actor's log-prob of -1000 (finite, so valid on the wire) against the
+    learner's -0.1 is a log-ratio of ~1000; exp overflowed to inf and a negative advantage made the loss inf."""
+    logprobs = torch.tensor([[-0.1, -0.5]], requires_grad=True)
+    behavior = torch.tensor([[-1000.0, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, _ = policy_loss(logprobs, behavior.clone(), behavior, torch.tensor([-1.0]), mask, Normalizer(2, 1, 2),
+                          LossSection(**overrides))  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    per_sequence = math.exp(MAX_LOG_RATIO / 2)  # the mean of the two cut log-ratios, for both tokens
+    per_token = (math.exp(MAX_LOG_RATIO) + 1) / 2
+    assert loss.item() == pytest.approx(per_sequence if overrides.get("ratio_level") else per_token, rel=1e-5)
