@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import fields
 from functools import partial
 
@@ -105,6 +106,7 @@ class Trainer:
         totals, parity, loss, grad_norm, updates = LossStats(), ParityStats(), 0.0, 0.0, 0
         for chunk, trained in zip(chunks, trained_per_chunk):
             if not trained:
+                self._skip_update()
                 continue
             norm = Normalizer(sum(len(samples[i].completion_ids) for i in chunk), len(chunk), self.max_tokens)
             # Parity needs log-probs under the pre-step weights: the first update's forward, or the proximal ones.
@@ -136,6 +138,13 @@ class Trainer:
             "train_tokens_per_s": sum(samples[i].num_tokens for i in active) / elapsed,
             **parity.metrics(),
         }
+
+    def _skip_update(self) -> None:
+        """An update with nothing to learn (only flat groups) still moves the LR schedule on: it is planned
+        over `train.steps` x `updates_per_step` updates, and would otherwise end short of its last value."""
+        with warnings.catch_warnings():  # torch warns of a schedule stepped before any optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
 
     def _reduce_parity(self, parity: ParityStats) -> ParityStats:
         """Every rank's parity stats combined (sums, and the largest difference)."""

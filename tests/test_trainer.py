@@ -84,6 +84,19 @@ def test_a_flat_group_of_eight_rewards_of_0_7_is_not_trained(tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_step_with_nothing_to_learn_still_moves_the_lr_schedule_on(tiny_model_dir):
+    """Found by a helper's hunt: the schedule moved only with applied updates, so every step of flat groups pushed
+    the warm-up and the cosine later, and a run ended before its schedule did."""
+    config = load_config(None, ["train.lr=0.01", "train.warmup_steps=4", "train.steps=8"])
+    model = load_model(tiny_model_dir)
+    flat = make_groups(model, num_groups=1, n=4)
+    for s in flat[0]:
+        s.reward = 1.0
+    skipping, training = Trainer(model, config), Trainer(load_model(tiny_model_dir), config)
+    assert skipping.step(flat)["optimizer_steps"] == 0 and training.step(make_groups(model))["optimizer_steps"] == 1
+    assert skipping.lr == training.lr == pytest.approx(0.01 * 2 / 4)
+
+
 @pytest.mark.parametrize("advantage", ["drgrpo", "rloo"])
 def test_rewards_at_the_wires_bound_train_finitely_without_std_normalisation(tiny_model_dir, advantage):
     """Found by a review: advantages then have the rewards' size, and at the first bound, 1e30 (even 1e20), the gradient norm
