@@ -48,6 +48,7 @@ log = logging.getLogger("actor")
 MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metadata: the actor's status, field names
 IDLE_POLL_S = 0.05
 LONG_PROMPTS_IN_A_ROW = 100  # problems skipped for length with none started between: the config, not the data
+HEARTBEAT_S = 2.0  # a busy actor pings this often: the broker, once the learner finished, stops waiting after 15 s
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups",
                   "aborted_stale_groups", "oversample_cancelled", "rejected_samples", "skipped_long_prompts")  # fmt: skip
@@ -107,8 +108,8 @@ class Actor:
             self._admit()
             if self.engine.busy:
                 self._step_engine()
-                if self.in_flight and time.monotonic() - self.last_heard > IDLE_POLL_S:
-                    self._call(m.PING, {})  # hear of new versions while requests run
+                if time.monotonic() - self.last_heard > (IDLE_POLL_S if self.in_flight else HEARTBEAT_S):
+                    self._call(m.PING, {})  # hear of new versions (in flight) and of a stop while requests run
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})

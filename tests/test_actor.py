@@ -3,6 +3,7 @@ message sizing, and sending with acknowledgements still in flight (against a rea
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from actors.engine import Completion
 from actors.tasks import Problem, TokenRangeTask
-from actors.worker import Actor, OpenGroup, RateMeter, _chunks, _sync_quota, credit_room, unsendable
+from actors.worker import HEARTBEAT_S, Actor, OpenGroup, RateMeter, _chunks, _sync_quota, credit_room, unsendable
 from protocol import messages as m
 from protocol.config import load_config
 from protocol.transport import Client, free_port, send_reply
@@ -168,6 +169,37 @@ def test_a_late_acknowledgement_does_not_undo_a_newer_stop_or_version():
         assert actor.stop_requested and actor.broker_version == 3
     finally:
         actor.broker.close()
+
+
+class BusyEngineStandIn:
+    """Stands in for a vLLM engine whose requests run for a long time (a straggler): always busy, nothing finishes."""
+
+    busy = True
+
+    def step(self) -> list:
+        time.sleep(0.05)
+        return []
+
+
+def test_a_busy_actor_pings_so_it_hears_the_stop_while_its_requests_run():
+    """Found as a straggler that missed the broker's stop: between batches, an actor pinged only when idle, so
+    one whose requests ran past the broker's wait after FINISH (15 s) then waited for an exited broker forever."""
+    stop_from = time.monotonic() + 0.5
+    asked: list[str] = []
+
+    def status(router, identity: bytes, kind: str, body: dict) -> None:
+        asked.append(kind)
+        send_reply(router, identity, body["rid"], m.STATUS, {"credits": 0, "policy_version": 0, "stop": time.monotonic() > stop_from})
+
+    with router_in_thread(status) as endpoint:
+        actor = actor_sending_to(endpoint, 2)
+        actor.engine = BusyEngineStandIn()
+        runner = threading.Thread(target=actor.run, args=(threading.Event(),), daemon=True)
+        runner.start()
+        runner.join(timeout=HEARTBEAT_S + 5)
+        actor.broker.close()
+    assert not runner.is_alive() and actor.stop_requested
+    assert asked[0] == m.HELLO and set(asked[1:]) == {m.PING}
 
 
 @pytest.fixture

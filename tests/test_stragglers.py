@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
 import pytest
 
@@ -22,11 +21,8 @@ def step_rate(run_dir, endpoints, actors: int) -> tuple[float, list[dict]]:
     processes += [start_role("actor", run_dir, endpoints, *args, "--index", str(i), name=f"actor-{i}") for i in range(actors)]
     try:
         assert processes[1].wait(timeout=400) == 0, (run_dir / "learner.log").read_text()[-3000:]
-        for actor in processes[2:]:  # a straggler may miss the broker's stop; it then waits for a broker forever
-            try:
-                actor.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                actor.send_signal(signal.SIGTERM)
+        # The straggler too hears the broker's stop: it pings while its slow requests run (it did not, missed the
+        # stop, and waited for a broker that had exited, forever)
         assert [p.wait(timeout=60) for p in processes] == [0] * len(processes)
     finally:
         for p in processes:
