@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 from protocol.sample import Key, Sample
 
@@ -70,6 +71,13 @@ COUNTERS = (
 Retire = Callable[[list[Sample], str], None]
 
 
+class Admitted(NamedTuple):
+    acked: list[int]
+    refused: list[int]
+    new: list[Key]
+    clashed: list[int]
+
+
 class ReplayBuffer:
     """`on_retire(samples, why)` hears of every buffered sample that leaves without being served."""
 
@@ -86,17 +94,24 @@ class ReplayBuffer:
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
 
     def add(self, sample: Sample) -> str:
-        """Take one validated sample; returns 'accepted', 'duplicate' or 'stale'."""
+        """Take one validated sample; returns 'accepted', 'duplicate', 'stale' or 'clash'.
+
+        A clash is a new sample for an index its partial group already holds (a buggy or hostile
+        sender reusing a group id): taken, it would complete another sender's group with a
+        stranger, or make a group of one index twice. It is refused and counts as seen.
+        """
         owner = (sample.actor_id, sample.incarnation)
         window = self.seen.get(owner) or self.seen.setdefault(owner, SeqWindow())
         if not window.add(sample.seq):
             self.counters["duplicates"] += 1
             return "duplicate"
+        group = self.partial.get(sample.group_id)
+        if group is not None and any(s.index == sample.index for s in group):
+            return "clash"
         self.counters["accepted"] += 1
         if self._stale(sample.version_start):
             self.counters["dropped_stale"] += 1
             return "stale"
-        group = self.partial.get(sample.group_id)
         if group is None:
             group = self.partial[sample.group_id] = []
             self.partial_since[sample.group_id] = time.monotonic()
@@ -109,26 +124,30 @@ class ReplayBuffer:
             self.counters["groups_completed"] += 1
         return "accepted"
 
-    def admit(self, samples: list[Sample], window: int, byte_budget: int | None = None) -> tuple[list[int], list[int], list[Key]]:
+    def admit(self, samples: list[Sample], window: int, byte_budget: int | None = None) -> Admitted:
         """Add one message's samples as far as each actor's credit goes (see `credits`); returns the seqs to
         acknowledge (duplicates too, so the actor forgets them), the seqs refused for want of credit (the actor
-        sends them again later) and the keys newly accepted. The same decisions as `credits` then `add` per
+        sends them again later), the keys newly accepted and the seqs that clashed (see `add`). The same decisions as `credits` then `add` per
         sample, without a method call per sample for the credit. A sample whose group is already partial here is
         taken over the credit, up to twice the credit (samples and bytes): refused, it would leave that group to
         wait on the learner, and to expire if the learner is slower than broker.actor_ttl_s. The cap keeps a
         sender claiming huge groups from growing one past any budget."""
-        acked, refused, new = [], [], []
+        done = Admitted([], [], [], [])
         held, held_bytes = self.held, self.held_bytes
         for sample in samples:
             actor = sample.actor_id
             over = _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0
             if over and not self.is_duplicate(sample) and not self._completes(sample, held, held_bytes, window, byte_budget):
-                refused.append(sample.seq)
-            else:
-                if self.add(sample) == "accepted":
-                    new.append(sample.key)
-                acked.append(sample.seq)
-        return acked, refused, new
+                done.refused.append(sample.seq)
+                continue
+            outcome = self.add(sample)
+            if outcome == "clash":
+                done.clashed.append(sample.seq)
+                continue
+            if outcome == "accepted":
+                done.new.append(sample.key)
+            done.acked.append(sample.seq)
+        return done
 
     def mark_seen(self, owner: tuple[str, str], seqs: list[int]) -> None:
         """Record sequence numbers answered for good without being accepted (rejected samples are never resent)."""

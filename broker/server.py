@@ -45,6 +45,7 @@ COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resen
 Owner = tuple[str, str]  # (actor id, incarnation)
 PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
 MAX_WAIT_MS = 60_000
+MAX_COUNTERS = 256  # an actor's counters kept in the stats (an actor reports about 30)
 REJECT_LOG_S = 1.0  # at most one log line per second about rejected input
 
 
@@ -268,10 +269,14 @@ class Broker:
         incarnation = body.get("incarnation")
         if settled and isinstance(incarnation, str):  # no gap left in the dedupe window: the actor never resends them
             self.buffer.mark_seen((actor, incarnation), [seq for seq in settled if type(seq) is int and seq >= 0])
-        acked, refused, new = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget())
+        acked, refused, new, clashed = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget())
+        for seq in clashed:
+            self._reject(ProtocolError("bad_sample", f"sample {seq}: its group already holds a sample of that index", seq))
+            rejected.append([seq, "bad_sample"])
         if new and self.log is not None:
             # replay restores every sample a record holds: one that refused some (never acknowledged) logs only the new
-            frames = self.frames if not refused else encode_samples(m.SAMPLES, _with_keys(good, set(new)), {"actor_id": actor})
+            whole = not refused and not clashed
+            frames = self.frames if whole else encode_samples(m.SAMPLES, _with_keys(good, set(new)), {"actor_id": actor})
             self.log.samples(frames, new)
         self.counters["acked"] += len(acked)
         self.counters["refused_no_credit"] += len(refused)
@@ -337,8 +342,9 @@ class Broker:
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)
-        if isinstance(body.get("counters"), dict):
-            self.actor_counters[actor] = body["counters"]
+        counters = body.get("counters")
+        if counters is not None:
+            self.actor_counters[actor] = _checked_counters(counters)
         return actor
 
     def _live_actors(self) -> set[str]:
@@ -422,6 +428,18 @@ class Broker:
 
 def _with_keys(samples: list[Sample], keys: set[Key]) -> list[Sample]:
     return [s for s in samples if s.key in keys]
+
+
+def _checked_counters(counters: Any) -> dict[str, int | float]:
+    """An actor's counters as the stats will hold them: a flat map of at most `MAX_COUNTERS` names to numbers.
+    Anything else (bytes, nesting too deep for JSON) once stopped the broker when its stats were written."""
+    if (
+        not isinstance(counters, dict)
+        or len(counters) > MAX_COUNTERS
+        or not all(type(k) is str and len(k) <= 64 and type(v) in (int, float) for k, v in counters.items())
+    ):
+        raise ProtocolError("bad_request", f"counters must map at most {MAX_COUNTERS} names to numbers")
+    return counters
 
 
 def _actor_id(body: dict[str, Any]) -> str:

@@ -86,8 +86,17 @@ def _packed(samples, advantages, mask, behavior, length, pad_id) -> MicroBatch:
 
 
 def regroup(samples: list[Sample]) -> list[list[Sample]]:
-    """Samples back into their GRPO groups, in first-seen order."""
-    groups: dict[str, list[Sample]] = {}
-    for s in samples:
-        groups.setdefault(s.group_id, []).append(s)
-    return list(groups.values())
+    """Samples back into their GRPO groups: the broker serves each group's `group_size` samples together.
+
+    Split by position, not by group id: two groups a sender gave one id (a bug, or a hostile
+    peer) are two groups of the batch, where merging them made one ragged group that stopped
+    the learner's step, and again after every resume (the batch is served again).
+    """
+    groups, start = [], 0
+    while start < len(samples):
+        group = samples[start : start + samples[start].group_size]
+        if len(group) < group[0].group_size or any(s.group_id != group[0].group_id for s in group):
+            raise ValueError(f"batch samples {start}.. do not form a group of {group[0].group_size}: {[s.group_id for s in group]}")
+        groups.append(group)
+        start += len(group)
+    return groups

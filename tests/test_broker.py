@@ -42,7 +42,7 @@ def broker(endpoints, tmp_path):
         f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
         "broker.credits_per_actor=12", "broker.max_policy_lag=1", "train.groups_per_step=2",
     ])  # fmt: skip
-    server = Broker(config, VOCAB)
+    server = Broker(config, VOCAB, stats_path=tmp_path / "broker_stats.json")  # written every second, as launch.py has it
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
     thread.start()
@@ -259,6 +259,36 @@ def test_sample_from_another_actor_id_is_rejected(broker):
     _, endpoint = broker
     body = send(Client(endpoint, "actor"), [sample(0, 0, 0, actor="someone-else")], actor="a0")
     assert body["acked"] == [] and body["rejected"] == [[0, "bad_sample"]]
+
+
+def test_a_sample_for_an_index_its_group_already_holds_is_rejected_and_the_group_completes_as_sent(broker):
+    """Found by a helper's hunt: groups were assembled by id alone, so another sender's sample (or a sender reusing
+    an id) joined a partial group: index 0 twice, two prompts, and the real last sample left to expire."""
+    _, endpoint = broker
+    honest, hostile = Client(endpoint, "honest"), Client(endpoint, "hostile")
+    assert send(honest, group_samples(0, 0)[:3])["acked"] == [0, 1, 2]
+    intruder = sample(0, 0, 0, actor="evil")
+    intruder.group_id = "a0-g0"
+    body = send(hostile, [intruder], actor="evil")
+    assert body["acked"] == [] and body["rejected"] == [[0, "bad_sample"]]
+    assert send(honest, group_samples(0, 0)[3:])["acked"] == [3]
+    kind, body, _ = get_batch(Client(endpoint, "learner"), 1, 0)
+    assert kind == m.BATCH and body["samples"]["actor_id"] == ["a0"] and body["samples"]["index"] == [0, 1, 2, 3]
+    stats = honest.request(m.STATS)[1]
+    assert stats["rejected_by_reason"] == {"bad_sample": 1} and stats["accepted"] == GROUP
+
+
+@pytest.mark.parametrize("counters", [{"x": b"\x00"}, {b"x": 1}, {"deep": [[[1]]]}, {f"c{i}": 1 for i in range(257)}, [1]])
+def test_counters_the_stats_could_not_hold_are_refused_and_the_broker_keeps_serving(broker, counters):
+    """Found by a helper's hunt: an actor's counters went into the stats unchecked, and bytes (or nesting too deep
+    for JSON) stopped the broker when it next wrote them, within a second."""
+    server, endpoint = broker
+    client = Client(endpoint, "actor")
+    with pytest.raises(PeerRefused, match="bad_request: counters must map"):
+        client.request(m.PING, {"actor_id": "a0", "counters": counters})
+    time.sleep(1.5)  # the broker writes its stats every second
+    assert client.request(m.PING, {"actor_id": "a0", "counters": {"groups_sent": 3}})[0] == m.STATUS
+    assert server.stats()["actor_counters"] == {"a0": {"groups_sent": 3}}
 
 
 def test_finish_tells_actors_to_stop(broker):

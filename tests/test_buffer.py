@@ -318,10 +318,10 @@ def test_credits_not_consumed_by_duplicates_or_stale_arrivals():
 def test_admit_stops_at_the_credit_and_still_acks_duplicates():
     buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
     samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
-    acked, refused, new = buffer.admit(samples, window=4)
+    acked, refused, new, _ = buffer.admit(samples, window=4)
     assert acked == [0, 1, 2, 3] and refused == [4, 5]
     assert new == [s.key for s in samples[:4]]
-    acked, refused, new = buffer.admit([samples[1], samples[5]], window=4)  # out of credit: the duplicate is acked
+    acked, refused, new, _ = buffer.admit([samples[1], samples[5]], window=4)  # out of credit: the duplicate is acked
     assert (acked, refused, new) == ([1], [5], [])
     assert buffer.counters["duplicates"] == 1 and buffer.held["a"] == 4
 
@@ -331,16 +331,16 @@ def test_admit_completes_a_partial_group_over_the_credit():
     on the learner; a new group is refused."""
     buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
     samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
-    acked, refused, _ = buffer.admit(samples[:3], window=3)
+    acked, refused, _, _ = buffer.admit(samples[:3], window=3)
     assert acked == [0, 1, 2] and refused == []
-    acked, refused, _ = buffer.admit(samples[3:], window=3)
+    acked, refused, _, _ = buffer.admit(samples[3:], window=3)
     assert acked == [3] and refused == [4, 5] and buffer.held["a"] == 4 and len(buffer.ready) == 2
 
 
 def test_a_group_claiming_a_huge_size_grows_no_further_than_twice_the_credit():
     buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
     samples = [make("endless", i, group_size=10**6) for i in range(20)]
-    acked, refused, _ = buffer.admit(samples, window=4)
+    acked, refused, _, _ = buffer.admit(samples, window=4)
     assert len(acked) == 8 and len(refused) == 12 and buffer.held["a"] == 8
 
 
@@ -348,7 +348,7 @@ def test_admit_counts_bytes_as_it_goes():
     buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
     samples = [make(f"g{i // 2}", i % 2) for i in range(6)]
     budget = 3 * samples[0].nbytes
-    acked, refused, _ = buffer.admit(samples, window=100, byte_budget=budget)
+    acked, refused, _, _ = buffer.admit(samples, window=100, byte_budget=budget)
     assert (len(acked), len(refused)) == (4, 2)  # the third sample's sibling completes g1 over the budget
     assert buffer.held_bytes["a"] == budget + samples[0].nbytes
 
@@ -375,16 +375,20 @@ def test_admit_decides_as_credits_then_add_per_sample(seed):
         rng.shuffle(message)
         sent += message
         window, budget = rng.randrange(2, 12), rng.choice([None, rng.randrange(100, 800)])
-        expected: tuple[list, list, list] = ([], [], [])
+        expected: tuple[list, list, list, list] = ([], [], [], [])
         for sample in message:
             partial = sample.group_id in reference.partial  # the rest of a group already here: up to twice the credit
             room = credits_as_before(reference, sample.actor_id, 2 * window, budget and 2 * budget) if partial else 0
             if not reference.is_duplicate(sample) and room <= 0 and credits_as_before(reference, sample.actor_id, window, budget) <= 0:
                 expected[1].append(sample.seq)
-            else:
-                if reference.add(sample) == "accepted":
-                    expected[2].append(sample.key)
-                expected[0].append(sample.seq)
+                continue
+            outcome = reference.add(sample)
+            if outcome == "clash":
+                expected[3].append(sample.seq)
+                continue
+            if outcome == "accepted":
+                expected[2].append(sample.key)
+            expected[0].append(sample.seq)
         assert fast.admit(message, window, budget) == expected
         version, groups = rng.randrange(3), rng.randrange(1, 3)
         for buffer in (fast, reference):
