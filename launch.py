@@ -21,6 +21,7 @@ from pathlib import Path
 
 from protocol.config import RunConfig, load_config
 from protocol.errors import ConfigError, ModelNotFoundError, RoleFailed, TaskError
+from protocol.lifetime import follow_supervisor
 from protocol.models import resolve_model, vocab_size
 
 ROLES = ("all", "broker", "actor", "learner", "eval", "parity")
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return keygen_main(argv[1:])
     args = parse_args(argv)
+    if not follow_supervisor():
+        print("error: the launch.py --role all that started this role has exited", file=sys.stderr)
+        return 1
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -8,7 +8,6 @@ every rank, and a rank that dies takes the others down with a named error.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -18,17 +17,9 @@ import time
 from pathlib import Path
 
 from protocol.config import RunConfig
+from protocol.lifetime import die_with_parent
 
 log = logging.getLogger("learner")
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the learner process that started us dies, even by kill -9."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        log.warning("cannot ask to die with the parent process; a killed learner may leave ranks behind")
 
 
 def _rank_main(rank: int, world: int, port: int, config_json: str, model_dir: str, run_dir: str, resume: bool) -> None:

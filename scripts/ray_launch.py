@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from learner.ranks import die_with_parent
 from protocol.config import RunConfig
+from protocol.lifetime import die_with_parent
 from protocol.models import resolve_model
 from scripts.supervisor import ROOT, console, prepare_run_dir, supervise
 

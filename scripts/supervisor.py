@@ -4,12 +4,15 @@ Each child's output goes to `<run dir>/logs/<role>.log` and, prefixed with the
 role's name, to this terminal, under a live progress bar fed by `metrics.jsonl`.
 The run ends well when the learner exits 0 (the others are then given time to stop
 by themselves); it fails, naming the role, as soon as any other child exits first.
+Ctrl-C, SIGTERM and SIGHUP stop every role cleanly; if this process is killed
+outright, each role gets SIGTERM from the kernel (`protocol/lifetime.py`).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from protocol.config import RunConfig, dump_config
+from protocol.lifetime import PARENT_ENV
 from protocol.models import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +86,8 @@ def set_aside(path: Path) -> Path:
 
 
 def start(name: str, args: list[str], run_dir: Path, threads: int) -> Child:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "TMPDIR": str(run_dir / "tmp")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "TMPDIR": str(run_dir / "tmp"),
+           PARENT_ENV: str(os.getpid())}  # fmt: skip
     cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(run_dir / "config.yaml"), *args]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     return Child(name, process, run_dir / "logs" / f"{name}.log")
@@ -150,21 +155,28 @@ def supervise(children: list[Child], learner: Child, run_dir: Path, steps: int) 
     return 0
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_all(config: RunConfig, resume: bool = False) -> int:
     run_dir = prepare_run_dir(config, resume)
     console.print(f"run directory: {run_dir}")
     console.print(f"preparing model {config.model.path} ...")
     resolve_model(config.model.path, config.model.cache_dir)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped by kill, timeout or a scheduler: as by Ctrl-C
+        signal.signal(sig, _interrupt)
     children = [start("broker", ["--role", "broker"], run_dir, 1)]
-    children += [start(f"actor-{i}", ["--role", "actor", "--index", str(i)], run_dir, config.actor.threads) for i in range(config.actor.count)]
-    learner = start("learner", ["--role", "learner", *(["--resume"] if resume else [])], run_dir, config.learner.threads)
-    children.append(learner)
     try:
+        children += [start(f"actor-{i}", ["--role", "actor", "--index", str(i)], run_dir, config.actor.threads) for i in range(config.actor.count)]
+        learner = start("learner", ["--role", "learner", *(["--resume"] if resume else [])], run_dir, config.learner.threads)
+        children.append(learner)
         code = supervise(children, learner, run_dir, config.train.steps)
     except KeyboardInterrupt:
         console.print("interrupted; stopping every role")
         code = 130
-    stop_all(children, GRACE_S)
+    finally:  # whatever ended the watch, no role is left running
+        stop_all(children, GRACE_S)
     if code == 0:
         console.print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     return code

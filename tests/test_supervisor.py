@@ -1,9 +1,20 @@
-"""The run directory a fresh run starts in: a previous run's state is moved aside, never replayed or deleted."""
+"""`launch.py --role all`: the run directory a fresh run starts in (a previous run's state is moved aside, never
+replayed or deleted), and no role outlives the supervisor, however it is stopped."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
 from protocol.config import load_config
 from scripts.supervisor import prepare_run_dir
+from tests.conftest import ROOT
+from tests.helpers import wait_for
 
 
 def previous_run(run_dir):
@@ -54,3 +65,32 @@ def test_an_empty_or_new_run_directory_is_used_as_it_is(tmp_path):
     prepare_run_dir(load_config(None, [f"run.dir={run_dir}"]))
     prepare_run_dir(load_config(None, [f"run.dir={tmp_path / 'new'}"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run"]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_role_outlives_the_supervisor(tmp_path, endpoints, tiny_model_dir, sig):
+    """Found by a helper's hunt: only Ctrl-C stopped the roles; a supervisor stopped by kill, timeout or a
+    scheduler left the broker, actors and learner running (the broker holding its port)."""
+    parent = subprocess.Popen([
+        sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    roles: list[int] = []
+    try:
+        wait_for(lambda: len(psutil.Process(parent.pid).children()) == 3, 120, "broker, actor and learner to start")
+        roles += [child.pid for child in psutil.Process(parent.pid).children()]
+        time.sleep(3)  # the roles are importing or loading: a signal must stop them wherever they are
+        parent.send_signal(sig)
+        parent.wait(timeout=60)
+        wait_for(lambda: all(gone(pid) for pid in roles), 60, "every role to stop")
+    finally:
+        for pid in [parent.pid, *roles]:
+            if not gone(pid):
+                psutil.Process(pid).kill()
