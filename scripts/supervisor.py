@@ -27,7 +27,7 @@ from rich.text import Text
 
 from protocol.config import RunConfig, dump_config
 from protocol.lifetime import PARENT_ENV
-from protocol.models import resolve_model
+from protocol.models import BUILTIN_PREFIX, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 30.0
@@ -57,9 +57,9 @@ PREVIOUS_RUN_MARKERS = ("wal", "checkpoints", "metrics.jsonl")
 
 
 def prepare_run_dir(config: RunConfig, resume: bool = False) -> Path:
-    """Make the run directory absolute and ready; a fresh run first moves a previous run's state aside."""
-    run_dir = config.run.dir.resolve()
-    wal_dir = config.broker.wal_dir = config.broker.wal_dir and config.broker.wal_dir.resolve()  # as the roles will see it
+    """Make the config's paths absolute and the run directory ready; a fresh run first moves a previous run's state aside."""
+    absolute_paths(config)
+    run_dir, wal_dir = config.run.dir, config.broker.wal_dir
     if not resume:  # a fresh run: a previous run's broker log would be replayed into it, its checkpoints mixed in
         if any((run_dir / marker).exists() for marker in PREVIOUS_RUN_MARKERS):
             set_aside(run_dir)
@@ -67,9 +67,20 @@ def prepare_run_dir(config: RunConfig, resume: bool = False) -> Path:
             set_aside(wal_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "tmp").mkdir(exist_ok=True)
-    config.run.dir = run_dir
     dump_config(config, run_dir / "config.yaml")
     return run_dir
+
+
+def absolute_paths(config: RunConfig) -> None:
+    """Every path the roles read, made absolute from where the run starts: they run in the repository's folder
+    (or on other hosts), where a relative path named another file, or none."""
+    config.run.dir = config.run.dir.resolve()
+    if not config.model.path.startswith(BUILTIN_PREFIX):
+        config.model.path = str(Path(config.model.path).expanduser().resolve())
+    for section, name in ((config.model, "cache_dir"), (config.task.dataset, "path"), (config.broker, "wal_dir"),
+                          (config.broker.curve, "keys_dir"), (config.eval, "out")):  # fmt: skip
+        if (path := getattr(section, name)) is not None:
+            setattr(section, name, path.resolve())
 
 
 def set_aside(path: Path) -> Path:

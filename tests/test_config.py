@@ -176,6 +176,12 @@ def test_every_offending_key_is_named(tmp_path):
         ("run.log_level=LOUD", "run.log_level"),
         ("sampling.group_size=1", "sampling.group_size"),
         ("train=5", "train"),
+        # found by a helper's hunt: `.inf` ("no limit") passed, then raised OverflowError in the config's own check
+        # or in every reward call; a deadline past a day overflowed the pipe's poll
+        ("broker.memory_budget_mb=.inf", "broker.memory_budget_mb"),
+        ("task.reward.timeout_s=.inf", "task.reward.timeout_s"),
+        ("task.reward.timeout_s=1e10", "task.reward.timeout_s"),
+        ("train.lr=.nan", "train.lr"),
     ],
 )
 def test_wrong_type_names_the_key(override, key):

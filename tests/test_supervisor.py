@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -57,6 +58,31 @@ def test_a_relative_log_folder_is_made_absolute_where_the_run_starts(tmp_path, m
     prepare_run_dir(config)
     assert config.broker.wal_dir == tmp_path / "log" and not (tmp_path / "log").exists()
     assert "wal_dir: " + str(tmp_path / "log") in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_every_path_the_roles_read_is_made_absolute_where_the_run_starts(tmp_path, monkeypatch):
+    """Found by a helper's hunt: only run.dir and broker.wal_dir were, so a model or dataset named relative to the
+    user's folder was looked for in the repository's (where the roles run): "does not exist", or another file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymodel").mkdir()
+    (tmp_path / "data.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    config = load_config(None, [
+        "run.dir=run", "model.path=mymodel", "model.cache_dir=cache", "task.name=dataset", "task.dataset.source=jsonl",
+        "task.dataset.path=data.jsonl", "broker.curve.keys_dir=keys", "eval.out=evals",
+    ])  # fmt: skip
+    prepare_run_dir(config)
+    paths = [config.run.dir, Path(config.model.path), config.model.cache_dir, config.task.dataset.path,
+             config.broker.curve.keys_dir, config.eval.out]  # fmt: skip
+    assert paths == [tmp_path / name for name in ("run", "mymodel", "cache", "data.jsonl", "keys", "evals")]
+    assert load_config(tmp_path / "run" / "config.yaml", []) == config  # what the roles read
+
+
+def test_a_home_relative_path_means_the_users_home(tmp_path, monkeypatch):
+    """Found by a helper's hunt: `~/data.jsonl` was refused as missing (model.path alone expanded `~`)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    config = load_config(None, ["task.name=dataset", "task.dataset.source=jsonl", "task.dataset.path=~/data.jsonl"])
+    assert config.task.dataset.path == tmp_path / "data.jsonl"
 
 
 def test_an_empty_or_new_run_directory_is_used_as_it_is(tmp_path):
