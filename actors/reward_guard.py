@@ -18,6 +18,7 @@ from collections import Counter
 
 from actors.math_rewards import BUILTINS, resolve_plugin, score
 from protocol.config import TaskSection
+from protocol.lifetime import die_with_parent
 
 log = logging.getLogger("reward")
 START_TIMEOUT_S = 120.0  # a cold child imports sympy and math-verify; on a loaded 2-core machine that can take a while
@@ -46,8 +47,8 @@ class GuardedReward:
 
     def __call__(self, completion: str, gold: str) -> tuple[float, bool]:
         self.calls += 1
-        if self.process is None:
-            self._start()
+        if self.process is None and not self._start():
+            return self._fail("error", f"the reward process did not start within {START_TIMEOUT_S:g} s", restart=True)
         try:
             self.conn.send((completion, gold))
             if not self.conn.poll(self.timeout_s):
@@ -66,16 +67,18 @@ class GuardedReward:
             self.conn.close()
             self.process = self.conn = None
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Start the child; False if it died or did not import its function within `START_TIMEOUT_S`."""
         ctx = mp.get_context("spawn")  # never fork a process that holds vLLM's threads
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, self.args), daemon=True, name="reward")
         self.process.start()
         child.close()
         self.conn = parent
-        if not parent.poll(START_TIMEOUT_S) or parent.recv() != "ready":
-            self.close()
-            raise RuntimeError(f"the reward process did not start within {START_TIMEOUT_S:g} s")
+        try:
+            return parent.poll(START_TIMEOUT_S) and parent.recv() == "ready"
+        except (EOFError, OSError):  # it died starting (an import that kills the interpreter, say)
+            return False
 
     def _fail(self, kind: str, detail: str, restart: bool) -> tuple[float, bool]:
         self.failures[kind] += 1
@@ -90,10 +93,18 @@ class GuardedReward:
 
 
 def _serve(conn, args: tuple[str, str, float]) -> None:
-    """Child loop: score each (completion, gold) received; report exceptions instead of dying."""
+    """Child loop: score each (completion, gold) received; report exceptions instead of dying.
+
+    Imports are paid before "ready", under the start's deadline, not the first call's: a plug-in
+    importing torch or sympy on a loaded machine timed out its first call, and every call after
+    it in the next child. The child dies with its parent (an actor killed while a reward hangs
+    left it spinning for good)."""
+    die_with_parent()
     function, answer_format, format_weight = args
     if function == "math_verify":
-        import math_verify  # noqa: F401  (pay the import before the first deadline)
+        import math_verify  # noqa: F401
+    elif function not in BUILTINS:
+        resolve_plugin(function)
     conn.send("ready")
     while True:
         try:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 
 from actors.reward_guard import GuardedReward, RewardFailed
 from protocol.config import load_config
 from protocol.errors import TaskError
+from tests.conftest import ROOT
+from tests.helpers import wait_for
 
 PLUGIN = """
 import os, time
@@ -86,3 +92,52 @@ def test_math_verify_through_the_guard():
 def test_bad_plugin_is_named_before_any_call():
     with pytest.raises(TaskError, match="cannot import nowhere_rewards"):
         guard("nowhere_rewards:fn")
+
+
+def test_a_plugin_slow_to_import_is_given_the_starts_deadline_not_the_first_calls(tmp_path, monkeypatch):
+    """Found by a helper's hunt: the child said "ready" before importing the plug-in, so an import slower than
+    `timeout_s` timed out the first call, killed the child, and the next child did the same, for ever."""
+    (tmp_path / "slow_rewards.py").write_text("import time\ntime.sleep(2.5)\ndef same(c, a):\n    return float(c == a), c == a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = guard("slow_rewards:same", "task.reward.timeout_s=1.0")
+    try:
+        assert reward("1", "1") == (1.0, True) and reward.failures == {}
+    finally:
+        reward.close()
+
+
+def test_a_child_that_dies_while_starting_is_a_counted_reward_failure(tmp_path, monkeypatch):
+    """Found by a helper's hunt: a bare EOFError escaped (the eval role died of it)."""
+    (tmp_path / "doomed_rewards.py").write_text(
+        "import multiprocessing, os\nif multiprocessing.current_process().name == 'reward':\n    os._exit(1)\n"
+        "def same(c, a):\n    return float(c == a), c == a\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = guard("doomed_rewards:same")
+    try:
+        with pytest.raises(RewardFailed, match="did not start"):
+            reward("1", "1")
+        assert reward.failures == {"error": 1} and reward.process is None
+    finally:
+        reward.close()
+
+
+def test_a_child_busy_with_a_hanging_reward_dies_with_its_parent(plugin, tmp_path):
+    """Found by a helper's hunt: an actor killed while its reward hung left the child spinning for good."""
+    script = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "from tests.test_reward_guard import guard\n"
+        "reward = guard('moody_rewards:moody', 'task.reward.timeout_s=600')\n"
+        "reward('1', '1'); print(reward.process.pid, flush=True)\n"
+        "reward('hang', '1')\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(1)  # in the hanging call
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, 10, "the child to die")
+    finally:
+        if psutil.pid_exists(child):
+            psutil.Process(child).kill()
