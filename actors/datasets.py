@@ -133,22 +133,35 @@ def _file_record(row: dict[str, Any], index: int, data: DatasetSection) -> Recor
     if missing:
         raise TaskError(f"{data.path} record {index} has no field {missing[0]!r} (fields: {', '.join(map(str, row))}); "
                         "set task.dataset.prompt_field / answer_field")  # fmt: skip
-    return Record(str(row[data.prompt_field]), str(row[data.answer_field]), f"{Path(data.path).stem}-{index}")
+    question, answer = (_field_text(row[f], f, index, data) for f in (data.prompt_field, data.answer_field))
+    return Record(question, answer, f"{Path(data.path).stem}-{index}")
+
+
+def _field_text(value: Any, field: str, index: int, data: DatasetSection) -> str:
+    """A question or answer as text; an empty one (null, NaN, "") is refused by name: as "None" or "nan" it was
+    trained on, and a reply of \\boxed{None} scored as correct."""
+    text = "" if value is None or value != value else str(value).strip()  # value != value: NaN
+    if not text:
+        raise TaskError(f"{data.path} record {index} has an empty {field!r} ({value!r})")
+    return str(value)
 
 
 def _read_jsonl(data: DatasetSection) -> list[dict[str, Any]]:
     rows = []
-    with open(data.path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{data.path} line {number} is not JSON: {err}") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{data.path} line {number} is not a JSON object")
-            rows.append(row)
+    try:
+        with open(data.path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TaskError(f"{data.path} line {number} is not JSON: {err}") from None
+                if not isinstance(row, dict):
+                    raise TaskError(f"{data.path} line {number} is not a JSON object")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as err:  # a folder, unreadable, or not UTF-8
+        raise TaskError(f"{data.path} cannot be read as a UTF-8 JSON-lines file: {err}") from None
     return rows
 
 

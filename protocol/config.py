@@ -112,6 +112,18 @@ class TaskSection(Section):
     """dataset / reasoning_gym: problems kept out of training for `eval.split: heldout` (a file's last ones)."""
     reward: RewardSection = RewardSection()
 
+    @field_validator("question")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        """Filled in by `str.format` for every problem: a field other than {a}, {op}, {b}, or a literal brace not
+        doubled ({{ }}), stopped the actor at its first problem, after its engine had loaded."""
+        try:
+            value.format(a=1, op="+", b=2)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"task.question must format with only {{a}}, {{op}} and {{b}} (write a literal brace "
+                             f"as {{{{ or }}}}): {type(err).__name__}: {err}") from None  # fmt: skip
+        return value
+
     @field_validator("template")
     @classmethod
     def _has_question(cls, value: str) -> str:

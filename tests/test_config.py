@@ -182,6 +182,10 @@ def test_every_offending_key_is_named(tmp_path):
         ("task.reward.timeout_s=.inf", "task.reward.timeout_s"),
         ("task.reward.timeout_s=1e10", "task.reward.timeout_s"),
         ("train.lr=.nan", "train.lr"),
+        # found by a helper's hunt: the actor's first problem raised KeyError, after its engine had loaded
+        ("task.question=What is {x}?", "task.question"),
+        ('task.question=What is {a} {op} {b}? Reply as JSON: {"answer": N}', "task.question"),
+        ("task.question=What is {a} {op} {b} {", "task.question"),
     ],
 )
 def test_wrong_type_names_the_key(override, key):

@@ -66,6 +66,28 @@ def test_bad_jsonl_line_is_named(tmp_path):
         open_source(dataset_task("jsonl", path))
 
 
+@pytest.mark.parametrize("row", [{"question": "What is 2+2?", "answer": None}, {"question": None, "answer": "4"},
+                                 {"question": " ", "answer": "4"}, {"question": "What is 2+2?", "answer": float("nan")}])
+def test_an_empty_question_or_answer_is_named_not_read_as_none(tmp_path, row):
+    """Found by a helper's hunt: null became the text "None", trained on, and a reply of \\boxed{None} scored."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "What is 1+1?", "answer": "2"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(TaskError, match=r"record 1 has an empty '(question|answer)'"):
+        open_source(dataset_task("jsonl", path))
+
+
+@pytest.mark.parametrize("kind", ["latin-1", "folder"])
+def test_a_file_that_cannot_be_read_as_utf8_lines_is_named(tmp_path, kind):
+    """Found by a helper's hunt: UnicodeDecodeError and IsADirectoryError escaped as tracebacks."""
+    path = tmp_path / "train.jsonl"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes('{"question": "caf\u00e9?", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(TaskError, match="cannot be read as a UTF-8 JSON-lines file"):
+        open_source(dataset_task("jsonl", path))
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"task.dataset: Value error, task.dataset.path .*nope.jsonl does not exist"):
         dataset_task("jsonl", tmp_path / "nope.jsonl")
