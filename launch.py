@@ -21,7 +21,7 @@ from pathlib import Path
 
 from protocol.config import RunConfig, load_config
 from protocol.errors import ConfigError, ModelNotFoundError, RoleFailed, TaskError
-from protocol.lifetime import follow_supervisor
+from protocol.lifetime import follow_supervisor, raise_interrupt
 from protocol.models import resolve_model, vocab_size
 
 ROLES = ("all", "broker", "actor", "learner", "eval", "parity")
@@ -62,7 +62,8 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
     if role == "eval":  # loads eval.model itself; no sockets
         from actors.evaluate import run_eval
 
-        run_eval(config, stop_on_signals())
+        signal.signal(signal.SIGTERM, raise_interrupt)  # nothing checks a stop flag while vLLM generates: stop at once
+        run_eval(config)
         return
     run_dir = config.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except RoleFailed as err:
         print(f"error: {args.role} stopped: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{args.role}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -32,3 +32,9 @@ def follow_supervisor() -> bool:
         return True
     die_with_parent(signal.SIGTERM)
     return os.getppid() == int(parent)
+
+
+def raise_interrupt(signum: int, _frame: object) -> None:
+    """A signal handler that stops the main thread wherever it is, as Ctrl-C does (for code with no loop
+    that could check a stop flag, such as vLLM generating a whole eval)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from protocol.config import RunConfig, dump_config
-from protocol.lifetime import PARENT_ENV
+from protocol.lifetime import PARENT_ENV, raise_interrupt
 from protocol.models import BUILTIN_PREFIX, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,17 +166,13 @@ def supervise(children: list[Child], learner: Child, run_dir: Path, steps: int) 
     return 0
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run_all(config: RunConfig, resume: bool = False) -> int:
     run_dir = prepare_run_dir(config, resume)
     console.print(f"run directory: {run_dir}")
     console.print(f"preparing model {config.model.path} ...")
     resolve_model(config.model.path, config.model.cache_dir)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped by kill, timeout or a scheduler: as by Ctrl-C
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, raise_interrupt)
     children = [start("broker", ["--role", "broker"], run_dir, 1)]
     try:
         children += [start(f"actor-{i}", ["--role", "actor", "--index", str(i)], run_dir, config.actor.threads) for i in range(config.actor.count)]

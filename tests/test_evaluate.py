@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
+import subprocess
+import sys
+import time
 from math import comb
 
 import orjson
@@ -13,6 +17,7 @@ import launch
 from actors.datasets import Record
 from actors.evaluate import pass_at_k, select
 from protocol.errors import TaskError
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 2, 2), (10, 0, 3), (10, 10, 1), (20, 3, 1), (20, 3, 5), (8, 7, 2), (200, 13, 10)])
@@ -124,3 +129,28 @@ def test_watch_scores_each_checkpoint_as_it_lands_with_weights_swapped_in_place(
     fresh = load_config(None, [*overrides, f"eval.model={run_dir / 'checkpoints' / 'step_000002'}", f"eval.out={tmp_path / 'fresh'}"])
     run_eval(fresh)
     assert [orjson.loads(x)["greedy"] for x in (tmp_path / "fresh" / "results.jsonl").read_bytes().splitlines()] == greedy[2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_eval_stops_at_once_when_asked_while_it_generates(tmp_path, sig):
+    """Found by a helper's hunt: the eval role set a stop flag that nothing checked while vLLM generated, so
+    Ctrl-C and SIGTERM were ignored until the whole eval was done (minutes); only kill -9 stopped it."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": 2 * i}) + "\n" for i in range(2000)))
+    eval_role = subprocess.Popen([
+        sys.executable, str(ROOT / "launch.py"), "--role", "eval", f"run.dir={tmp_path / 'run'}", "model.path=builtin:tiny-random",
+        "task.name=dataset", "task.dataset.source=jsonl", f"task.dataset.path={data}", "task.reward.function=exact",
+        "eval.samples=16", "eval.max_tokens=64",
+    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for line in eval_role.stdout:
+            if "evaluating" in line:  # the engine is up and generating
+                break
+        time.sleep(2)
+        asked = time.monotonic()
+        eval_role.send_signal(sig)
+        assert eval_role.wait(timeout=60) == 130 and time.monotonic() - asked < 30
+        assert not (tmp_path / "run" / "eval" / "summary.json").exists()
+    finally:
+        if eval_role.poll() is None:
+            eval_role.kill()
