@@ -105,11 +105,17 @@ def start(name: str, args: list[str], run_dir: Path, threads: int) -> Child:
 
 
 def last_metrics(path: Path) -> dict | None:
+    """The learner's last complete metrics row (it may be writing the next one)."""
     try:
         lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         return None
-    return orjson.loads(lines[-1]) if lines else None
+    for line in reversed(lines):
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+    return None
 
 
 def describe(row: dict) -> str:
@@ -184,6 +190,11 @@ def run_all(config: RunConfig, resume: bool = False) -> int:
         code = 130
     finally:  # whatever ended the watch, no role is left running
         stop_all(children, GRACE_S)
+    reached = (last_metrics(run_dir / "metrics.jsonl") or {}).get("step", 0)
+    if code == 0 and reached < config.train.steps:  # a learner asked to stop (SIGTERM) exits 0, to be resumed
+        console.print(f"[bold red]error:[/] the learner stopped at step {reached} of {config.train.steps}; "
+                      f"see {run_dir / 'logs' / 'learner.log'} (--resume continues the run)")  # fmt: skip
+        code = 1
     if code == 0:
         console.print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     return code

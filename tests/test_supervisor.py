@@ -120,3 +120,22 @@ def test_no_role_outlives_the_supervisor(tmp_path, endpoints, tiny_model_dir, si
         for pid in [parent.pid, *roles]:
             if not gone(pid):
                 psutil.Process(pid).kill()
+
+
+def test_a_learner_stopped_before_its_last_step_fails_the_run(tmp_path, endpoints):
+    """Found by a helper's hunt: a learner asked to stop exits 0 (to be resumed later), and the supervisor took
+    that for a finished run: exit 0, "done: N steps", with no step trained."""
+    parent = subprocess.Popen([
+        sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
+    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: (tmp_path / "logs" / "learner.log").exists() and "learner" in (tmp_path / "logs" / "learner.log").read_text(),
+                 120, "the learner to log")  # fmt: skip
+        (learner,) = [c for c in psutil.Process(parent.pid).children() if "learner" in c.cmdline()]
+        learner.terminate()
+        output, _ = parent.communicate(timeout=120)
+        assert parent.returncode == 1 and "the learner stopped at step 0 of 32" in output, output[-2000:]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
