@@ -124,23 +124,28 @@ class ReplayBuffer:
             self.counters["groups_completed"] += 1
         return "accepted"
 
-    def admit(self, samples: list[Sample], window: int, byte_budget: int | None = None) -> Admitted:
+    def admit(self, samples: list[Sample], window: int, byte_budget: int | None = None, total_budget: int | None = None) -> Admitted:
         """Add one message's samples as far as each actor's credit goes (see `credits`); returns the seqs to
         acknowledge (duplicates too, so the actor forgets them), the seqs refused for want of credit (the actor
         sends them again later), the keys newly accepted and the seqs that clashed (see `add`). The same decisions as `credits` then `add` per
         sample, without a method call per sample for the credit. A sample whose group is already partial here is
         taken over the credit, up to twice the credit (samples and bytes): refused, it would leave that group to
         wait on the learner, and to expire if the learner is slower than broker.actor_ttl_s. The cap keeps a
-        sender claiming huge groups from growing one past any budget."""
+        sender claiming huge groups from growing one past any budget. `total_budget` bounds the bytes of all
+        actors together the same way: more actors than the budget was split over (elastic ones joining, or
+        made-up actor ids) each had a whole share."""
         done = Admitted([], [], [], [])
         held, held_bytes = self.held, self.held_bytes
+        total = sum(held_bytes.values())
         for sample in samples:
             actor = sample.actor_id
-            over = _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0
+            over = _credit_left(held[actor], held_bytes[actor], window, byte_budget) <= 0 or (total_budget is not None and total >= total_budget)
             if over and not self.is_duplicate(sample) and not self._completes(sample, held, held_bytes, window, byte_budget):
                 done.refused.append(sample.seq)
                 continue
+            before = held_bytes[actor]
             outcome = self.add(sample)
+            total += held_bytes[actor] - before
             if outcome == "clash":
                 done.clashed.append(sample.seq)
                 continue

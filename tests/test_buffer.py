@@ -353,6 +353,17 @@ def test_admit_counts_bytes_as_it_goes():
     assert buffer.held_bytes["a"] == budget + samples[0].nbytes
 
 
+def test_actors_beyond_the_ones_the_budget_was_split_over_share_it():
+    """Found by a helper's hunt: each actor id had its own whole share, so 20 ids held 20x the broker's budget."""
+    buffer, make = ReplayBuffer(max_policy_lag=1), Maker()
+    size = make("probe", 0).nbytes
+    for actor in "abcd":
+        acked, refused, _, _ = buffer.admit([make(f"{actor}{i}", 0, actor=actor) for i in range(4)], window=100,
+                                            byte_budget=4 * size, total_budget=6 * size)  # fmt: skip
+    assert sum(buffer.held_bytes.values()) == 6 * size and buffer.held["a"] == 4 and buffer.held["b"] == 2
+    assert buffer.held["c"] == buffer.held["d"] == 0 and len(refused) == 4
+
+
 def credits_as_before(buffer: ReplayBuffer, actor: str, window: int, budget: int | None) -> int:
     """The credit formula as the broker computed it per sample before `admit`, written out independently."""
     held, held_bytes = buffer.held[actor], buffer.held_bytes[actor]
