@@ -4,7 +4,7 @@ A single role runs in this process (for running roles on different hosts; endpoi
 come from the config). `--role all` validates the config, prepares the run
 directory and the model, then starts the broker, the actors and the learner as
 separate processes, shows live progress, and stops them all when the learner has
-finished its steps, on Ctrl-C, or when any role dies (exiting non-zero, naming it).
+finished its steps, on Ctrl-C or SIGTERM, or when any role dies (exiting non-zero, naming it).
 With `--launcher slurm` or `--launcher ray` it places the same roles on a cluster
 instead: one Slurm heterogeneous job, or Ray actors (docs/multinode.md).
 """
