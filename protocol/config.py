@@ -119,7 +119,7 @@ class TaskSection(Section):
         doubled ({{ }}), stopped the actor at its first problem, after its engine had loaded."""
         try:
             value.format(a=1, op="+", b=2)
-        except (KeyError, IndexError, ValueError) as err:
+        except Exception as err:  # KeyError, IndexError, ValueError; AttributeError or TypeError for {a.x}, {a[0]}
             raise ValueError(f"task.question must format with only {{a}}, {{op}} and {{b}} (write a literal brace "
                              f"as {{{{ or }}}}): {type(err).__name__}: {err}") from None  # fmt: skip
         return value

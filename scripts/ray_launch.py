@@ -27,7 +27,7 @@ from pathlib import Path
 from protocol.config import RunConfig
 from protocol.lifetime import die_with_parent
 from protocol.models import resolve_model
-from scripts.supervisor import ROOT, console, prepare_run_dir, supervise
+from scripts.supervisor import ROOT, console, prepare_run_dir, report_end, supervise
 
 PLACE_TIMEOUT_S = 600.0
 
@@ -166,6 +166,4 @@ def run_ray(config: RunConfig, resume: bool = False) -> int:
         for role in roles:
             ray.kill(role.process.handle, no_restart=True)
         ray.shutdown()
-    if code == 0:
-        console.print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
-    return code
+    return report_end(code, run_dir, config.train.steps)

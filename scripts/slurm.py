@@ -81,18 +81,28 @@ def sbatch_options(config: RunConfig, component: SlurmComponent, nodes: int, per
     if gpus:
         parts.append(f"--gpus-per-node={gpus}")
     if component.partition or slurm.partition:
-        parts.insert(0, f"--partition={component.partition or slurm.partition}")
+        parts.insert(0, sbatch_value("partition", component.partition or slurm.partition))
     return "#SBATCH " + " ".join(parts)
 
 
 def srun_line(group: int, log: str, component: SlurmComponent, role_cmd: str, extra: str = "") -> str:
-    export = "".join(f",{k}={v}" for k, v in component.env.items())
-    exports = f" --export={shlex.quote('ALL' + export)}" if export else ""
+    """The component's `srun`, its environment set by `env` for srun to pass on: in `--export=ALL,K=V` a comma
+    ends the value (NCCL_SOCKET_IFNAME=^docker0,lo arrived as ^docker0)."""
+    env = "".join(f"{shlex.quote(f'{k}={v}')} " for k, v in component.env.items())
     name = COMPONENTS[group]
     return (
-        f'srun --het-group={group} --kill-on-bad-exit=1{exports} --open-mode=append --output="$RUN/logs/{log}" {role_cmd} {name}{extra} &\n'
-        f"{name}=$!"
+        f'{"env " + env if env else ""}srun --het-group={group} --kill-on-bad-exit=1 --open-mode=append '
+        f'--output="$RUN/logs/{log}" {role_cmd} {name}{extra} &\n{name}=$!'
     )
+
+
+def sbatch_value(option: str, value: object) -> str:
+    """`--option="value"`: sbatch splits an #SBATCH line at spaces outside quotes and ends it at a `#`, so a run
+    folder with a space sent the job's log elsewhere. A double quote or line break cannot be written there."""
+    text = str(value)
+    if '"' in text or "\n" in text:
+        raise ConfigError(f"{option} {text!r}: a Slurm batch option cannot hold a double quote or a line break")
+    return f'--{option}="{text}"'
 
 
 def render_sbatch(config: RunConfig, resume: bool = False) -> str:
@@ -100,9 +110,10 @@ def render_sbatch(config: RunConfig, resume: bool = False) -> str:
     slurm, run_dir = config.slurm, config.run.dir
     learner_per_node = tasks_per_node(config.learner.world_size, slurm.learner, "learner.world_size")
     actor_per_node = tasks_per_node(config.actor.count, slurm.actors, "actor.count")
-    header = [f"--job-name={slurm.job_name}", f"--time={slurm.time}", f"--output={run_dir}/logs/slurm-%j.out", "--open-mode=append", "--requeue"]
+    header = [sbatch_value("job-name", slurm.job_name), sbatch_value("time", slurm.time),
+              sbatch_value("output", f"{run_dir}/logs/slurm-%j.out"), "--open-mode=append", "--requeue"]  # fmt: skip
     if slurm.account:
-        header.append(f"--account={slurm.account}")
+        header.append(sbatch_value("account", slurm.account))
     role_cmd = f"{shlex.quote(sys.executable)} -m scripts.slurm_role --config \"$RUN/config.yaml\""
     learner_log = "learner-%t.log" if config.learner.world_size > 1 else "learner.log"
     lines = [

@@ -178,7 +178,8 @@ def run_all(config: RunConfig, resume: bool = False) -> int:
     console.print(f"preparing model {config.model.path} ...")
     resolve_model(config.model.path, config.model.cache_dir)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped by kill, timeout or a scheduler: as by Ctrl-C
-        signal.signal(sig, raise_interrupt)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored hangup stays ignored
+            signal.signal(sig, raise_interrupt)
     children = [start("broker", ["--role", "broker"], run_dir, 1)]
     try:
         children += [start(f"actor-{i}", ["--role", "actor", "--index", str(i)], run_dir, config.actor.threads) for i in range(config.actor.count)]
@@ -190,11 +191,17 @@ def run_all(config: RunConfig, resume: bool = False) -> int:
         code = 130
     finally:  # whatever ended the watch, no role is left running
         stop_all(children, GRACE_S)
+    return report_end(code, run_dir, config.train.steps)
+
+
+def report_end(code: int, run_dir: Path, steps: int) -> int:
+    """The run's exit code, said: a learner asked to stop (SIGTERM) exits 0, to be resumed, and a run whose
+    learner did not reach `steps` did not succeed (it was reported done, with nothing trained)."""
     reached = (last_metrics(run_dir / "metrics.jsonl") or {}).get("step", 0)
-    if code == 0 and reached < config.train.steps:  # a learner asked to stop (SIGTERM) exits 0, to be resumed
-        console.print(f"[bold red]error:[/] the learner stopped at step {reached} of {config.train.steps}; "
-                      f"see {run_dir / 'logs' / 'learner.log'} (--resume continues the run)")  # fmt: skip
+    if code == 0 and reached < steps:
+        console.print(f"[bold red]error:[/] the learner stopped at step {reached} of {steps}; "
+                      f"see its log in {run_dir / 'logs'} (--resume continues the run)")  # fmt: skip
         code = 1
     if code == 0:
-        console.print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+        console.print(f"done: {steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     return code

@@ -186,6 +186,8 @@ def test_every_offending_key_is_named(tmp_path):
         ("task.question=What is {x}?", "task.question"),
         ('task.question=What is {a} {op} {b}? Reply as JSON: {"answer": N}', "task.question"),
         ("task.question=What is {a} {op} {b} {", "task.question"),
+        ("task.question=What is {a.real.x}?", "task.question"),
+        ("task.question=What is {a[0]}?", "task.question"),
     ],
 )
 def test_wrong_type_names_the_key(override, key):

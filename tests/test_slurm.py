@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -23,13 +24,14 @@ CLUSTER_SCRIPT = ROOT / "scripts" / "local_slurm.sh"
 
 
 def sbatch_groups(script: str) -> list[list[str]]:
-    """The #SBATCH options of each het group, in order (group 0 also carries the job-wide ones)."""
+    """The #SBATCH options of each het group, in order (group 0 also carries the job-wide ones), read as sbatch
+    does: split at spaces outside quotes, up to a `#` (src/sbatch/opt.c)."""
     groups: list[list[str]] = [[]]
     for line in script.splitlines():
         if line == "#SBATCH hetjob":
             groups.append([])
         elif line.startswith("#SBATCH "):
-            groups[-1] += line.split()[1:]
+            groups[-1] += shlex.split(line.removeprefix("#SBATCH "), comments=True)
     return groups
 
 
@@ -48,13 +50,30 @@ def test_dry_run_prints_one_het_job_with_a_component_per_role(tmp_path, capsys):
     assert {"--partition=cpu", "--nodes=1", "--ntasks-per-node=1", "--requeue", f"--output={run_dir}/logs/slurm-%j.out"} <= set(broker)
     assert {"--partition=gpu", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(learner)
     assert {"--partition=gpu", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(actors)
-    sruns = [line for line in script.splitlines() if line.startswith("srun ")]
+    sruns = [line for line in script.splitlines() if "srun " in line]
     assert [re.search(r"--het-group=(\d)", s).group(1) for s in sruns] == ["0", "1", "2"]
     assert [s.split(" &")[0].split()[-1] for s in sruns] == ["broker", "learner", "actor"]
-    assert "--export=ALL,HF_HOME=/scratch/hf" in sruns[2] and "--export" not in sruns[0] + sruns[1]
+    assert sruns[2].startswith("env HF_HOME=/scratch/hf srun ") and "HF_HOME" not in sruns[0] + sruns[1]
     assert "learner-%t.log" in sruns[1] and "actor-%t.log" in sruns[2]
     assert script.index("module load cuda") < script.index("srun ")
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, "the script must parse"
+
+
+def test_paths_and_values_slurm_would_split_reach_it_whole(tmp_path, capsys):
+    """Found by a helper's hunt: #SBATCH values were unquoted (a run folder with a space or `#` sent the job's log
+    elsewhere) and component env values went in `--export=ALL,K=V`, where a comma ends the value."""
+    run_dir = tmp_path / "my runs" / "exp#2"
+    code = launch.main([
+        "--role", "all", "--launcher", "slurm", "--dry-run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={run_dir}", "slurm.job_name=grpo smollm2", "slurm.learner.env={NCCL_SOCKET_IFNAME: '^docker0,lo'}",
+    ])  # fmt: skip
+    script = capsys.readouterr().out
+    assert code == 0
+    assert {f"--output={run_dir}/logs/slurm-%j.out", "--job-name=grpo smollm2"} <= set(sbatch_groups(script)[0])
+    learner_srun = next(line for line in script.splitlines() if "--het-group=1" in line)
+    env = subprocess.run(["bash", "-c", learner_srun.replace(" srun ", " printenv NCCL_SOCKET_IFNAME #", 1)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert env.stdout.strip() == "^docker0,lo"
 
 
 @pytest.mark.parametrize(

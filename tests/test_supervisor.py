@@ -100,19 +100,31 @@ def gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def start_supervisor(run_dir, endpoints, **popen) -> subprocess.Popen:
+    """`launch.py --role all` on the tiny config."""
+    return subprocess.Popen([
+        sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"run.dir={run_dir}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
+    ], **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen})  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, "SIGHUP under nohup"])
 def test_no_role_outlives_the_supervisor(tmp_path, endpoints, tiny_model_dir, sig):
     """Found by a helper's hunt: only Ctrl-C stopped the roles; a supervisor stopped by kill, timeout or a
-    scheduler left the broker, actors and learner running (the broker holding its port)."""
-    parent = subprocess.Popen([
-        sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
-    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    scheduler left the broker, actors and learner running (the broker holding its port). And by a review: a
+    hangup that nohup ignores must stay ignored (the run outlives the terminal)."""
+    nohup = sig == "SIGHUP under nohup"
+    parent = start_supervisor(tmp_path, endpoints, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN) if nohup else None)
     roles: list[int] = []
     try:
         wait_for(lambda: len(psutil.Process(parent.pid).children()) == 3, 120, "broker, actor and learner to start")
         roles += [child.pid for child in psutil.Process(parent.pid).children()]
         time.sleep(3)  # the roles are importing or loading: a signal must stop them wherever they are
+        if nohup:
+            parent.send_signal(signal.SIGHUP)
+            time.sleep(3)
+            assert parent.poll() is None and not any(gone(pid) for pid in roles)
+            sig = signal.SIGTERM
         parent.send_signal(sig)
         parent.wait(timeout=60)
         wait_for(lambda: all(gone(pid) for pid in roles), 60, "every role to stop")
@@ -125,10 +137,7 @@ def test_no_role_outlives_the_supervisor(tmp_path, endpoints, tiny_model_dir, si
 def test_a_learner_stopped_before_its_last_step_fails_the_run(tmp_path, endpoints):
     """Found by a helper's hunt: a learner asked to stop exits 0 (to be resumed later), and the supervisor took
     that for a finished run: exit 0, "done: N steps", with no step trained."""
-    parent = subprocess.Popen([
-        sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"endpoints.weights={endpoints['weights']}",
-    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    parent = start_supervisor(tmp_path, endpoints, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (tmp_path / "logs" / "learner.log").exists() and "learner" in (tmp_path / "logs" / "learner.log").read_text(),
                  120, "the learner to log")  # fmt: skip
