@@ -48,7 +48,7 @@ log = logging.getLogger("actor")
 MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metadata: the actor's status, field names
 IDLE_POLL_S = 0.05
 LONG_PROMPTS_IN_A_ROW = 100  # problems skipped for length with none started between: the config, not the data
-HEARTBEAT_S = 2.0  # a busy actor pings this often: the broker, once the learner finished, stops waiting after 15 s
+HEARTBEAT_S = 2.0  # a busy actor pings this often: the broker, once the learner finished, waits 15 s for actors
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups",
                   "aborted_stale_groups", "oversample_cancelled", "rejected_samples", "skipped_long_prompts")  # fmt: skip
@@ -99,6 +99,7 @@ class Actor:
         self.counters: Counter[str] = Counter({name: 0 for name in ACTOR_COUNTERS})
         self.in_flight = config.actor.weight_update == "in_flight"
         self.last_heard = 0.0
+        self.ping_rid = -1  # the heartbeat's request, while it awaits its reply
 
     def run(self, stop: threading.Event) -> None:
         self._call(m.HELLO, {})
@@ -108,8 +109,7 @@ class Actor:
             self._admit()
             if self.engine.busy:
                 self._step_engine()
-                if time.monotonic() - self.last_heard > (IDLE_POLL_S if self.in_flight else HEARTBEAT_S):
-                    self._call(m.PING, {})  # hear of new versions (in flight) and of a stop while requests run
+                self._heartbeat()
             else:
                 time.sleep(IDLE_POLL_S)
                 self._call(m.PING, {})
@@ -124,6 +124,23 @@ class Actor:
         """Every counter of this actor: generation failures by cause, drops, cancellations, what was sent."""
         return {**self.counters, **self.failures.counts, "groups_open": len(self.groups), "version": self.version,
                 "weight_updates": self.weight_updates, "weight_failures": sum(self.weights.failures.values())}  # fmt: skip
+
+    def _heartbeat(self) -> None:
+        """While requests run, ping the broker: to hear of new versions (in flight) and of a stop, and to stay
+        live there. Posted, not awaited (the loop takes the reply): a ping that waited blocked the engine for
+        `ACK_TIMEOUT_S` at a time while the broker was down. At most one is out; one unanswered that long is
+        given up."""
+        now = time.monotonic()
+        if now - self.last_heard <= (IDLE_POLL_S if self.in_flight else HEARTBEAT_S):
+            return
+        posted_at = self.broker.posted.get(self.ping_rid)
+        if posted_at is not None and now - posted_at < ACK_TIMEOUT_S:
+            return
+        self.broker.forget(self.ping_rid)
+        try:
+            self.ping_rid = self.broker.post(m.PING, self._status_body())
+        except TimeoutError as err:
+            log.warning("%s: %s", self.actor_id, err)
 
     def _step_engine(self) -> None:
         started = time.perf_counter()
