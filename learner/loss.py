@@ -37,11 +37,12 @@ from torch import Tensor
 from protocol.config import LossSection
 
 MAX_LOG_RATIO = 20.0
-"""The current/anchor log-ratio is cut here before exp: beyond 88 float32 overflows, and with
+"""Log-ratios (current/anchor, after the sequence mean with `ratio_level: sequence`, and
+proximal/behavior) are cut here before exp: beyond 88 float32 overflows, and with
 `correction: none` the anchor is the actor's log-prob, which a valid sample may put at -1000;
 one such token with a negative advantage made the loss inf and the step refused its update,
-again after every resume. Ratios below e^20 are untouched; a token beyond keeps a finite loss
-and no gradient (it lies far outside any trust region)."""
+again after every resume. Ratios below e^20 are untouched; one beyond keeps a finite loss and
+no gradient (it lies far outside any trust region)."""
 
 
 def group_advantages(rewards: Tensor, kind: str = "grpo", std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
@@ -120,7 +121,7 @@ def to_numbers(values: list[float | Tensor]) -> list[float]:
 def correction_weights(proximal: Tensor, behavior: Tensor, mask: Tensor, cfg: LossSection) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token weight w and the truncated / masked-out token flags, all without gradient."""
     log_rho = torch.where(mask, proximal - behavior, 0.0).detach()
-    rho = torch.exp(log_rho)
+    rho = torch.exp(log_rho.clamp(max=MAX_LOG_RATIO))  # a sequence-level mask may keep a token of huge rho
     none = torch.zeros_like(mask)
     if cfg.correction == "none":
         return torch.ones_like(rho), none, none
@@ -162,8 +163,9 @@ def policy_loss(
     """
     mask = mask.bool()
     anchor = behavior if cfg.correction == "none" else proximal.detach()
-    log_ratio = torch.where(mask, logprobs - anchor, 0.0).clamp(max=MAX_LOG_RATIO)  # zero off the mask: no inf * 0 = NaN
-    ratio = torch.exp(_sequence_mean(log_ratio, mask) if cfg.ratio_level == "sequence" else log_ratio)
+    log_ratio = torch.where(mask, logprobs - anchor, 0.0)  # zero off the mask: no inf * 0 = NaN
+    level = _sequence_mean(log_ratio, mask) if cfg.ratio_level == "sequence" else log_ratio
+    ratio = torch.exp(level.clamp(max=MAX_LOG_RATIO))
     weight, truncated, masked = correction_weights(proximal, behavior, mask, cfg)
     adv = advantages.unsqueeze(-1).to(ratio.dtype)
     unclipped = ratio * adv

@@ -114,6 +114,8 @@ class Trainer:
             chunk_loss, stats, chunk_parity, chunk_norm = self._update(samples, advantages, trained, proximal, norm, compare)
             loss, grad_norm, updates = loss + chunk_loss, max(grad_norm, chunk_norm), updates + 1
             totals, parity = totals + stats, parity + chunk_parity
+        for _ in range(self.train.updates_per_step - len(chunks)):  # fewer samples than updates: still planned ones
+            self._skip_update()
         values = to_numbers([loss, *(getattr(totals, f.name) for f in fields(LossStats))])  # one read from the device
         loss, *sums = self.backend.sum(values)
         totals = LossStats(*sums)

@@ -39,6 +39,14 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_checkpoint_keeps_its_policy_version_apart_from_its_step(tiny_model_dir, tmp_path):
+    """After a resume moved versions ahead of steps (learner/main.py: rising_version), a later resume must go on
+    from the version, or versions would restart lower again."""
+    trainer = Trainer(load_model(tiny_model_dir), load_config(None, []))
+    path = save_checkpoint(tmp_path, 2, trainer, tiny_model_dir, batch_id=7, version=9)
+    assert restore_trainer(Trainer(load_model(path), load_config(None, [])), path) == (2, 9, 7)
+
+
 def test_checkpoint_is_a_loadable_hf_folder_and_latest_ignores_partial_ones(tiny_model_dir, tmp_path):
     config = load_config(None, [])
     trainer = Trainer(load_model(tiny_model_dir), config)

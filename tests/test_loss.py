@@ -291,6 +291,29 @@ def test_a_token_the_actor_found_near_impossible_keeps_the_loss_and_gradient_fin
                           LossSection(**overrides))  # fmt: skip
     (grad,) = torch.autograd.grad(loss, logprobs)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    per_sequence = math.exp(MAX_LOG_RATIO / 2)  # the mean of the two cut log-ratios, for both tokens
+    per_sequence = math.exp(MAX_LOG_RATIO)  # the mean log-ratio (~500), cut, for both tokens
     per_token = (math.exp(MAX_LOG_RATIO) + 1) / 2
     assert loss.item() == pytest.approx(per_sequence if overrides.get("ratio_level") else per_token, rel=1e-5)
+
+
+def test_the_cap_leaves_a_sequence_ratio_of_balanced_token_ratios_alone():
+    """A review: cut per token before the sequence mean, log-ratios +30 and -30 (a sequence ratio of 1) became a
+    ratio of e^-5."""
+    logprobs = torch.tensor([[-1.0, -31.0]], requires_grad=True)
+    behavior = torch.tensor([[-31.0, -1.0]])
+    loss, _ = policy_loss(logprobs, behavior, behavior, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool),
+                          Normalizer(2, 1, 2), LossSection(correction="none", ratio_level="sequence"))  # fmt: skip
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_a_huge_rho_kept_by_a_sequence_level_mask_stays_finite():
+    """A review: IcePop's sequence-level mask kept a token of log-rho +100 (the others balance it), whose weight
+    exp(100) overflowed float32."""
+    proximal = torch.tensor([[-0.5] * 5])
+    behavior = proximal - torch.tensor([[100.0, -25.0, -25.0, -25.0, -25.0]])
+    logprobs = proximal.clone().requires_grad_()
+    loss, stats = policy_loss(logprobs, proximal, behavior, torch.tensor([-1.0]), torch.ones(1, 5, dtype=torch.bool),
+                              Normalizer(5, 1, 5), LossSection(correction="masked", mask_level="sequence",
+                                                               mask_low=0.5, mask_high=2.0))  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert stats.masked == 0 and torch.isfinite(loss) and torch.isfinite(grad).all()

@@ -95,6 +95,12 @@ def test_a_step_with_nothing_to_learn_still_moves_the_lr_schedule_on(tiny_model_
     skipping, training = Trainer(model, config), Trainer(load_model(tiny_model_dir), config)
     assert skipping.step(flat)["optimizer_steps"] == 0 and training.step(make_groups(model))["optimizer_steps"] == 1
     assert skipping.lr == training.lr == pytest.approx(0.01 * 2 / 4)
+    # a review: with fewer samples than updates per step (filtered flat groups), the missing updates count too
+    config = load_config(None, ["train.lr=0.01", "train.warmup_steps=32", "train.steps=8", "train.updates_per_step=8",
+                                "loss.filter_flat_groups=true"])  # fmt: skip
+    few = Trainer(load_model(tiny_model_dir), config)
+    assert few.step([*make_groups(model, num_groups=1, n=4), *flat])["optimizer_steps"] == 4  # 4 samples left
+    assert few.lr == pytest.approx(0.01 * 9 / 32)  # the ninth update of the warm-up comes next
 
 
 @pytest.mark.parametrize("advantage", ["drgrpo", "rloo"])
