@@ -164,12 +164,16 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
 
 
 def broker_version(client: Client, stop: threading.Event) -> int | None:
-    """The policy version the broker last heard of (it keeps it in its log), or None if stopped first."""
+    """The newest policy version the broker knows of: its own (kept in its log) or one an actor reports
+    holding (a broker restarted without its log knows only those); None if stopped first."""
     while not stop.is_set():
         try:
-            return int(client.request(m.STATS)[1]["policy_version"])
+            stats = client.request(m.STATS)[1]
         except TimeoutError as err:
             log.warning("broker not answering: %s", err)
+            continue
+        held = [c.get("version", 0) for c in stats.get("actor_counters", {}).values()]
+        return max([int(stats["policy_version"]), *(v for v in held if type(v) is int)])
     return None
 
 

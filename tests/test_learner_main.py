@@ -1,4 +1,5 @@
-"""learner/main.py's BatchSource against a real ROUTER socket that plays the broker: refusals are retried, then fatal."""
+"""learner/main.py: BatchSource against a real ROUTER socket that plays the broker (refusals are retried, then fatal),
+and the policy version a learner starts at."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from broker.server import Broker
 from learner import main as learner_main
-from learner.main import BatchSource, rising_version
+from learner.main import BatchSource, broker_version, rising_version
 from protocol import messages as m
+from protocol.config import load_config
 from protocol.errors import RoleFailed
 from protocol.transport import Client, send_frames, send_reply
 from protocol.wire import encode_samples
@@ -85,3 +88,22 @@ def test_stopping_ends_the_pause_after_a_refusal(monkeypatch):
 )
 def test_the_starting_version_never_reuses_a_number_that_may_name_discarded_weights(restored, heard, start):
     assert rising_version(restored, heard) == start
+
+
+def test_a_broker_restarted_without_its_log_still_tells_the_version_its_actors_hold(endpoints, tmp_path):
+    """A review: such a broker says version 0, while its actors hold weights of version 7 from before; a learner
+    resuming from an older checkpoint must still start past 7 (they fetch only newer weights)."""
+    config = load_config(None, [f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", "broker.durable=false"])
+    server, stop = Broker(config, 100), threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    actor, learner = Client(endpoints["broker"], "actor"), Client(endpoints["broker"], "learner")
+    try:
+        assert broker_version(learner, threading.Event()) == 0
+        actor.request(m.PING, {"actor_id": "a0", "counters": {"version": 7, "groups_sent": 3}})
+        assert broker_version(learner, threading.Event()) == 7 and rising_version(3, 7) == 9
+    finally:
+        stop.set()
+        thread.join(5)
+        actor.close()
+        learner.close()
