@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_parity(config, resolve_model(config.model.path, config.model.cache_dir), args.prompts, args.tolerance)
         run_role(args.role, config, args.index, args.resume)
-    except (ModelNotFoundError, TaskError) as err:
+    except (ConfigError, ModelNotFoundError, TaskError) as err:  # ConfigError here: e.g. CURVE key files
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RoleFailed as err:

@@ -18,6 +18,8 @@ client never gets a connection, so it can neither send nor receive.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -27,22 +29,52 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from protocol.config import RunConfig
+from protocol.errors import ConfigError
 
 log = logging.getLogger("protocol.curve")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+CLIENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 REFUSALS = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
 
 def keygen(keys_dir: Path, client: str = "client") -> None:
-    """Create the server pair (once), the client pair `client`, and allow that client."""
+    """Create the server pair (once), the client pair `client`, and allow that client.
+
+    Secret files are never readable by others, not even while they are written (umask 077);
+    a client may not be named `server` (it would replace the server's pair) nor name a path.
+    """
+    if not CLIENT_NAME.fullmatch(client) or client == "server":
+        raise ConfigError(f"CURVE client name {client!r}: use letters, digits, '_', '-' or '.', not starting with '.', and not 'server'")
     keys_dir = Path(keys_dir)
-    (keys_dir / "allowed").mkdir(parents=True, exist_ok=True)
-    if not (keys_dir / "server.key_secret").exists():
-        zmq.auth.create_certificates(keys_dir, "server")
-    public, _ = zmq.auth.create_certificates(keys_dir, client)
-    shutil.copy(public, keys_dir / "allowed" / f"{client}.key")
+    old_umask = os.umask(0o077)
+    try:
+        (keys_dir / "allowed").mkdir(parents=True, exist_ok=True)
+        if not (keys_dir / "server.key_secret").exists():
+            zmq.auth.create_certificates(keys_dir, "server")
+        public, _ = zmq.auth.create_certificates(keys_dir, client)
+        shutil.copy(public, keys_dir / "allowed" / f"{client}.key")
+    finally:
+        os.umask(old_umask)
     for secret in keys_dir.glob("*.key_secret"):
         secret.chmod(0o600)
+
+
+def load_key(path: Path, secret: bool = False) -> tuple[bytes, bytes | None]:
+    """The (public, secret) Z85 keys of a key file; a missing, unreadable or malformed one is a `ConfigError`
+    naming the file (they surfaced as TypeError, ZMQError "Invalid argument" or a Z85 ValueError)."""
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"CURVE key file {path}: {err}") from None
+    for name, key in {"public": public, **({"secret": secret_key} if secret else {})}.items():
+        if key is None:
+            raise ConfigError(f"CURVE key file {path} holds no {name} key (a .key_secret file has both)")
+        try:
+            if len(zmq.utils.z85.decode(key)) != 32:
+                raise ValueError("not 32 bytes")
+        except ValueError as err:
+            raise ConfigError(f"CURVE key file {path}: the {name} key is not a Z85 CURVE key ({err})") from None
+    return public, secret_key
 
 
 def curve_keys_dir(config: RunConfig) -> Path | None:
@@ -52,8 +84,8 @@ def curve_keys_dir(config: RunConfig) -> Path | None:
 
 def arm_client(socket: zmq.Socket, keys_dir: Path, client: str = "client") -> None:
     """Make `socket` a CURVE client that trusts only the server key in `keys_dir`."""
-    public, secret = zmq.auth.load_certificate(Path(keys_dir) / f"{client}.key_secret")
-    server_public, _ = zmq.auth.load_certificate(Path(keys_dir) / "server.key")
+    public, secret = load_key(Path(keys_dir) / f"{client}.key_secret", secret=True)
+    server_public, _ = load_key(Path(keys_dir) / "server.key")
     socket.curve_publickey, socket.curve_secretkey, socket.curve_serverkey = public, secret, server_public
 
 
@@ -65,13 +97,15 @@ class Guard:
 
     def __init__(self, keys_dir: Path) -> None:
         self.keys_dir = Path(keys_dir)
-        self.allowed = {zmq.utils.z85.decode(zmq.auth.load_certificate(p)[0]) for p in (self.keys_dir / "allowed").glob("*.key")}
+        self.allowed = {zmq.utils.z85.decode(load_key(p)[0]) for p in (self.keys_dir / "allowed").glob("*.key")}
+        if not self.allowed:  # every client would be refused, silently: a run that waits for ever
+            raise ConfigError(f"CURVE is on but {self.keys_dir / 'allowed'} holds no client key (*.key); run launch.py keygen {self.keys_dir}")
         self.refused = 0
         self.monitor: zmq.Socket | None = None
         self._zap: _ZapHandler | None = None
 
     def arm(self, socket: zmq.Socket) -> None:
-        public, secret = zmq.auth.load_certificate(self.keys_dir / "server.key_secret")
+        public, secret = load_key(self.keys_dir / "server.key_secret", secret=True)
         self._zap = _ZapHandler.acquire(socket.context, self.keys_dir, self.allowed)
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
         socket.zap_domain = b"streamrl"
@@ -146,6 +180,10 @@ def keygen_main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2:
         print("usage: launch.py keygen DIR [CLIENT_NAME]")
         return 2
-    keygen(Path(argv[0]), *argv[1:])
+    try:
+        keygen(Path(argv[0]), *argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}")
+        return 2
     print(f"keys written to {argv[0]} (allowed clients: {sorted(p.stem for p in (Path(argv[0]) / 'allowed').glob('*.key'))})")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from broker.server import Broker
 from learner.weights import WeightServer
 from protocol import messages as m
 from protocol.config import load_config
-from protocol.curve import Guard, keygen, keygen_main
-from protocol.errors import WeightTransferError
+from protocol.curve import Guard, arm_client, keygen, keygen_main
+from protocol.errors import ConfigError, WeightTransferError
 from protocol.transport import Client
 from tests.test_broker import VOCAB, get_batch, group_samples, send
 from tests.test_launch import launch, read_metrics
@@ -53,6 +54,46 @@ def test_keygen_writes_server_and_client_pairs_and_the_allow_list(tmp_path, caps
     assert names == ["actor-7.key", "actor-7.key_secret", "allowed/actor-7.key", "server.key", "server.key_secret"]
     assert (tmp_path / "k" / "server.key_secret").stat().st_mode & 0o077 == 0
     assert keygen_main([]) == 2
+
+
+def test_keygen_writes_secrets_no_one_else_can_read_at_any_time_and_refuses_names_that_would_harm(tmp_path, monkeypatch):
+    """Found by a helper's hunt: secrets were written with the umask's 0644 and made private only at the end;
+    `keygen DIR server` replaced the server's pair, and a name with `..` wrote outside DIR."""
+    modes = []
+    real = zmq.auth.create_certificates
+
+    def watched(keys_dir, name, metadata=None):
+        made = real(keys_dir, name, metadata)
+        modes.append(oct(Path(made[1]).stat().st_mode & 0o777))
+        return made
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", watched)
+    keygen(tmp_path / "k")
+    assert modes == ["0o600", "0o600"] and (tmp_path / "k").stat().st_mode & 0o077 == 0
+    for name in ("server", "../outside", ".hidden", "a/b"):
+        assert keygen_main([str(tmp_path / "k"), name]) == 2
+    assert not (tmp_path / "outside.key_secret").exists()
+
+
+@pytest.mark.parametrize("damage", ["no allowed key", "public key as the client secret", "short server key", "bad allowed key"])
+def test_curve_key_files_that_cannot_work_are_config_errors_naming_the_file(tmp_path, endpoints, damage):
+    """Found by a helper's hunt: an empty allow-list started a broker that refused everyone, silently (a run that
+    waited for ever); bad key files raised TypeError, ZMQError or a Z85 ValueError naming no file."""
+    keys = tmp_path / "keys"
+    keygen(keys)
+    if damage == "no allowed key":
+        (keys / "allowed" / "client.key").unlink()
+    elif damage == "public key as the client secret":
+        (keys / "client.key_secret").write_bytes((keys / "client.key").read_bytes())
+    elif damage == "short server key":
+        (keys / "server.key_secret").write_text('curve\n    public-key = "abc"\n    secret-key = "abc"\n')
+    else:
+        (keys / "allowed" / "client.key").write_text('curve\n    public-key = "abc"\n')
+    with pytest.raises(ConfigError, match=str(keys)):
+        if damage == "public key as the client secret":
+            arm_client(zmq.Context.instance().socket(zmq.DEALER), keys)
+        else:
+            Guard(keys).arm(zmq.Context.instance().socket(zmq.ROUTER))
 
 
 def test_allowed_key_can_push_and_pull_others_cannot_and_are_counted(curve_broker, tmp_path):
