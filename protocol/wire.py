@@ -90,8 +90,9 @@ def decode(frames: list[bytes | memoryview], max_bytes: int = 1 << 30, max_heade
         raise ProtocolError("empty", "message has no frames")
     frames = [memoryview(f) for f in frames]  # bytes and zmq.Frame alike, without copying
     total = sum(f.nbytes for f in frames)
-    if total > max_bytes:
-        raise ProtocolError("too_large", f"message of {total} bytes exceeds the limit of {max_bytes}")
+    too_large = ProtocolError("too_large", f"message of {total} bytes exceeds the limit of {max_bytes}") if total > max_bytes else None
+    if too_large is not None and max_header_bytes is None:  # nothing bounds the header: not unpacked
+        raise too_large
     if max_header_bytes is not None and frames[0].nbytes > max_header_bytes:
         raise ProtocolError("header_too_large", f"header of {frames[0].nbytes} bytes exceeds the limit of {max_header_bytes}")
     try:
@@ -106,6 +107,8 @@ def decode(frames: list[bytes | memoryview], max_bytes: int = 1 << 30, max_heade
     if not isinstance(kind, str) or not isinstance(body, dict) or not isinstance(specs, list):
         raise ProtocolError("bad_header", "header needs type (str), body (map) and arrays (list)")
     try:
+        if too_large is not None:  # named with its rid: the sender hears why at once instead of timing out
+            raise too_large
         return kind, body, _arrays(header, specs, frames[1:])
     except ProtocolError as err:
         err.rid = body.get("rid") if type(body.get("rid")) is int else None

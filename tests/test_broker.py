@@ -184,6 +184,27 @@ def test_a_header_over_the_limit_is_refused_unread_and_good_samples_still_go_in(
     assert client.request(m.STATS)[1]["rejected_by_reason"] == {"header_too_large": 1}
 
 
+def test_a_message_over_the_size_limit_is_refused_by_name_to_its_sender(endpoints, tmp_path):
+    """Found by a helper's hunt: the refusal named no request, so the sender waited out its timeout and could not
+    tell "too large" from "broker down"."""
+    config = load_config(None, [f"run.dir={tmp_path}", f"endpoints.broker={endpoints['broker']}", f"sampling.group_size={GROUP}",
+                                "broker.max_message_bytes=200000", "broker.durable=false"])  # fmt: skip
+    server, stop = Broker(config, VOCAB), threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    client = Client(endpoints["broker"], "actor")
+    try:
+        big = sample(0, 0, 0, completion_ids=np.ones(30_000, np.int32), behavior_logprobs=np.zeros(30_000, np.float32))
+        started = time.monotonic()
+        with pytest.raises(PeerRefused, match="too_large"):
+            client.request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=[big], timeout_s=30)
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+        stop.set()
+        thread.join(5)
+
+
 def test_an_injected_decoder_bug_costs_one_message_not_the_broker(broker, monkeypatch):
     """Whatever `decode` raises (here an injected RuntimeError standing in for a bug), the sender gets an error
     and the broker keeps serving; found when a numpy ValueError on an odd shape escaped and stopped it."""
