@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,6 +146,29 @@ def start_role(role: str, run_dir: Path, endpoints: dict[str, str], *extra: str,
         "train.steps=10", *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(run_dir)})
+
+
+@contextmanager
+def role_processes(*processes: subprocess.Popen) -> Iterator[list[subprocess.Popen]]:
+    """A test's role processes, as a list it may add to; any still running when the block ends (a failed
+    assertion) is killed, so no test leaves a role behind."""
+    running = list(processes)
+    try:
+        yield running
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+
+
+def finish_run(run_dir: Path, learner: subprocess.Popen, *others: subprocess.Popen) -> None:
+    """The learner trains its last step and exits 0; then the other roles, told to stop, exit 0 by themselves."""
+    assert learner.wait(timeout=300) == 0, (run_dir / "learner.log").read_text()[-3000:]
+    assert [p.wait(timeout=60) for p in others] == [0] * len(others)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def steps_done(run_dir: Path) -> int:

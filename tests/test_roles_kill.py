@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.helpers import start_role, steps_done, wait_for
+from tests.helpers import finish_run, metrics_rows, role_processes, start_role, steps_done, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,7 @@ def test_killed_actor_and_learner_restart_and_the_run_completes(tmp_path, endpoi
     broker = start_role("broker", tmp_path, endpoints, ttl)
     learner = start_role("learner", tmp_path, endpoints, every)
     actor = start_role("actor", tmp_path, endpoints, "actor.resend_after_s=1.0")
-    processes = [broker, learner, actor]
-    try:
+    with role_processes(broker, learner, actor) as processes:
         wait_for(lambda: steps_done(tmp_path) >= 2, 300, "two learner steps")
         actor.send_signal(signal.SIGKILL)  # its unsent and partial groups die with it
         actor.wait()
@@ -28,13 +27,8 @@ def test_killed_actor_and_learner_restart_and_the_run_completes(tmp_path, endpoi
         learner.wait()
         assert broker.poll() is None and actor.poll() is None  # the rest keeps going
         processes.append(learner := start_role("learner", tmp_path, endpoints, every, "--resume"))
-        assert learner.wait(timeout=300) == 0, (tmp_path / "learner.log").read_text()[-3000:]
-        assert actor.wait(timeout=60) == 0 and broker.wait(timeout=60) == 0
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        finish_run(tmp_path, learner, actor, broker)
+    steps = [row["step"] for row in metrics_rows(tmp_path)]
     assert steps[-1] == 10 and sorted(set(steps)) == list(range(1, 11))  # a killed step may be logged twice, none is missing
     stats = json.loads((tmp_path / "broker_stats.json").read_text())
     assert stats["rejected"] == 0 and stats["consumed_batches"] == 10  # each step's batch consumed once, none twice
@@ -52,21 +46,15 @@ def test_a_learner_resumed_behind_the_versions_actors_hold_moves_versions_on_and
     broker = start_role("broker", tmp_path, endpoints, sync)
     learner = start_role("learner", tmp_path, endpoints, sync, every)
     actor = start_role("actor", tmp_path, endpoints, sync)
-    processes = [broker, learner, actor]
-    try:
+    with role_processes(broker, learner, actor) as processes:
         wait_for(lambda: steps_done(tmp_path) >= 2, 300, "two learner steps")
         learner.send_signal(signal.SIGKILL)
         learner.wait()
         assert not (tmp_path / "checkpoints").exists()
-        first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        first = metrics_rows(tmp_path)
         processes.append(learner := start_role("learner", tmp_path, endpoints, sync, every, "--resume"))
-        assert learner.wait(timeout=300) == 0, (tmp_path / "learner.log").read_text()[-3000:]
-        assert actor.wait(timeout=60) == 0 and broker.wait(timeout=60) == 0
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        finish_run(tmp_path, learner, actor, broker)
+    rows = metrics_rows(tmp_path)
     resumed = rows[len(first):]
     assert [r["step"] for r in resumed] == list(range(1, 11))
     versions = [r["policy_version"] for r in rows]
