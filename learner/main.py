@@ -137,8 +137,8 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
     start = restore_trainer(trainer, checkpoint) if checkpoint else Restored(0, 0, None)
     client = Client(config.endpoints.broker, f"learner-{uuid.uuid4().hex[:6]}", curve_dir=curve_keys_dir(config)) if backend.is_main else None
     try:
-        heard = broker_version(client, stop) if client else -1  # None: stopped before the broker answered
-        version = int(backend.max([-1 if heard is None else rising_version(start.version, heard)])[0])
+        heard = broker_version(client, stop) if client else None  # None off the main rank, or if stopped first
+        version = int(backend.max([-1 if heard is None else rising_version(start.version, heard)])[0])  # the main rank's
         if version < 0:
             return
         first_weights = backend.full_state_dict(model) if version else None  # collective: every rank gathers
