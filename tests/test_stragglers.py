@@ -39,5 +39,8 @@ def test_a_slow_actor_does_not_hold_back_the_steps(tmp_path, endpoints):
     rate_alone, _ = step_rate(alone, endpoints, actors=1)
     rate_mixed, (fast, slow) = step_rate(mixed, endpoints, actors=2)
     share = slow["samples_sent"] / (fast["samples_sent"] + slow["samples_sent"])
-    assert 0 < share < 0.5  # the straggler did contribute, less than the fast actor
+    # The straggler sends what it finishes within broker.max_policy_lag; since it pings while its requests run it
+    # hears of new versions and aborts the groups the broker would drop as stale, instead of sending them. Either
+    # way it worked, and sent less than the fast actor.
+    assert share < 0.5 and (share > 0 or slow["aborted_stale_groups"] > 0), slow
     assert rate_mixed >= NOISE * rate_alone * (1 - share), (rate_alone, rate_mixed, share)
