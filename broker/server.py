@@ -269,8 +269,9 @@ class Broker:
         incarnation = body.get("incarnation")
         if settled and isinstance(incarnation, str):  # no gap left in the dedupe window: the actor never resends them
             self.buffer.mark_seen((actor, incarnation), [seq for seq in settled if type(seq) is int and seq >= 0])
-        budget = int(self.config.broker.memory_budget_mb * (1 << 20))
-        acked, refused, new, clashed = self.buffer.admit(good, self.config.broker.credits_per_actor, self._byte_budget(), budget)
+        acked, refused, new, clashed = self.buffer.admit(
+            good, self.config.broker.credits_per_actor, self._byte_budget(), self._memory_budget()
+        )
         for seq in clashed:
             self._reject(ProtocolError("bad_sample", f"sample {seq}: its group already holds a sample of that index", seq))
             rejected.append([seq, "bad_sample"])
@@ -330,9 +331,13 @@ class Broker:
     def _credits(self, actor: str) -> int:
         return self.buffer.credits(actor, self.config.broker.credits_per_actor, self._byte_budget())
 
+    def _memory_budget(self) -> int:
+        """Sample bytes all actors together may have buffered here."""
+        return int(self.config.broker.memory_budget_mb * (1 << 20))
+
     def _byte_budget(self) -> int:
         """Each actor's share of the memory budget."""
-        return int(self.config.broker.memory_budget_mb * (1 << 20)) // self.config.actor.count  # all together: `admit`
+        return self._memory_budget() // self.config.actor.count
 
     def _note_actor(self, body: dict[str, Any]) -> str:
         actor = _actor_id(body)
