@@ -140,8 +140,7 @@ def _file_record(row: dict[str, Any], index: int, data: DatasetSection) -> Recor
 def _field_text(value: Any, field: str, index: int, data: DatasetSection) -> str:
     """A question or answer as text; an empty one (null, NaN, "") is refused by name: as "None" or "nan" it was
     trained on, and a reply of \\boxed{None} scored as correct."""
-    text = "" if value is None or value != value else str(value).strip()  # value != value: NaN
-    if not text:
+    if value is None or value != value or not str(value).strip():  # value != value: NaN
         raise TaskError(f"{data.path} record {index} has an empty {field!r} ({value!r})")
     return str(value)
 
