@@ -18,7 +18,7 @@ import sys
 
 from protocol.config import RunConfig, SlurmComponent, SlurmNodes
 from protocol.errors import ConfigError
-from scripts.supervisor import GRACE_S, ROOT, prepare_run_dir
+from scripts.supervisor import GRACE_S, ROOT, absolute_paths, prepare_run_dir
 
 COMPONENTS = ("broker", "learner", "actor")
 """Het group N runs COMPONENTS[N]; scripts/slurm_role.py relies on this order."""
@@ -142,8 +142,8 @@ def render_sbatch(config: RunConfig, resume: bool = False) -> str:
 
 def submit(config: RunConfig, resume: bool = False, dry_run: bool = False) -> int:
     """Write `<run dir>/job.sbatch` and submit it (or print it with `dry_run`); return an exit code."""
-    run_dir = config.run.dir.resolve()
-    config.run.dir = run_dir
+    absolute_paths(config)  # as prepare_run_dir will write them, for the dry run too
+    run_dir = config.run.dir
     try:
         script = render_sbatch(config, resume)
     except ConfigError as err:

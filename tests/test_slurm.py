@@ -79,6 +79,7 @@ def test_paths_and_values_slurm_would_split_reach_it_whole(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (['slurm.job_name=grpo "v2"'], "job-name 'grpo \"v2\"': a Slurm batch option cannot hold a double quote"),
         (["learner.world_size=3", "slurm.learner.nodes=2"], "learner.world_size = 3 does not split evenly over 2 nodes"),
         (["actor.count=4", "slurm.actors.gpus_per_node=2"], "actor.count = 4 needs 4 tasks per node but there are 2 GPUs per node"),
     ],
