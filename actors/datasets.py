@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ MATH_SUBJECTS = (
     "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
     "number_theory", "prealgebra", "precalculus",
 )  # fmt: skip
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 @dataclass(frozen=True)
@@ -57,18 +59,15 @@ def load_dataset_records(data: DatasetSection) -> list[Record]:
 
 
 def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if there is none."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[brace + 1 : i]
+    """The contents of the last complete \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if there is none.
+
+    A box cut off by the token limit, or one without a brace, is passed over for an earlier complete one."""
+    for opening in reversed(list(_BOX.finditer(text))):
+        depth = 0
+        for i in range(opening.end() - 1, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[opening.end() : i]
     return None
 
 

@@ -6,13 +6,14 @@ import re
 
 import numpy as np
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")  # 1,234 is one number; "3,4" is two
 _BARE_NUMBER = re.compile(r"\s*-?\d+\s*")
 
 
 def last_number(text: str) -> str | None:
-    found = _NUMBER.findall(text.replace(",", ""))
-    return found[-1] if found else None
+    """The last number in `text`, thousands separators dropped ("1,234" is 1234; in "3,4" it is 4)."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
 
 
 def exact_answer(text: str, answer: int, format_reward: float = 0.0) -> tuple[float, bool]:

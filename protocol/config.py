@@ -140,6 +140,10 @@ class SamplingSection(Section):
     """Extra requests per prompt: the first group_size to finish form the group, the rest are cancelled (stragglers)."""
 
 
+_LOOPBACK = {"localhost": "127.0.0.1", "[::1]": "127.0.0.1"}
+_WILDCARD = {"0.0.0.0", "*", "[::]"}
+
+
 class EndpointsSection(Section):
     broker: str = "127.0.0.1:5555"
     """host:port the broker binds and every other role connects to."""
@@ -153,6 +157,15 @@ class EndpointsSection(Section):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected host:port, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _apart(self) -> EndpointsSection:
+        """The broker and the learner's weight server cannot both listen on one port of one host."""
+        (broker_host, _, broker_port), (weights_host, _, weights_port) = (e.rpartition(":") for e in (self.broker, self.weights))
+        hosts = {_LOOPBACK.get(broker_host, broker_host), _LOOPBACK.get(weights_host, weights_host)}
+        if broker_port == weights_port and (len(hosts) == 1 or hosts & _WILDCARD):
+            raise ValueError(f"endpoints.broker ({self.broker}) and endpoints.weights ({self.weights}) name the same port")
+        return self
 
 
 class CurveSection(Section):
@@ -329,6 +342,8 @@ class EvalSection(Section):
 
     @model_validator(mode="after")
     def _k_fits(self) -> EvalSection:
+        if not self.samples and self.k != [1]:
+            raise ValueError(f"eval.k = {self.k} needs sampled completions: set eval.samples to at least {max(self.k, default=1)}")
         if self.samples and (not self.k or min(self.k) < 1 or max(self.k) > self.samples):
             raise ValueError(f"eval.k must lie in 1..eval.samples ({self.samples}), got {self.k}")
         return self

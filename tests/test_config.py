@@ -265,8 +265,21 @@ def test_bad_endpoint_names_the_key(override, key):
 @pytest.mark.parametrize("value", ["localhost:1", "10.0.0.2:65535", "node-7.cluster:6000", "[::1]:5555"])
 def test_good_endpoints(value):
     raw = f"'{value}'" if value.startswith("[") else value  # an unquoted [ starts a YAML list
-    config = load_config(None, [f"endpoints.broker={raw}", f"endpoints.weights={raw}"])
-    assert config.endpoints.broker == value and config.endpoints.weights == value
+    other = value.rpartition(":")[0] + ":7"
+    config = load_config(None, [f"endpoints.broker={raw}", f"endpoints.weights={other if raw == value else repr(other)}"])
+    assert config.endpoints.broker == value and config.endpoints.weights == other
+
+
+@pytest.mark.parametrize("broker, weights", [("127.0.0.1:6000", "127.0.0.1:6000"), ("localhost:6000", "127.0.0.1:6000"),
+                                             ("0.0.0.0:6000", "10.0.0.2:6000"), ("node-1:6000", "node-1:6000")])  # fmt: skip
+def test_broker_and_weights_on_one_port_is_an_error(broker, weights):
+    message = config_error(None, [f"endpoints.broker={broker}", f"endpoints.weights={weights}"])
+    assert "name the same port" in message, message
+
+
+def test_one_port_on_two_hosts_is_fine():
+    config = load_config(None, ["endpoints.broker=node-1:6000", "endpoints.weights=node-2:6000"])
+    assert config.endpoints.weights == "node-2:6000"
 
 
 # --------------------------------------------------------------------------- cross-field checks

@@ -126,6 +126,9 @@ def test_math_all_subjects_or_one():
     ("\\boxed{1} then \\boxed{{2}+1}", "{2}+1"),
     ("\\fbox{7}", "7"),
     ("\\boxed{unclosed", None),
+    ("\\boxed{5}, or rather \\boxed{6", "5"),  # the last box cut off by the token limit
+    ("\\boxed 5 and then {x}", None),  # no brace after the box: not a later, unrelated one
+    ("\\boxed {7}", "7"),
     ("no box", None),
 ])  # fmt: skip
 def test_last_boxed(text, inner):

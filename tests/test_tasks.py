@@ -29,6 +29,8 @@ def test_exact_answer(text, answer, reward, correct):
 
 def test_last_number():
     assert last_number("a 1.5 b 2") == "2" and last_number("x") is None
+    assert last_number("she paid $1,234.50") == "1234.50" and last_number("-12,000,000 left") == "-12000000"
+    assert last_number("the pairs 3,4") == "4" and last_number("1,2345") == "2345"
 
 
 def test_token_range():
