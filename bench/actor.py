@@ -27,7 +27,7 @@ from actors.worker import Actor
 from broker.server import Broker
 from protocol.config import load_config
 from protocol.models import resolve_model, vocab_size
-from protocol.transport import Client, free_port
+from protocol.transport import Client, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,11 +84,12 @@ def main() -> None:
     if args.quick:
         args.model, args.groups, args.repeats = "builtin:tiny-random", 8, 1
     model_dir = resolve_model(args.model)
+    broker, weights = free_ports(2)
     config = load_config(ROOT / "configs" / "default.yaml", [
         # credits for exactly the measured samples: the actor admits them all at once and nothing more
         f"model.path={args.model}", f"actor.groups_in_flight={args.groups}", f"broker.credits_per_actor={args.groups * 8}",
         "sampling.group_size=8",
-        f"endpoints.broker=127.0.0.1:{free_port()}", f"endpoints.weights=127.0.0.1:{free_port()}",
+        f"endpoints.broker=127.0.0.1:{broker}", f"endpoints.weights=127.0.0.1:{weights}",
     ])  # fmt: skip
     from transformers import AutoTokenizer
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from protocol.transport import free_port
+from protocol.transport import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 # Longer completions than the test config, so generation is a good part of a synchronous step (about a third).
@@ -46,9 +46,10 @@ BASE = ["sampling.max_tokens=48", "train.groups_per_step=4", "broker.credits_per
 
 def run(steps: int, actors: int, mode: list[str], workdir: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    broker, weights = free_ports(2)  # two apart: one port for both is a config error
     cmd = [sys.executable, str(ROOT / "launch.py"), "--role", "all", "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"run.dir={run_dir}", f"train.steps={steps}", f"actor.count={actors}", *mode,
-           f"endpoints.broker=127.0.0.1:{free_port()}", f"endpoints.weights=127.0.0.1:{free_port()}", *BASE]  # fmt: skip
+           f"endpoints.broker=127.0.0.1:{broker}", f"endpoints.weights=127.0.0.1:{weights}", *BASE]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     if result.returncode != 0:  # the run's directory stays, to be looked into
         raise RuntimeError(f"run failed ({result.returncode}), logs in {run_dir}: {result.stdout[-2000:]}")
