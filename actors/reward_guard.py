@@ -47,8 +47,8 @@ class GuardedReward:
 
     def __call__(self, completion: str, gold: str) -> tuple[float, bool]:
         self.calls += 1
-        if self.process is None and not self._start():
-            return self._fail("error", f"the reward process did not start within {START_TIMEOUT_S:g} s", restart=True)
+        if self.process is None and (why := self._start()) is not None:
+            return self._fail("error", why, restart=True)
         try:
             self.conn.send((completion, gold))
             if not self.conn.poll(self.timeout_s):
@@ -67,8 +67,8 @@ class GuardedReward:
             self.conn.close()
             self.process = self.conn = None
 
-    def _start(self) -> bool:
-        """Start the child; False if it died or did not import its function within `START_TIMEOUT_S`."""
+    def _start(self) -> str | None:
+        """Start the child; why not, if it died or did not import its function within `START_TIMEOUT_S`."""
         ctx = mp.get_context("spawn")  # never fork a process that holds vLLM's threads
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, self.args), daemon=True, name="reward")
@@ -76,9 +76,14 @@ class GuardedReward:
         child.close()
         self.conn = parent
         try:
-            return parent.poll(START_TIMEOUT_S) and parent.recv() == "ready"
-        except (EOFError, OSError):  # it died starting (an import that kills the interpreter, say)
-            return False
+            if not parent.poll(START_TIMEOUT_S):
+                return f"the reward process did not start within {START_TIMEOUT_S:g} s"
+            if parent.recv() == "ready":
+                return None
+        except (EOFError, OSError):  # it died starting (an import that raises or kills the interpreter, say)
+            pass
+        self.process.join(5)
+        return f"the reward process died while starting (exit code {self.process.exitcode}; its traceback is in this log)"
 
     def _fail(self, kind: str, detail: str, restart: bool) -> tuple[float, bool]:
         self.failures[kind] += 1
