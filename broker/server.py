@@ -41,6 +41,7 @@ from protocol.wire import decode, encode_samples, samples_from
 
 log = logging.getLogger("broker")
 ACTOR_TTL_S = 30.0  # an actor silent this long no longer counts as live in the stats
+FORGET_AFTER_S = 600.0  # an actor silent this long leaves the stats (they ride along in every batch to the learner)
 COUNTERS = ("messages", "received", "acked", "refused_no_credit", "batches_resent", "consumed", "consumed_batches", "unreachable")
 Owner = tuple[str, str]  # (actor id, incarnation)
 PARKED = "parked"  # internal: a GET_BATCH with wait_ms waits for its batch instead of polling
@@ -98,6 +99,7 @@ class Broker:
                     self.guard.poll()
                 if time.monotonic() - last_tick > 1.0:
                     self._expire_silent()
+                    self._forget_departed()
                     self.write_stats()
                     last_tick = time.monotonic()
         except LogWriteError:
@@ -368,6 +370,17 @@ class Broker:
                     log.warning("actor %s (incarnation %s) silent for %.0f s: %d samples of partial groups expired", *owner, now - seen, expired)
         if expired := self.buffer.expire_incomplete(now - ttl):
             log.warning("%d samples of groups still incomplete %.0f s after their first sample expired", expired, ttl)
+
+    def _forget_departed(self) -> None:
+        """Drop what is kept per actor id for ids silent for `FORGET_AFTER_S`: elastic actors that left, restarted
+        ones under new ids, made-up ids would otherwise grow it for good. Their last counters go to the log."""
+        now = time.monotonic()
+        for actor in [a for a, seen in self.actor_seen.items() if now - seen > FORGET_AFTER_S]:
+            del self.actor_seen[actor]
+            self.actor_rates.pop(actor, None)
+            self.stopped_actors.discard(actor)
+            counters = self.actor_counters.pop(actor, None)
+            log.info("actor %s silent for %.0f s: dropped from the stats; its last counters: %s", actor, FORGET_AFTER_S, counters)
 
     def _retired(self, samples: list[Sample], why: str) -> None:
         if self.log is not None:

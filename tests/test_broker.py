@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from broker.server import Broker
+from broker.server import FORGET_AFTER_S, Broker
 from protocol import messages as m
 from protocol.config import load_config
 from protocol.errors import PeerRefused
@@ -310,6 +310,21 @@ def test_counters_the_stats_could_not_hold_are_refused_and_the_broker_keeps_serv
     time.sleep(1.5)  # the broker writes its stats every second
     assert client.request(m.PING, {"actor_id": "a0", "counters": {"groups_sent": 3}})[0] == m.STATUS
     assert server.stats()["actor_counters"] == {"a0": {"groups_sent": 3}}
+
+
+def test_actors_silent_for_long_leave_the_stats(broker):
+    """Per-actor maps were never pruned, and they ride along in every batch to the learner: ids that come
+    and go (elastic actors, restarts, made-up ids) grew them for good."""
+    server, endpoint = broker
+    client = Client(endpoint, "actor")
+    for actor in ("a0", "gone"):
+        client.request(m.PING, {"actor_id": actor, "counters": {"groups_sent": 1}, "gen_tokens_per_s": 5.0})
+    server.actor_seen["gone"] -= FORGET_AFTER_S + 1
+    wait_for(lambda: "gone" not in server.stats()["actor_counters"], 5, "the silent actor to be dropped")
+    assert server.stats()["actor_counters"] == {"a0": {"groups_sent": 1}}
+    assert "gone" not in server.actor_seen and "gone" not in server.actor_rates
+    client.request(m.PING, {"actor_id": "gone", "counters": {"groups_sent": 2}})  # back again: known again
+    assert server.stats()["actor_counters"]["gone"] == {"groups_sent": 2}
 
 
 def test_finish_tells_actors_to_stop(broker):
