@@ -41,11 +41,15 @@ def keygen(keys_dir: Path, client: str = "client") -> None:
     """Create the server pair (once), the client pair `client`, and allow that client.
 
     Secret files are never readable by others, not even while they are written (umask 077);
-    a client may not be named `server` (it would replace the server's pair) nor name a path.
+    a client may not be named `server` (it would replace the server's pair) nor name a path, and an
+    existing client pair is never replaced (the hosts holding it would be locked out).
     """
     if not CLIENT_NAME.fullmatch(client) or client == "server":
         raise ConfigError(f"CURVE client name {client!r}: use letters, digits, '_', '-' or '.', not starting with '.', and not 'server'")
     keys_dir = Path(keys_dir)
+    if (keys_dir / f"{client}.key_secret").exists():
+        raise ConfigError(f"{keys_dir / client}.key_secret exists: hosts holding that pair would be locked out if it were "
+                          f"replaced; name another client (`launch.py keygen {keys_dir} NAME`) or delete the pair first")  # fmt: skip
     old_umask = os.umask(0o077)
     try:
         (keys_dir / "allowed").mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,17 @@ def test_keygen_writes_server_and_client_pairs_and_the_allow_list(tmp_path, caps
     assert keygen_main([]) == 2
 
 
+def test_keygen_never_replaces_a_client_pair(tmp_path, capsys):
+    """Running it again replaced the client pair, locking out every host holding the old one."""
+    keys = tmp_path / "k"
+    assert keygen_main([str(keys)]) == 0
+    before = (keys / "client.key_secret").read_bytes(), (keys / "server.key_secret").read_bytes()
+    assert keygen_main([str(keys)]) == 2 and "client.key_secret exists" in capsys.readouterr().out
+    assert keygen_main([str(keys), "actor-3"]) == 0  # another client, under the same server pair
+    assert ((keys / "client.key_secret").read_bytes(), (keys / "server.key_secret").read_bytes()) == before
+    assert sorted(p.name for p in (keys / "allowed").iterdir()) == ["actor-3.key", "client.key"]
+
+
 def test_keygen_writes_secrets_no_one_else_can_read_at_any_time_and_refuses_names_that_would_harm(tmp_path, monkeypatch):
     """Found by a helper's hunt: secrets were written with the umask's 0644 and made private only at the end;
     `keygen DIR server` replaced the server's pair, and a name with `..` wrote outside DIR."""
