@@ -92,7 +92,7 @@ def srun_line(group: int, log: str, component: SlurmComponent, role_cmd: str, ex
     name = COMPONENTS[group]
     return (
         f'{"env " + env if env else ""}srun --het-group={group} --kill-on-bad-exit=1 --open-mode=append '
-        f'--output="$RUN/logs/{log}" {role_cmd} {name}{extra} &\n{name}=$!'
+        f'--output="$LOGS/{log}" {role_cmd} {name}{extra} &\n{name}=$!'
     )
 
 
@@ -108,10 +108,11 @@ def sbatch_value(option: str, value: object) -> str:
 def render_sbatch(config: RunConfig, resume: bool = False) -> str:
     """The batch script for this run; `config.run.dir` must be absolute (prepare_run_dir makes it so)."""
     slurm, run_dir = config.slurm, config.run.dir
+    logs = f"{run_dir}/logs".replace("%", "%%")  # Slurm expands % in --output (%j: the job id); %% is a plain %
     learner_per_node = tasks_per_node(config.learner.world_size, slurm.learner, "learner.world_size")
     actor_per_node = tasks_per_node(config.actor.count, slurm.actors, "actor.count")
     header = [sbatch_value("job-name", slurm.job_name), sbatch_value("time", slurm.time),
-              sbatch_value("output", f"{run_dir}/logs/slurm-%j.out"), "--open-mode=append", "--requeue"]  # fmt: skip
+              sbatch_value("output", f"{logs}/slurm-%j.out"), "--open-mode=append", "--requeue"]  # fmt: skip
     if slurm.account:
         header.append(sbatch_value("account", slurm.account))
     role_cmd = f"{shlex.quote(sys.executable)} -m scripts.slurm_role --config \"$RUN/config.yaml\""
@@ -132,6 +133,7 @@ def render_sbatch(config: RunConfig, resume: bool = False) -> str:
         "export PYTHONUNBUFFERED=1",
         *slurm.setup,
         f"RUN={shlex.quote(str(run_dir))}",
+        f"LOGS={shlex.quote(logs)}",
         srun_line(0, "broker.log", slurm.broker, role_cmd),
         srun_line(1, learner_log, slurm.learner, role_cmd, " --resume" if resume else ""),
         srun_line(2, "actor-%t.log", slurm.actors, role_cmd),

@@ -76,6 +76,20 @@ def test_paths_and_values_slurm_would_split_reach_it_whole(tmp_path, capsys):
     assert env.stdout.strip() == "^docker0,lo"
 
 
+def test_a_percent_sign_in_the_run_folder_is_not_a_slurm_pattern(tmp_path, capsys):
+    """Slurm expands % in --output (%j is the job id), so logs of a run folder named "lr_5%" went elsewhere."""
+    run_dir = tmp_path / "lr_5%j"
+    argv = ["--role", "all", "--launcher", "slurm", "--dry-run", "--config", str(ROOT / "configs" / "tiny.yaml"), f"run.dir={run_dir}"]
+    assert launch.main(argv) == 0
+    script = capsys.readouterr().out
+    assert f"--output={tmp_path}/lr_5%%j/logs/slurm-%j.out" in sbatch_groups(script)[0]
+    lines = script.splitlines()
+    srun = next(line for line in lines if "--het-group=1" in line).replace("srun ", "echo ", 1).split(" &")[0]
+    variables = [line for line in lines if line.startswith(("RUN=", "LOGS="))]
+    shown = subprocess.run(["bash", "-c", "\n".join([*variables, srun])], capture_output=True, text=True)
+    assert f"--output={tmp_path}/lr_5%%j/logs/learner.log" in shown.stdout.split(), shown
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
