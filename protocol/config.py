@@ -61,6 +61,8 @@ class DatasetSection(Section):
                 raise ValueError(f"task.dataset.path {self.path} does not exist")
         elif self.path is not None:
             raise ValueError(f"task.dataset.path is not used by source {self.source}")
+        if self.split is not None and self.source not in ("hf_disk", "math"):
+            raise ValueError(f"task.dataset.split is not used by source {self.source} (only hf_disk and math)")
         return self
 
 

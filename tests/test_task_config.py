@@ -30,6 +30,7 @@ def test_defaults():
     ("task.reward.timeout_s=0", "task.reward.timeout_s: Input should be greater than 0"),
     ("task.name=gsm8k", "task.name: Input should be 'arithmetic', 'token_range', 'dataset' or 'reasoning_gym'"),
     ("task.dataset.path=/tmp", "task.dataset: Value error, task.dataset.path is not used by source gsm8k"),
+    ("task.dataset.split=train", "task.dataset: Value error, task.dataset.split is not used by source gsm8k (only hf_disk and math)"),
     ("eval.split=test", "eval.split: Input should be 'all', 'heldout' or 'train'"),
 ])  # fmt: skip
 def test_named_errors(override, message):
