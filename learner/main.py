@@ -151,7 +151,7 @@ def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Even
                 weights.publish(version, first_weights)
                 log.info("resumed from %s at policy version %d", checkpoint or model_dir, version)
             source = BatchSource(client, config.train.groups_per_step, start.batch_id)
-            with MetricsLog(run_dir, config.run.tensorboard) as metrics:
+            with MetricsLog(run_dir, config.run.tensorboard, start.step) as metrics:
                 step = train_loop(config, trainer, source, weights, metrics, run_dir, model_dir, start.step, version, stop)
             log.info("stopped at step %d; checkpoints in %s", step, run_dir / "checkpoints")
             if step >= config.train.steps:  # a learner stopped early may be resumed: actors keep waiting for it
@@ -206,7 +206,7 @@ def train_loop(
 
     `source` etc. are None off the main rank.
     """
-    started, every, backend = time.time(), config.train.checkpoint_every, trainer.backend
+    started, every, backend = time.time() - (metrics.elapsed_before if metrics else 0.0), config.train.checkpoint_every, trainer.backend
     for step in range(done + 1, config.train.steps + 1):
         got = source.next(version, stop) if source else None
         groups = backend.share(got[0] if got else None)

@@ -76,6 +76,7 @@ def test_resumed_learner_matches_an_uninterrupted_run(tmp_path, endpoints, ranks
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r["reward_mean"] for r in resumed] == [r["reward_mean"] for r in straight]
+    assert [r["time"] for r in resumed] == sorted(r["time"] for r in resumed), "time starts again at 0 after a resume"
     assert steps_done(tmp_path / "resumed") == STEPS
     for name, tensor in straight_weights.items():
         assert np.array_equal(tensor, resumed_weights[name]), name
