@@ -123,7 +123,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         per_token = max(totals.tokens, 1)
         return {
-            "loss": loss,
+            "loss": loss / max(updates, 1),  # each update's loss is a token mean already: their mean, not their sum
             "grad_norm": grad_norm,
             "optimizer_steps": updates,
             "is_weight_mean": totals.is_weight_sum / per_token,

@@ -44,6 +44,23 @@ def test_step_raises_logprob_of_rewarded_samples(tiny_model_dir, updates):
     assert metrics["completion_tokens"] == 2 * 4 * 6
 
 
+def test_the_logged_loss_is_a_mean_over_updates_not_their_sum(tiny_model_dir):
+    """Found by a helper's hunt: with U updates per step the logged loss was U times the loss (U token means added)."""
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model, num_groups=4, seed=3)
+    for group in groups:  # every group has a signal, so every update trains
+        for i, s in enumerate(group):
+            s.reward = float(i % 2)
+    losses = {}
+    for updates in (1, 2, 4):
+        config = load_config(None, ["train.lr=1e-12", "train.warmup_steps=0", "loss.correction=none", "loss.entropy_coef=0.1",
+                                    f"train.updates_per_step={updates}", "train.micro_batch_size=16"])  # fmt: skip
+        metrics = Trainer(load_model(tiny_model_dir), config).step(groups, 0)
+        assert metrics["optimizer_steps"] == updates
+        losses[updates] = metrics["loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=0.05) and losses[4] == pytest.approx(losses[1], rel=0.05), losses  # lr 1e-12: one model
+
+
 def test_zero_advantage_groups_are_skipped_without_changing_the_update(tiny_model_dir):
     """The trainer skips a flat group's forward pass; a full forward over every sample gives the same weights."""
     config = load_config(None, ["train.lr=0.01"])
