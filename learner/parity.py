@@ -71,7 +71,7 @@ def parity_stats(learner: Tensor, behavior: Tensor, mask: Tensor) -> ParityStats
         abs_diff_sum=log_ratio.abs().sum(),
         abs_diff_max=log_ratio.abs().max(),
         kl_sum=(ratio - 1 - log_ratio).sum(),
-        outside_band=((ratio < low) | (ratio > high)).sum(),
+        outside_band=(~((ratio >= low) & (ratio <= high))).sum(),  # a NaN ratio is outside too
     )
 
 

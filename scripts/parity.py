@@ -8,6 +8,7 @@ exits non-zero when the mean absolute difference exceeds `--tolerance`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,23 @@ def run_parity(config: RunConfig, model_dir: Path, prompts: int, tolerance: floa
     groups = generate(engine, task, prompts, config.sampling.group_size)
     per_group = compare(load_model(model_dir).eval(), groups, config.sampling.temperature)
     console.print(table(per_group))
-    mean = sum(per_group, ParityStats()).metrics()["parity_logprob_diff_mean"]
-    if mean > tolerance:
-        console.print(f"[bold red]parity check failed:[/] mean |Δ logp| {mean:.2e} > tolerance {tolerance:.2e}")
+    overall = sum(per_group, ParityStats()).metrics()
+    failure = why_failed(overall, tolerance)
+    if failure is not None:
+        console.print(f"[bold red]parity check failed:[/] {failure}")
         return 1
-    console.print(f"parity ok: mean |Δ logp| {mean:.2e} <= tolerance {tolerance:.2e}")
+    console.print(f"parity ok: mean |Δ logp| {overall['parity_logprob_diff_mean']:.2e} <= tolerance {tolerance:.2e}")
     return 0
+
+
+def why_failed(metrics: dict[str, float], tolerance: float) -> str | None:
+    """Why the parity `metrics` fail the check, or None. NaN compares false with any tolerance, so
+    non-finite log-probs (an fp16 overflow, the very fault this check is for) are caught by name."""
+    mean, largest = metrics["parity_logprob_diff_mean"], metrics["parity_logprob_diff_max"]
+    if not metrics["parity_tokens"]:
+        return "no tokens were compared"
+    if not (math.isfinite(mean) and math.isfinite(largest)):
+        return f"mean |Δ logp| {mean:.2e}, max {largest:.2e}: the engine's or the learner's log-probs are not finite"
+    if mean > tolerance:
+        return f"mean |Δ logp| {mean:.2e} > tolerance {tolerance:.2e}"
+    return None

@@ -15,7 +15,7 @@ from learner.main import load_model
 from learner.parity import ParityStats, parity_stats
 from learner.trainer import Trainer
 from protocol.config import load_config
-from scripts.parity import compare, generate
+from scripts.parity import compare, generate, why_failed
 from tests.conftest import ROOT
 from tests.helpers import make_groups
 
@@ -105,6 +105,19 @@ def test_parity_flags_a_weight_corrupted_on_the_engine_only(tiny_model_dir):
     flagged = sum(compare(learner, generate(engine, task, 3, 4), 1.0), ParityStats()).metrics()
     assert flagged["parity_logprob_diff_mean"] > 100 * max(clean["parity_logprob_diff_mean"], 1e-5)
     assert flagged["parity_kl"] > 1e-3
+
+
+def test_non_finite_logprobs_fail_the_check(model):
+    """Found by a helper's hunt: a NaN mean compares false with the tolerance, so NaN engine log-probs passed."""
+    groups = make_groups(model)
+    for s in groups[0]:
+        s.behavior_logprobs = s.behavior_logprobs * float("nan")
+    stats = sum(compare(model.eval(), groups, 1.0), ParityStats()).metrics()
+    assert stats["parity_ratio_outside_frac"] == pytest.approx(len(groups[0]) / sum(map(len, groups)))  # NaN ratios lie outside
+    assert "not finite" in why_failed(stats, tolerance=0.01)
+    assert why_failed({**stats, "parity_tokens": 0}, 0.01) == "no tokens were compared"
+    clean = sum(compare(model.eval(), groups[1:], 1.0), ParityStats()).metrics()
+    assert why_failed(clean, tolerance=10.0) is None and "> tolerance" in why_failed(clean, tolerance=0.0)
 
 
 @pytest.mark.slow
