@@ -177,10 +177,22 @@ class FSDPBackend(Backend):
     def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, _keyed_by_name(state, model), options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
         dist.destroy_process_group()
+
+
+def _keyed_by_name(state: dict, model: torch.nn.Module) -> dict:
+    """An optimizer state keyed by parameter index (what a one-process learner saves) keyed by parameter name,
+    as FSDP's loader reads it (a one-process checkpoint resumed on several ranks raised KeyError 'state.0.step').
+    The optimizer was built from `model.parameters()`, whose order `named_parameters()` shares."""
+    groups = state["param_groups"]
+    if not any(type(p) is int for group in groups for p in group["params"]):
+        return state
+    names = [name for name, _ in model.named_parameters()]
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in groups]}  # fmt: skip
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -12,6 +12,7 @@ import torch
 from safetensors.numpy import load_file
 
 from learner.backend import FSDPBackend
+from learner.checkpoint import restore_trainer, save_checkpoint
 from learner.main import load_model
 from learner.trainer import Trainer
 from protocol.config import LearnerSection, load_config
@@ -162,6 +163,38 @@ def _updates_on_rank(rank: int, port: int, model_dir, results) -> None:
 
 
 UPDATES = ["train.updates_per_step=4", "train.micro_batch_size=2", "train.lr=0.001"]
+
+
+def _resume_on_rank(rank: int, port: int, checkpoint, results) -> None:
+    """One FSDP rank: resume from a one-process checkpoint; rank 0 reports the gathered Adam state against the saved one."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    backend = FSDPBackend(LearnerSection(world_size=2))
+    try:
+        trainer = Trainer(backend.wrap(load_model(checkpoint)), load_config(None, UPDATES), None, backend)
+        restored = restore_trainer(trainer, checkpoint)
+        gathered = backend.optimizer_state(trainer.model, trainer.optimizer).get("state")  # collective; rank 0 holds it
+        if rank == 0:
+            saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]["state"]
+            names = [name for name, _ in load_model(checkpoint).named_parameters()]
+            same = all(torch.equal(gathered[names[i]][key], value) for i, moments in saved.items() for key, value in moments.items())
+            results.put({"restored": tuple(restored), "same": same, "count": len(gathered)})
+        else:
+            results.put({"restored": tuple(restored)})
+    finally:
+        backend.close()
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tiny_model_dir, tmp_path):
+    """Found by a helper's hunt: a one-process learner saves its optimizer state keyed by parameter index, FSDP's
+    loader wants names: a run resumed with more ranks failed on every rank with KeyError 'state.0.step'."""
+    trainer = Trainer(load_model(tiny_model_dir), load_config(None, UPDATES))
+    trainer.step(make_groups(trainer.model, num_groups=3, n=4))
+    checkpoint = save_checkpoint(tmp_path, 1, trainer, tiny_model_dir, batch_id=3)
+    got = on_two_ranks(_resume_on_rank, checkpoint)
+    assert all(rank["restored"] == (1, 1, 3) for rank in got)
+    main = next(rank for rank in got if "same" in rank)
+    assert main["same"] and main["count"] == len(list(trainer.model.parameters()))
 
 
 def test_several_updates_per_step_on_two_ranks_match_one_rank(tiny_model_dir):
