@@ -16,6 +16,7 @@ from protocol.errors import ConfigError
 from protocol.sample import WIRE_ITEM_BYTES
 
 UserPath = Annotated[Path, AfterValidator(Path.expanduser)]  # `~/data` means the user's home, as in a shell
+MIN_TEMPERATURE = 0.01  # vLLM samples a lower one at 0.01 (sampling_params.py), while the learner would divide by it
 
 
 class Section(BaseModel):
@@ -137,7 +138,7 @@ class TaskSection(Section):
 class SamplingSection(Section):
     group_size: int = Field(4, ge=2)
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE)
     oversample: int = Field(0, ge=0)
     """Extra requests per prompt: the first group_size to finish form the group, the rest are cancelled (stragglers)."""
 
@@ -333,7 +334,7 @@ class EvalSection(Section):
     """Sampled completions per problem for pass@k (0: greedy only)."""
     k: list[int] = [1]
     """pass@k values to report from the samples (each k <= samples)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE)
     """For the sampled completions; pass@1 greedy always uses temperature 0."""
     max_tokens: int = Field(512, ge=1)
     out: UserPath | None = None

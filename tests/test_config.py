@@ -176,6 +176,9 @@ def test_every_offending_key_is_named(tmp_path):
         ("run.log_level=LOUD", "run.log_level"),
         ("sampling.group_size=1", "sampling.group_size"),
         ("train=5", "train"),
+        # found by a helper's hunt: vLLM samples below 0.01 at 0.01, the learner divided by the configured value
+        ("sampling.temperature=0.005", "sampling.temperature"),
+        ("eval.temperature=0.001", "eval.temperature"),
         # found by a helper's hunt: `.inf` ("no limit") passed, then raised OverflowError in the config's own check
         # or in every reward call; a deadline past a day overflowed the pipe's poll
         ("broker.memory_budget_mb=.inf", "broker.memory_budget_mb"),
