@@ -66,7 +66,8 @@ class CudaIpcWeightClient(WeightClient):
 
 class NcclWeightClient(WeightClient):
     def __init__(self, endpoint: str, identity: str, timeout_s: float = 600.0, curve_dir: Path | None = None) -> None:
-        super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir)
+        # the learner answers once every actor has asked: the reply may take as long as a transfer
+        super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir, reply_timeout_s=timeout_s)
         self.comm = self._join()
 
     def _join(self) -> Any:

@@ -49,6 +49,7 @@ MESSAGE_SLACK = 16 << 10  # a samples message's header beyond its samples' metad
 IDLE_POLL_S = 0.05
 LONG_PROMPTS_IN_A_ROW = 100  # problems skipped for length with none started between: the config, not the data
 HEARTBEAT_S = 2.0  # a busy actor pings this often: the broker, once the learner finished, waits 15 s for actors
+FETCH_BACKOFF_S = (1.0, 30.0)  # after a failed weight fetch, wait this long before the next (doubling up to the second)
 ACK_TIMEOUT_S = 10.0  # a broker reply later than this is given up on (what it would have acknowledged is resent)
 ACTOR_COUNTERS = ("groups_started", "groups_sent", "samples_sent", "sample_messages", "broker_refusals", "dropped_groups",
                   "aborted_stale_groups", "oversample_cancelled", "rejected_samples", "skipped_long_prompts")  # fmt: skip
@@ -100,11 +101,12 @@ class Actor:
         self.in_flight = config.actor.weight_update == "in_flight"
         self.last_heard = 0.0
         self.ping_rid = -1  # the heartbeat's request, while it awaits its reply
+        self.fetch_after, self.fetch_backoff = 0.0, FETCH_BACKOFF_S[0]  # failed fetches are retried later, not every turn
 
     def run(self, stop: threading.Event) -> None:
         self._call(m.HELLO, {})
         while not stop.is_set() and not self.stop_requested:
-            if self.broker_version > self.version and (self.in_flight or not self.engine.busy):
+            if self.broker_version > self.version and (self.in_flight or not self.engine.busy) and time.monotonic() >= self.fetch_after:
                 self._update_weights()
             self._admit()
             if self.engine.busy:
@@ -387,9 +389,11 @@ class Actor:
         try:
             fetched = self.weights.fetch(self.version)
         except WeightTransferError as err:  # counted by the receiver; the old weights stay in place
-            log.warning("%s: weight transfer failed, keeping v%d: %s", self.actor_id, self.version, err)
-            time.sleep(IDLE_POLL_S)
+            log.warning("%s: weight transfer failed, keeping v%d, next try in %.0f s: %s", self.actor_id, self.version, self.fetch_backoff, err)
+            # a learner that is gone must not hold the engine once per loop turn (in flight it keeps generating)
+            self.fetch_after, self.fetch_backoff = time.monotonic() + self.fetch_backoff, min(2 * self.fetch_backoff, FETCH_BACKOFF_S[1])
             return
+        self.fetch_backoff = FETCH_BACKOFF_S[0]
         if fetched is None:
             return
         version, state_dict = fetched

@@ -12,6 +12,7 @@ import pytest
 from actors import worker
 from actors.engine import Completion
 from actors.tasks import Problem, TokenRangeTask
+from actors.weights import WeightClient
 from actors.worker import HEARTBEAT_S, Actor, OpenGroup, RateMeter, _chunks, _sync_quota, credit_room, unsendable
 from protocol import messages as m
 from protocol.config import load_config
@@ -224,6 +225,37 @@ def test_a_busy_actor_keeps_generating_while_the_broker_is_down(monkeypatch):
     runner.join(timeout=20)
     actor.broker.close()
     assert not runner.is_alive() and steps > (HEARTBEAT_S + 4) / 0.05 / 2  # half of what the engine alone would do
+
+
+def test_an_announced_version_the_actor_cannot_fetch_does_not_stall_in_flight_generation():
+    """Found by a helper's hunt: with the learner gone right after announcing a version, every loop turn of an
+    in-flight actor blocked in a fetch for the weight client's whole timeout (60 s): one engine step a minute."""
+
+    def status(router, identity: bytes, kind: str, body: dict) -> None:
+        send_reply(router, identity, body["rid"], m.STATUS, {"credits": 0, "policy_version": 1, "stop": False})
+
+    with router_in_thread(status) as endpoint:
+        config = load_config(None, ["actor.weight_update=in_flight"])
+        weights = WeightClient(f"127.0.0.1:{free_port()}", "actor-0-w", timeout_s=60.0, reply_timeout_s=1.0)  # nothing listens
+        actor = Actor(config, 0, engine=BusyEngineStandIn(), task=None, weights=weights, broker=Client(endpoint, "actor-0"))
+        actor.weight_updates = 1  # it has loaded weights before: in flight, it keeps generating meanwhile
+        steps, stop = 0, threading.Event()
+
+        def counted_step() -> list:
+            nonlocal steps
+            steps += 1
+            return BusyEngineStandIn.step(actor.engine)
+
+        actor.engine.step = counted_step
+        runner = threading.Thread(target=actor.run, args=(stop,), daemon=True)
+        runner.start()
+        time.sleep(8)
+        stop.set()
+        runner.join(timeout=20)
+        actor.broker.close()
+        weights.close()
+    assert weights.failures["timeout"] in (2, 3)  # at 0, 2 and 5 s: 1 s each, then 1 and 2 s of backing off
+    assert steps > (8 - 3) / 0.05 / 2, steps  # half of what the engine alone would do in the time not spent asking
 
 
 @pytest.fixture
