@@ -18,7 +18,7 @@ from protocol.buckets import Assembler, bucket_views
 from protocol.errors import WeightTransferError
 from protocol.gpu import broadcast_buckets, close_ipc, device_tensor, open_ipc
 from protocol.sum64 import sum64_buckets
-from protocol.weights import Progress
+from protocol.weights import NCCL_REPLY_TIMEOUT_S, Progress
 from protocol.wire import encode
 
 
@@ -65,7 +65,7 @@ class CudaIpcWeightClient(WeightClient):
 
 
 class NcclWeightClient(WeightClient):
-    def __init__(self, endpoint: str, identity: str, timeout_s: float = 600.0, curve_dir: Path | None = None) -> None:
+    def __init__(self, endpoint: str, identity: str, timeout_s: float = NCCL_REPLY_TIMEOUT_S, curve_dir: Path | None = None) -> None:
         # the learner answers once every actor has asked: the reply may take as long as a transfer
         super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir, reply_timeout_s=timeout_s)
         self.comm = self._join()

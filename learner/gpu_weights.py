@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import zmq
@@ -31,7 +32,7 @@ from protocol.buckets import bucket_views, fill_buckets, plan, unpack
 from protocol.gpu import IpcBuffer, broadcast_buckets
 from protocol.sum64 import sum64_buckets
 from protocol.transport import send_reply
-from protocol.weights import Specs, unique_tensors
+from protocol.weights import NCCL_REPLY_TIMEOUT_S, Specs, unique_tensors
 from protocol.wire import decode
 
 log = logging.getLogger("learner.gpu_weights")
@@ -139,6 +140,19 @@ class CudaIpcWeightServer(GpuWeightServer):
         self._buffers, self._retired = [], []
 
 
+class Waiter(NamedTuple):
+    rid: int
+    version: int  # the version it asked about
+    asked: float  # monotonic time of its request
+
+
+def still_waiting(waiting: dict[bytes, Waiter], now: float) -> dict[bytes, Waiter]:
+    """The actors whose request is younger than their timeout. One that gave up and went on generating is not
+    counted: answered later, it would discard the answer as a leftover, and the broadcast it was counted in,
+    which needs every rank, would hold the learner and every other actor for good (found by a helper's hunt)."""
+    return {peer: w for peer, w in waiting.items() if now - w.asked < 0.9 * NCCL_REPLY_TIMEOUT_S}
+
+
 class NcclWeightServer(GpuWeightServer):
     def __init__(self, endpoint: str, bucket_bytes: int, actors: int, curve_dir: Path | None = None) -> None:
         from cupy.cuda import nccl
@@ -146,7 +160,7 @@ class NcclWeightServer(GpuWeightServer):
         self.world = actors + 1
         self.uid = list(nccl.get_unique_id())
         self.ranks: dict[bytes, int] = {}
-        self.waiting: dict[bytes, tuple[int, int]] = {}  # identity -> (rid, version it asked about)
+        self.waiting: dict[bytes, Waiter] = {}
         self.comm = None
         threading.Thread(target=self._connect, name="nccl-init", daemon=True).start()
         super().__init__(endpoint, bucket_bytes, curve_dir=curve_dir)
@@ -175,11 +189,12 @@ class NcclWeightServer(GpuWeightServer):
 
     def _reply(self, socket: zmq.Socket, identity: bytes, rid: int, body: dict[str, Any], latest: Published) -> None:
         """Hold the answer until every actor asked for this version, then broadcast to all at once."""
-        version = latest.manifest.version
-        self.waiting[identity] = (rid, version)
-        if self.comm is None or sum(v == version for _, v in self.waiting.values()) < self.world - 1:
+        version, now = latest.manifest.version, time.monotonic()
+        self.waiting[identity] = Waiter(rid, version, now)
+        self.waiting = still_waiting(self.waiting, now)
+        if self.comm is None or sum(w.version == version for w in self.waiting.values()) < self.world - 1:
             return
-        for peer, (peer_rid, _) in self.waiting.items():
+        for peer, (peer_rid, _, _) in self.waiting.items():
             send_reply(socket, peer, peer_rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "nccl"})
         self.waiting.clear()
         broadcast_buckets(self.comm, latest.buckets)

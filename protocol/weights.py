@@ -19,6 +19,7 @@ import torch
 from protocol.errors import WeightTransferError
 
 Progress = Callable[[int, int], None]  # (buckets verified so far, buckets in the version)
+NCCL_REPLY_TIMEOUT_S = 600.0  # an nccl actor's wait for the learner's answer (given once every actor asked)
 
 
 def unique_tensors(state_dict: dict[str, torch.Tensor], device: str | None = "cpu") -> dict[str, torch.Tensor]:
