@@ -29,7 +29,11 @@ def test_broker_bench_quick_writes_json(tmp_path):
     assert all(set(r["cpu_us_per_sample"]) == {"producers", "server", "consumer"} and min(r["cpu_us_per_sample"].values()) > 0
                for r in report["results"])  # fmt: skip
     if shutil.which("redis-server"):
-        assert len(report["results"]) == 12 and len(report["ours_vs_redis"]) == 6
+        assert len(report["results"]) == 15 and len(report["ours_vs_redis"]) == 9
+        # not durable is compared with a memory-only Redis (everysec writes every entry to disk), shown beside it
+        assert {r["system"] for r in report["results"] if r["mode"] == "not durable"} == {
+            "streamrl broker", "Redis Streams (no append-only file)", "Redis Streams (appendfsync everysec)"}
+        assert {"8KB durable x1", "8KB not durable x1", "8KB not durable x1 vs everysec"} <= set(report["ours_vs_redis"])
     else:
         assert "SKIPPED" in result.stdout
     assert "| sample | producers | mode | system |" in result.stdout
