@@ -11,7 +11,6 @@ engine sees the same concurrency as `generate`. The actor streams to a real brok
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from actors.engine import VLLMEngine
 from actors.tasks import make_task
 from actors.weights import WeightClient
 from actors.worker import Actor
+from bench.report import environment, results_dir
 from broker.server import Broker
 from protocol.config import load_config
 from protocol.models import resolve_model, vocab_size
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the tiny model, 8 groups, 1 repeat")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.model, args.groups, args.repeats = "builtin:tiny-random", 8, 1
@@ -110,8 +110,8 @@ def main() -> None:
     for name, value in medians.items():
         print(f"| {name} | {value:.0f} |")
     print(f"\nactor overhead: {overhead * 100:.1f}% of throughput")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"platform": platform.platform()}, "model": args.model, "groups": args.groups,
+    args.out = results_dir(args.out, args.quick)
+    report = {**environment(), "model": args.model, "groups": args.groups,
               "quick": args.quick, "runs": rows, "median_tokens_per_s": medians, "overhead": overhead}  # fmt: skip
     (args.out / "actor.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"wrote {args.out / 'actor.json'}")

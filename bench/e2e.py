@@ -18,7 +18,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.report import environment, results_dir
 from protocol.transport import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, 1 actor")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats, args.actors = 4, 1, [1]
@@ -106,8 +106,8 @@ def main() -> None:
     print("\n| actors (async) | samples/s | learner waiting | vs 1 actor |\n| --- | --- | --- | --- |")
     for n, m in scaling.items():
         print(f"| {n} | {m['samples_per_s']:.1f} | {m['learner_wait_frac']:.0%} | {m['samples_per_s'] / scaling[args.actors[0]]['samples_per_s']:.2f}x |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"platform": platform.platform()}, "config": {"base": "configs/tiny.yaml", "overrides": BASE},
+    args.out = results_dir(args.out, args.quick)
+    report = {**environment(), "config": {"base": "configs/tiny.yaml", "overrides": BASE, "modes": MODES},
               "steps": args.steps, "repeats": args.repeats, "quick": args.quick, "runs": modes, "medians": medians,
               "async_speedup": speedup, "tuned_async_speedup": tuned_speedup,
               "pair_speedups": pair_speedups,

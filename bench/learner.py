@@ -12,7 +12,6 @@ the ratio; writes JSON.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import orjson
 import torch
 
+from bench.report import environment, results_dir
 from learner.batch import collate
 from learner.loss import group_advantages, token_logprobs
 from learner.main import load_model
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the tiny model, 2 timed steps")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.model, args.steps = "builtin:tiny-random", 2
@@ -108,8 +108,8 @@ def main() -> None:
     print("| loop | trained tokens/s | vs plain |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r['loop']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / plain:.2f}x |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"platform": platform.platform(), "threads": 1}, "versions": {"torch": torch.__version__},
+    args.out = results_dir(args.out, args.quick)
+    report = {**environment(threads=1),
               "model": args.model, "steps": args.steps, "quick": args.quick, "results": rows, "ratio": ours / plain}  # fmt: skip
     (args.out / "learner.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {args.out / 'learner.json'}")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 from pathlib import Path
 
 import orjson
 import torch
 
 from bench.learner import make_batches, plain_hf_step, sync, timed
+from bench.report import environment, results_dir
 from protocol.config import load_config
 from protocol.transport import free_port
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny shape, short sequences")
     parser.add_argument("--micro", type=int, default=8, help="sequences per micro-batch")
     parser.add_argument("--profile", action="store_true", help="write each loop's busiest GPU operations to --out")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.learner_gpu needs a CUDA GPU")
@@ -111,7 +111,7 @@ def main() -> None:
     batches = make_batches(args.steps + 1, groups=8, n=8, prompt=prompt, completion=completion)
     sequences = 8 * 8
     rows = []
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = results_dir(args.out, args.quick)
     for loop, run in (("streamrl Trainer.step (FSDP2, bf16)", ours), ("plain HF loop (bf16 autocast)", plain)):
         model = make_model(shape)
         params = sum(p.numel() for p in model.parameters())
@@ -131,7 +131,7 @@ def main() -> None:
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"| {r['loop']} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {mfu} | {r['peak_memory_gb']:.1f} | {r['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x |")
-    report = {"machine": {"platform": platform.platform(), "gpu": device}, "versions": {"torch": torch.__version__},
+    report = {**environment(gpu=device),
               "shape": shape, "params": params, "prompt": prompt, "completion": completion, "sequences": sequences,
               "micro_batch": micro, "steps": args.steps, "quick": args.quick, "results": rows,
               "ratio": rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]}  # fmt: skip

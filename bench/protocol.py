@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import msgpack
 import numpy as np
 import orjson
 
+from bench.report import environment, results_dir
 from protocol.sample import Sample
 from protocol.wire import decode, encode_samples, samples_from
 
@@ -100,7 +100,7 @@ def measure(codec, samples: list[Sample], min_seconds: float) -> tuple[float, in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     seconds = 0.2 if args.quick else 2.0
     rows = []
@@ -114,10 +114,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['tokens']} | {r['codec']} | {r['us_per_sample']:.1f} | {r['bytes_per_sample']} | {r['vs_ours']:.1f}x |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"platform": platform.platform(), "python": platform.python_version()},
-              "versions": {"msgpack": msgpack.version, "orjson": orjson.__version__, "numpy": np.__version__},
-              "quick": args.quick, "results": rows}  # fmt: skip
+    args.out = results_dir(args.out, args.quick)
+    report = {**environment(), "quick": args.quick, "results": rows}  # fmt: skip
     (args.out / "protocol.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {args.out / 'protocol.json'}")
 

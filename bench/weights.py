@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import orjson
 import torch
 
+from bench.report import environment, results_dir
 from protocol.buckets import plan
 from protocol.transport import free_port
 
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between versions (the training step)")
     parser.add_argument("--gpu", action="store_true", help="the GPU transports (needs CUDA and cupy)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.gap = [24], 2, 0.2
@@ -234,9 +234,8 @@ def main() -> None:
         pub = f"{r['publish_seconds'] * scale:.3f} {unit}" if r["publish_seconds"] is not None else "-"
         print(f"| {r['params_m']}M | {r['bytes'] / 1e6:.0f} | {r['transport']} | {r['seconds'] * scale:.3f} {unit} | {r['gb_per_s']:.2f} "
               f"| {r['vs_baseline']:.2f}x | {pub} | {r['delivery_vs_baseline']:.2f}x |")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"platform": platform.platform(), "cpus": mp.cpu_count(), "gpu": where if args.gpu else None},
-              "torch": torch.__version__, "bucket_mb": args.bucket_mb, "gap_s": args.gap, "quick": args.quick, "results": rows}  # fmt: skip
+    args.out = results_dir(args.out, args.quick)
+    report = {**environment(gpu=where if args.gpu else None), "bucket_mb": args.bucket_mb, "gap_s": args.gap, "quick": args.quick, "results": rows}  # fmt: skip
     path = args.out / ("weights_gpu.json" if args.gpu else "weights.json")
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {path}")

