@@ -21,6 +21,7 @@ from protocol.config import RunConfig
 
 log = logging.getLogger("actor.engine")
 
+
 @dataclass
 class Completion:
     request_id: str
