@@ -38,13 +38,14 @@ def save_checkpoint(
     batch_id: int | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     version: int | None = None,
+    keep: int | None = None,
 ) -> Path:
     """Every rank calls this (gathering sharded state is collective); the main rank writes.
 
     `weights` is the full state dict if the caller already gathered it. `batch_id` is
     the broker batch trained at `step`: a resumed learner acknowledges it, so it is
     never re-served. `version` is the policy version of these weights (`step` unless a
-    resume moved versions ahead of steps).
+    resume moved versions ahead of steps). `keep`: how many of the newest checkpoints stay (None: all).
     """
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     weights = weights if weights is not None else trainer.backend.full_state_dict(trainer.model)
@@ -66,13 +67,21 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_path(final.parent)
+    if keep is not None:
+        for _, older in _checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(older)
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name))]
-    return max(found)[1] if found else None
+    found = _checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints, by step."""
+    return sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)))
 
 
 class Restored(NamedTuple):

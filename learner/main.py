@@ -218,7 +218,8 @@ def train_loop(
         done, version = step, version + 1
         state = backend.full_state_dict(trainer.model, weights.stage if weights is not None else None)  # sharded: straight into the sender's buffers
         if (every and step % every == 0) or step == config.train.steps:
-            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state, version)
+            save_checkpoint(run_dir, step, trainer, model_dir, source.last_batch if source else None, state, version,
+                            config.train.keep_checkpoints)  # fmt: skip
         if not backend.is_main:
             continue
         weights.publish(version, state, wait=False)  # packed while the next batch is fetched; actors stream it as it is

@@ -289,6 +289,9 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every k steps (0: only at the end)."""
+    keep_checkpoints: int | None = Field(None, ge=1)
+    """Keep the newest this many checkpoints, deleting older ones after each save (None: all). Each holds
+    the model and the optimizer's moments, about 12 bytes per parameter (1.6 GB for SmolLM2-135M)."""
 
 
 class LossSection(Section):

@@ -47,6 +47,18 @@ def test_a_checkpoint_keeps_its_policy_version_apart_from_its_step(tiny_model_di
     assert restore_trainer(Trainer(load_model(path), load_config(None, [])), path) == (2, 9, 7)
 
 
+def test_only_the_newest_checkpoints_are_kept_when_asked(tiny_model_dir, tmp_path):
+    """Each checkpoint holds the model and Adam's moments (1.6 GB at 135M parameters): checkpoint_every 1 filled the disk."""
+    trainer = Trainer(load_model(tiny_model_dir), load_config(None, []))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_000099.tmp").mkdir()  # a save that was killed half-way is not a checkpoint
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, trainer, tiny_model_dir, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000003", "step_000004", "step_000099.tmp"]
+    save_checkpoint(tmp_path, 5, trainer, tiny_model_dir)  # keep None: every one stays
+    assert latest_checkpoint(tmp_path).name == "step_000005" and (tmp_path / "checkpoints" / "step_000003").exists()
+
+
 def test_checkpoint_is_a_loadable_hf_folder_and_latest_ignores_partial_ones(tiny_model_dir, tmp_path):
     config = load_config(None, [])
     trainer = Trainer(load_model(tiny_model_dir), config)
