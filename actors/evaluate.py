@@ -25,6 +25,7 @@ from actors.datasets import Record
 from actors.reward_guard import RewardFailed
 from protocol.config import RunConfig
 from protocol.errors import TaskError
+from protocol.files import append_row, read_rows
 from protocol.models import resolve_model
 
 log = logging.getLogger("eval")
@@ -128,7 +129,7 @@ def watch_checkpoints(evaluator: Evaluator, out: Path, stop: threading.Event) ->
     """
     config = evaluator.config
     metrics_path = config.run.dir / "eval_metrics.jsonl"
-    done = {orjson.loads(line)["step"] for line in metrics_path.read_bytes().splitlines()} if metrics_path.exists() else set()
+    done = {row["step"] for row in read_rows(metrics_path)}  # a row cut short by a crash is evaluated again
     while not stop.is_set() and config.train.steps not in done:
         found = sorted((int(m.group(1)), p) for p in (config.run.dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)))
         pending = [(step, path) for step, path in found if step not in done and step > max(done, default=0)]
@@ -140,8 +141,7 @@ def watch_checkpoints(evaluator: Evaluator, out: Path, stop: threading.Event) ->
             log.info("skipping checkpoints %s: evaluating the newest, step %d", [s for s, _ in pending[:-1]], step)
         summary = evaluator.evaluate(path, out / path.name, str(path))
         row = {"step": step, "problems": summary["problems"], **{k: v for k, v in summary.items() if k.startswith("pass@")}}
-        with metrics_path.open("ab") as f:
-            f.write(orjson.dumps(row) + b"\n")
+        append_row(metrics_path, row)
         done.add(step)
 
 

@@ -1,9 +1,13 @@
-"""Durable files: what the broker's log and the learner's checkpoints both need from the disk."""
+"""Files: what the broker's log and the learner's checkpoints need from the disk, and JSON-lines records
+whose last line a crash or a full disk may have cut short."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 
 def fsync_path(path: Path) -> None:
@@ -13,3 +17,23 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_rows(path: Path) -> list[Any]:
+    """The complete JSON lines of `path` (none if it does not exist); a line cut short is passed over."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().splitlines():
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path, row: Any) -> None:
+    """Append `row` as a JSON line, on a line of its own even after a line cut short."""
+    with path.open("ab") as out:
+        cut = out.tell() > 0 and path.read_bytes()[-1:] != b"\n"
+        out.write((b"\n" if cut else b"") + orjson.dumps(row) + b"\n")
