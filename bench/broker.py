@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import orjson
 import psutil
 
+from bench.report import environment, results_dir
 from protocol import messages as m
 from protocol.sample import Sample
 from protocol.transport import Client, free_port
@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--producers", type=int, nargs="+", help="producer processes (actors); default 1 and 4, --quick: 1")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--repeats", type=int, help="runs of each row, the median shown (default 3, --quick: 1)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, help="default: bench/results (bench/results/quick with --quick)")
     args = parser.parse_args()
     counts = {"1KB": 4096, "8KB": 4096, "64KB": 640} if args.quick else {"1KB": 40960, "8KB": 20480, "64KB": 3072}
     producers = args.producers or ([1] if args.quick else [1, 4])
@@ -343,11 +343,10 @@ def main() -> None:
         cpu = " / ".join(f"{us:.0f}" for us in r["cpu_us_per_sample"].values())
         print(f"| {r['size']} | {r['producers']} | {r['mode']} | {r['system']} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:.0f} "
               f"| {r['ack_ms_p50']:.2f} | {r['ack_ms_p99']:.2f} | {ratio} | {cpu} |")  # fmt: skip
-    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": mp.cpu_count()},
-              "redis": _redis_version() if has_redis else "not installed (skipped)", "quick": args.quick,
+    report = {**environment(), "redis": _redis_version() if has_redis else "not installed (skipped)", "quick": args.quick,
               "batch": args.batch, "in_flight": args.in_flight, "counts": counts, "producers": producers, "repeats": repeats, "results": rows,
               "ours_vs_redis": {f"{k[0]} {k[1]} x{k[2]}" + "".join(f" vs {e}" for e in k[3:]): v for k, v in ratios.items()}}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = results_dir(args.out, args.quick)
     (args.out / "broker.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwrote {args.out / 'broker.json'}")
 

@@ -131,9 +131,10 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
         from protocol.gpu import IpcBuffer
 
         buffer = IpcBuffer(nbytes)
-        buffer.tensor.fill_(1)
         ours.send(buffer.handle)
         for _ in range(repeats):
+            buffer.tensor.add_(1)  # the training step wrote the bytes just now, as for our channel
+            torch.cuda.synchronize()
             start = time.monotonic()
             ours.send("go")
             times.append(ours.recv() - start)
@@ -147,6 +148,8 @@ def run(transport: str, state: dict[str, torch.Tensor], bucket_bytes: int, repea
         assert ours.recv() == "ready"
         for version in range(1, repeats + 1):
             train_step(state)
+            if next(iter(state.values())).is_cuda:  # the step's kernels are not part of the sync
+                torch.cuda.synchronize()
             start = time.monotonic()
             server.publish(version, state, wait=False)  # as the learner does: actors may stream buckets as they are packed
             server.settle()
