@@ -178,9 +178,25 @@ class BusyEngineStandIn:
 
     busy = True
 
+    def __init__(self) -> None:
+        self.steps = 0
+
     def step(self) -> list:
+        self.steps += 1
         time.sleep(0.05)
         return []
+
+
+def run_for(actor: Actor, seconds: float) -> bool:
+    """Run `actor` for `seconds`, then ask it to stop; whether it did."""
+    stop = threading.Event()
+    runner = threading.Thread(target=actor.run, args=(stop,), daemon=True)
+    runner.start()
+    time.sleep(seconds)
+    stop.set()
+    runner.join(timeout=20)
+    actor.broker.close()
+    return not runner.is_alive()
 
 
 def test_a_busy_actor_pings_so_it_hears_the_stop_while_its_requests_run():
@@ -209,22 +225,9 @@ def test_a_busy_actor_keeps_generating_while_the_broker_is_down(monkeypatch):
     ACK_TIMEOUT_S (42 engine steps in 25 s, against 498 without it)."""
     monkeypatch.setattr(worker, "ACK_TIMEOUT_S", 1.0)  # the HELLO, unanswered, costs a second
     actor = actor_sending_to(f"127.0.0.1:{free_port()}", 2)  # nothing listens there
-    actor.engine, stop = BusyEngineStandIn(), threading.Event()
-    steps = 0
-
-    def counted_step() -> list:
-        nonlocal steps
-        steps += 1
-        return BusyEngineStandIn.step(actor.engine)
-
-    actor.engine.step = counted_step
-    runner = threading.Thread(target=actor.run, args=(stop,), daemon=True)
-    runner.start()
-    time.sleep(1 + HEARTBEAT_S + 4)
-    stop.set()
-    runner.join(timeout=20)
-    actor.broker.close()
-    assert not runner.is_alive() and steps > (HEARTBEAT_S + 4) / 0.05 / 2  # half of what the engine alone would do
+    actor.engine = BusyEngineStandIn()
+    assert run_for(actor, 1 + HEARTBEAT_S + 4)
+    assert actor.engine.steps > (HEARTBEAT_S + 4) / 0.05 / 2  # half of what the engine alone would do
 
 
 def test_an_announced_version_the_actor_cannot_fetch_does_not_stall_in_flight_generation():
@@ -239,23 +242,10 @@ def test_an_announced_version_the_actor_cannot_fetch_does_not_stall_in_flight_ge
         weights = WeightClient(f"127.0.0.1:{free_port()}", "actor-0-w", timeout_s=60.0, reply_timeout_s=1.0)  # nothing listens
         actor = Actor(config, 0, engine=BusyEngineStandIn(), task=None, weights=weights, broker=Client(endpoint, "actor-0"))
         actor.weight_updates = 1  # it has loaded weights before: in flight, it keeps generating meanwhile
-        steps, stop = 0, threading.Event()
-
-        def counted_step() -> list:
-            nonlocal steps
-            steps += 1
-            return BusyEngineStandIn.step(actor.engine)
-
-        actor.engine.step = counted_step
-        runner = threading.Thread(target=actor.run, args=(stop,), daemon=True)
-        runner.start()
-        time.sleep(8)
-        stop.set()
-        runner.join(timeout=20)
-        actor.broker.close()
+        assert run_for(actor, 8)
         weights.close()
     assert weights.failures["timeout"] in (2, 3)  # at 0, 2 and 5 s: 1 s each, then 1 and 2 s of backing off
-    assert steps > (8 - 3) / 0.05 / 2, steps  # half of what the engine alone would do in the time not spent asking
+    assert actor.engine.steps > (8 - 3) / 0.05 / 2, actor.engine.steps  # half of what the engine alone would do in the time not spent asking
 
 
 @pytest.fixture
