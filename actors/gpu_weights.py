@@ -66,8 +66,7 @@ class CudaIpcWeightClient(WeightClient):
 
 class NcclWeightClient(WeightClient):
     def __init__(self, endpoint: str, identity: str, timeout_s: float = NCCL_REPLY_TIMEOUT_S, curve_dir: Path | None = None) -> None:
-        # the learner answers once every actor has asked: the reply may take as long as a transfer
-        super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir, reply_timeout_s=timeout_s)
+        super().__init__(endpoint, identity, timeout_s, shm=False, curve_dir=curve_dir)
         self.comm = self._join()
 
     def _join(self) -> Any:

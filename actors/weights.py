@@ -30,26 +30,28 @@ from protocol.wire import decode, encode
 
 log = logging.getLogger("actor.weights")
 SHM_TRIES = 3  # the learner's segments this actor failed to open in a row before it asks for streams instead
-REPLY_TIMEOUT_S = 10.0  # the learner answers a request at once (shm: once packed, about a second for 2 GB here)
+CONNECT_TIMEOUT_S = 10.0  # no connection to the learner's weight server this long: the request fails
 
 
 class WeightClient(WeightReceiver):
     def __init__(self, endpoint: str, identity: str, timeout_s: float = 60.0, shm: bool = True, curve_dir: Path | None = None,
-                 reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:  # fmt: skip
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:  # fmt: skip
         """`curve_dir`: connect with CURVE, using the client and server keys there (protocol/curve.py).
 
-        `reply_timeout_s` bounds the wait for the learner's answer (a learner that is gone costs an
-        in-flight actor that long, not `timeout_s`); `timeout_s` the silence within a transfer."""
+        A request is sent only over a connection (ZMQ_IMMEDIATE), so a learner that is gone fails
+        it within `connect_timeout_s`, while a live one busy packing a large model is waited for up
+        to `timeout_s` (an in-flight actor otherwise waited the whole `timeout_s` on every try)."""
         super().__init__()
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self.reply_timeout_s = min(reply_timeout_s, timeout_s)
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.shm = shm and shm_available()
         self.host = host_id()
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt_string(zmq.IDENTITY, identity)
-        self.socket.setsockopt(zmq.SNDTIMEO, int(self.reply_timeout_s * 1000))
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        self.socket.setsockopt(zmq.SNDTIMEO, int(self.connect_timeout_s * 1000))
         if curve_dir is not None:
             arm_client(self.socket, curve_dir)
         self.socket.connect(m.tcp(endpoint))
@@ -60,8 +62,9 @@ class WeightClient(WeightReceiver):
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         rid = next(self._ids)
-        self._send(encode(m.GET_WEIGHTS, {"rid": rid, "have": have, "host": self.host, "shm": self.shm}))
-        kind, body, _ = self._next_header(rid, self.reply_timeout_s)
+        # wait_s: how long we wait for the answer (an NCCL learner must not count us in a broadcast after that)
+        self._send(encode(m.GET_WEIGHTS, {"rid": rid, "have": have, "host": self.host, "shm": self.shm, "wait_s": self.timeout_s}))
+        kind, body, _ = self._next_header(rid)
         self._drain()
         if kind == m.NO_UPDATE:
             return None
@@ -76,7 +79,7 @@ class WeightClient(WeightReceiver):
         try:
             self.socket.send_multipart(frames)
         except zmq.Again:
-            raise WeightTransferError("timeout", f"cannot send to {self.endpoint}: no connection within {self.reply_timeout_s:.1f} s") from None
+            raise WeightTransferError("timeout", f"cannot send to {self.endpoint}: no connection within {self.connect_timeout_s:.1f} s") from None
 
     def _receive(self, assembler: Assembler, body: dict[str, Any], rid: int, progress: Progress | None) -> None:
         """Fill `assembler` from where the reply says the buckets are (GPU transports override this)."""
@@ -118,11 +121,9 @@ class WeightClient(WeightReceiver):
                 raise WeightTransferError("size", f"bucket {index}: {received} bytes, manifest says {slots[index].numel()}")
             return index, body.get("checksum")
 
-    def _next_header(self, rid: int, timeout_s: float | None = None) -> tuple[str, dict[str, Any], bool]:
-        """The first frame of the next message of request `rid` (others are skipped), and whether frames follow;
-        at most `timeout_s` (default: `self.timeout_s`) of silence."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        while self.socket.poll(int(timeout_s * 1000)):
+    def _next_header(self, rid: int) -> tuple[str, dict[str, Any], bool]:
+        """The first frame of the next message of request `rid` (others are skipped), and whether frames follow."""
+        while self.socket.poll(int(self.timeout_s * 1000)):
             frame = self.socket.recv(copy=False)
             more = bool(self.socket.getsockopt(zmq.RCVMORE))
             try:
@@ -133,7 +134,7 @@ class WeightClient(WeightReceiver):
             if body.get("rid") == rid:
                 return kind, body, more
             self._drain()  # a leftover of an abandoned transfer
-        raise WeightTransferError("timeout", f"no reply from {self.endpoint} within {timeout_s:.1f} s")
+        raise WeightTransferError("timeout", f"no reply from {self.endpoint} within {self.timeout_s:.1f} s")
 
     def _drain(self) -> None:
         """Discard the rest of the current message."""

@@ -143,14 +143,14 @@ class CudaIpcWeightServer(GpuWeightServer):
 class Waiter(NamedTuple):
     rid: int
     version: int  # the version it asked about
-    asked: float  # monotonic time of its request
+    gives_up: float  # monotonic time (with a margin) at which it stops waiting for the answer
 
 
 def still_waiting(waiting: dict[bytes, Waiter], now: float) -> dict[bytes, Waiter]:
-    """The actors whose request is younger than their timeout. One that gave up and went on generating is not
-    counted: answered later, it would discard the answer as a leftover, and the broadcast it was counted in,
-    which needs every rank, would hold the learner and every other actor for good (found by a helper's hunt)."""
-    return {peer: w for peer, w in waiting.items() if now - w.asked < 0.9 * NCCL_REPLY_TIMEOUT_S}
+    """The actors still waiting for their answer. One that gave up and went on generating is not counted:
+    answered later, it would discard the answer as a leftover, and the broadcast it was counted in, which
+    needs every rank, would hold the learner and every other actor for good (found by a helper's hunt)."""
+    return {peer: w for peer, w in waiting.items() if now < w.gives_up}
 
 
 class NcclWeightServer(GpuWeightServer):
@@ -190,7 +190,9 @@ class NcclWeightServer(GpuWeightServer):
     def _reply(self, socket: zmq.Socket, identity: bytes, rid: int, body: dict[str, Any], latest: Published) -> None:
         """Hold the answer until every actor asked for this version, then broadcast to all at once."""
         version, now = latest.manifest.version, time.monotonic()
-        self.waiting[identity] = Waiter(rid, version, now)
+        wait = body.get("wait_s")
+        wait = wait if type(wait) in (int, float) and 0 < wait < 1e6 else NCCL_REPLY_TIMEOUT_S  # an older actor's: its default
+        self.waiting[identity] = Waiter(rid, version, now + 0.9 * wait)
         self.waiting = still_waiting(self.waiting, now)
         if self.comm is None or sum(w.version == version for w in self.waiting.values()) < self.world - 1:
             return

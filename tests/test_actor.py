@@ -232,14 +232,15 @@ def test_a_busy_actor_keeps_generating_while_the_broker_is_down(monkeypatch):
 
 def test_an_announced_version_the_actor_cannot_fetch_does_not_stall_in_flight_generation():
     """Found by a helper's hunt: with the learner gone right after announcing a version, every loop turn of an
-    in-flight actor blocked in a fetch for the weight client's whole timeout (60 s): one engine step a minute."""
+    in-flight actor blocked in a fetch for the weight client's whole timeout (60 s): one engine step a minute.
+    (A review found the first fix, a 10 s wait for any reply, cut off a live learner packing a large model.)"""
 
     def status(router, identity: bytes, kind: str, body: dict) -> None:
         send_reply(router, identity, body["rid"], m.STATUS, {"credits": 0, "policy_version": 1, "stop": False})
 
     with router_in_thread(status) as endpoint:
         config = load_config(None, ["actor.weight_update=in_flight"])
-        weights = WeightClient(f"127.0.0.1:{free_port()}", "actor-0-w", timeout_s=60.0, reply_timeout_s=1.0)  # nothing listens
+        weights = WeightClient(f"127.0.0.1:{free_port()}", "actor-0-w", timeout_s=60.0, connect_timeout_s=1.0)  # nothing listens
         actor = Actor(config, 0, engine=BusyEngineStandIn(), task=None, weights=weights, broker=Client(endpoint, "actor-0"))
         actor.weight_updates = 1  # it has loaded weights before: in flight, it keeps generating meanwhile
         assert run_for(actor, 8)

@@ -161,11 +161,10 @@ def test_an_nccl_actor_that_gave_up_waiting_is_not_counted_for_the_broadcast():
     """Found by a helper's hunt (reading only; needs two GPUs): an actor that gave up waiting stayed on the list,
     so the broadcast started without it and held the learner and every other actor for good."""
     from learner.gpu_weights import Waiter, still_waiting
-    from protocol.weights import NCCL_REPLY_TIMEOUT_S
 
     now = 10_000.0
-    waiting = {b"a": Waiter(1, 5, now - NCCL_REPLY_TIMEOUT_S), b"b": Waiter(7, 5, now - 1.0), b"c": Waiter(2, 4, now)}
-    assert still_waiting(waiting, now) == {b"b": Waiter(7, 5, now - 1.0), b"c": Waiter(2, 4, now)}
+    waiting = {b"a": Waiter(1, 5, now - 1.0), b"b": Waiter(7, 5, now + 1.0), b"c": Waiter(2, 4, now + 500.0)}
+    assert still_waiting(waiting, now) == {b"b": Waiter(7, 5, now + 1.0), b"c": Waiter(2, 4, now + 500.0)}
 
 
 @pytest.mark.gpu
