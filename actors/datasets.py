@@ -25,7 +25,7 @@ MATH_SUBJECTS = (
     "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
     "number_theory", "prealgebra", "precalculus",
 )  # fmt: skip
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACES = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,16 @@ def load_dataset_records(data: DatasetSection) -> list[Record]:
 def last_boxed(text: str) -> str | None:
     """The contents of the last complete \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if there is none.
 
-    A box cut off by the token limit, or one without a brace, is passed over for an earlier complete one."""
-    for opening in reversed(list(_BOX.finditer(text))):
-        depth = 0
-        for i in range(opening.end() - 1, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[opening.end() : i]
-    return None
+    A box cut off by the token limit, or one without a brace, is passed over for an earlier complete one.
+    One pass over the braces: a reply repeating an unclosed box thousands of times must not time out."""
+    open_boxes: list[int | None] = []  # per open brace: where its box's contents start, None for a plain brace
+    last: tuple[int, int] | None = None
+    for match in _BRACES.finditer(text):
+        if match.group() != "}":
+            open_boxes.append(None if match.group() == "{" else match.end())
+        elif open_boxes and (start := open_boxes.pop()) is not None and (last is None or start > last[0]):
+            last = (start, match.start())
+    return text[last[0] : last[1]] if last else None
 
 
 class ReasoningGymSource(Sequence[Record]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -133,6 +134,14 @@ def test_math_all_subjects_or_one():
 ])  # fmt: skip
 def test_last_boxed(text, inner):
     assert last_boxed(text) == inner
+
+
+def test_last_boxed_takes_one_pass_over_a_reply_repeating_an_unclosed_box():
+    """A review found the first version of the cut-off fallback quadratic: 32k characters of `\\boxed{x` took 17 s,
+    past the reward's deadline."""
+    started = time.perf_counter()
+    assert last_boxed("\\boxed{7} " + "\\boxed{x " * 20_000) == "7"
+    assert time.perf_counter() - started < 1.0
 
 
 def rg_task(*overrides: str):
