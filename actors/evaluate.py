@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ from actors.datasets import Record
 from actors.reward_guard import RewardFailed
 from protocol.config import RunConfig
 from protocol.errors import TaskError
-from protocol.files import append_row, read_rows
+from protocol.files import append_row, checkpoints, read_rows
 from protocol.models import resolve_model
 
 log = logging.getLogger("eval")
 WATCH_POLL_S = 2.0
-_STEP_DIR = re.compile(r"step_(\d+)")  # the learner's checkpoint folders (complete ones only: step_N.tmp never matches)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -110,6 +108,8 @@ def run_eval(config: RunConfig, stop: threading.Event | None = None) -> dict[str
     out = Path(config.eval.out or config.run.dir / "eval")
     os.environ.setdefault("VLLM_RPC_BASE_PATH", str(out / "tmp"))
     name = config.eval.model or config.model.path
+    if not config.eval.samples and config.eval.k != [1]:
+        log.warning("eval.k = %s is not used: eval.samples is 0 (greedy pass@1 only)", config.eval.k)
     model_dir = resolve_model(name, config.model.cache_dir)
     evaluator = Evaluator(config, model_dir)
     try:
@@ -131,15 +131,20 @@ def watch_checkpoints(evaluator: Evaluator, out: Path, stop: threading.Event) ->
     metrics_path = config.run.dir / "eval_metrics.jsonl"
     done = {row["step"] for row in read_rows(metrics_path)}  # a row cut short by a crash is evaluated again
     while not stop.is_set() and config.train.steps not in done:
-        found = sorted((int(m.group(1)), p) for p in (config.run.dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)))
-        pending = [(step, path) for step, path in found if step not in done and step > max(done, default=0)]
+        pending = [(step, path) for step, path in checkpoints(config.run.dir) if step not in done and step > max(done, default=0)]
         if not pending:
             stop.wait(WATCH_POLL_S)
             continue
         step, path = pending[-1]
         if len(pending) > 1:
             log.info("skipping checkpoints %s: evaluating the newest, step %d", [s for s, _ in pending[:-1]], step)
-        summary = evaluator.evaluate(path, out / path.name, str(path))
+        try:
+            summary = evaluator.evaluate(path, out / path.name, str(path))
+        except Exception as err:
+            if path.exists():
+                raise
+            log.warning("checkpoint %s was deleted while it was loaded (train.keep_checkpoints): %s; going on", path, err)
+            continue  # a newer one is there: the learner only deletes checkpoints older than its newest
         row = {"step": step, "problems": summary["problems"], **{k: v for k, v in summary.items() if k.startswith("pass@")}}
         append_row(metrics_path, row)
         done.add(step)

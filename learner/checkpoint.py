@@ -11,7 +11,7 @@ acknowledges this step's batch to the broker, which then never serves it again.
 from __future__ import annotations
 
 import json
-import re
+import logging
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -20,14 +20,15 @@ import torch
 from safetensors.torch import save_file
 
 from learner.trainer import Trainer
-from protocol.files import fsync_path
+from protocol.files import checkpoints, fsync_path
 from protocol.weights import unique_tensors
+
+log = logging.getLogger("learner.checkpoint")
 
 TOKENIZER_FILES = (  # whichever the model has: fast (tokenizer.json), SentencePiece (tokenizer.model), BPE (vocab + merges)
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json",
 )  # fmt: skip
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def save_checkpoint(
@@ -68,20 +69,25 @@ def save_checkpoint(
     tmp.rename(final)
     fsync_path(final.parent)
     if keep is not None:
-        for _, older in _checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(older)
+        _prune(run_dir, step, keep)
     return final
+
+
+def _prune(run_dir: Path, step: int, keep: int) -> None:
+    """Delete the checkpoints before `step` beyond the newest `keep` (counting `step`'s); later steps (another
+    run's, in a folder reused without --resume) are not this run's to delete. A failed delete is only logged."""
+    older = [path for s, path in checkpoints(run_dir) if s < step]
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            log.warning("could not delete the old checkpoint %s: %s", path, err)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    found = _checkpoints(run_dir)
+    found = checkpoints(run_dir)
     return found[-1][1] if found else None
-
-
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints, by step."""
-    return sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)))
 
 
 class Restored(NamedTuple):

@@ -4,10 +4,13 @@ whose last line a crash or a full disk may have cut short."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+_STEP_DIR = re.compile(r"step_(\d+)")  # the learner's checkpoint folders (complete ones only: step_N.tmp never matches)
 
 
 def fsync_path(path: Path) -> None:
@@ -37,3 +40,8 @@ def append_row(path: Path, row: Any) -> None:
     with path.open("ab") as out:
         cut = out.tell() > 0 and path.read_bytes()[-1:] != b"\n"
         out.write((b"\n" if cut else b"") + orjson.dumps(row) + b"\n")
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run (`run_dir/checkpoints/step_N`), as (step, folder), by step."""
+    return sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)))

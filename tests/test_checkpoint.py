@@ -57,6 +57,13 @@ def test_only_the_newest_checkpoints_are_kept_when_asked(tiny_model_dir, tmp_pat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000003", "step_000004", "step_000099.tmp"]
     save_checkpoint(tmp_path, 5, trainer, tiny_model_dir)  # keep None: every one stays
     assert latest_checkpoint(tmp_path).name == "step_000005" and (tmp_path / "checkpoints" / "step_000003").exists()
+    # a review found the newest steps were kept, not the newest saves: in a folder holding a later run's
+    # checkpoints (started by hand without --resume) the one just saved was deleted at once
+    for step in (100, 200):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir()
+    save_checkpoint(tmp_path, 6, trainer, tiny_model_dir, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000005", "step_000006", "step_000099.tmp", "step_000100", "step_000200"]
 
 
 def test_checkpoint_is_a_loadable_hf_folder_and_latest_ignores_partial_ones(tiny_model_dir, tmp_path):

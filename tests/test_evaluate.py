@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from math import comb
 
@@ -15,8 +17,10 @@ import pytest
 
 import launch
 from actors.datasets import Record
-from actors.evaluate import pass_at_k, select
+from actors.evaluate import pass_at_k, select, watch_checkpoints
+from protocol.config import load_config
 from protocol.errors import TaskError
+from protocol.files import read_rows
 from tests.conftest import ROOT
 
 
@@ -154,3 +158,29 @@ def test_an_eval_stops_at_once_when_asked_while_it_generates(tmp_path, sig):
     finally:
         if eval_role.poll() is None:
             eval_role.kill()
+
+
+class EvaluatorStandIn:
+    """Stands in for the vLLM evaluator (its engine takes a minute to start): the learner prunes the checkpoint
+    being loaded and saves a newer one meanwhile, so the load fails on a folder that is gone."""
+
+    def __init__(self, run_dir):
+        self.config = load_config(None, [f"run.dir={run_dir}", "train.steps=2"])
+        self.evaluated = []
+
+    def evaluate(self, path, out, name):
+        if path.name == "step_000001":
+            (path.parent / "step_000002").mkdir()
+            shutil.rmtree(path)
+            raise FileNotFoundError(path / "model.safetensors")
+        self.evaluated.append(path.name)
+        return {"problems": 3, "pass@1": 0.5}
+
+
+def test_watch_goes_on_when_the_checkpoint_it_loads_is_pruned(tmp_path):
+    """A review found the watcher died when `train.keep_checkpoints` deleted the checkpoint it was loading."""
+    (tmp_path / "checkpoints" / "step_000001").mkdir(parents=True)
+    evaluator = EvaluatorStandIn(tmp_path)
+    watch_checkpoints(evaluator, tmp_path / "eval", threading.Event())
+    assert evaluator.evaluated == ["step_000002"]
+    assert read_rows(tmp_path / "eval_metrics.jsonl") == [{"step": 2, "problems": 3, "pass@1": 0.5}]
