@@ -348,8 +348,6 @@ class EvalSection(Section):
 
     @model_validator(mode="after")
     def _k_fits(self) -> EvalSection:
-        if not self.samples and self.k != [1]:
-            raise ValueError(f"eval.k = {self.k} needs sampled completions: set eval.samples to at least {max(self.k, default=1)}")
         if self.samples and (not self.k or min(self.k) < 1 or max(self.k) > self.samples):
             raise ValueError(f"eval.k must lie in 1..eval.samples ({self.samples}), got {self.k}")
         return self

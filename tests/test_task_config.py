@@ -40,8 +40,3 @@ def test_named_errors(override, message):
 def test_k_must_fit_the_samples():
     assert "eval.k must lie in 1..eval.samples (4), got [1, 8]" in error("eval.samples=4", "eval.k=[1,8]")
     assert load_config(None, ["eval.samples=8", "eval.k=[1,8]"]).eval.k == [1, 8]
-
-
-def test_k_without_samples_is_an_error():
-    assert "eval.k = [1, 8] needs sampled completions: set eval.samples to at least 8" in error("eval.k=[1,8]")
-    assert load_config(None, ["eval.k=[1]"]).eval.samples == 0  # greedy pass@1 alone: the default k
