@@ -90,7 +90,7 @@ def produce(system: str, address: str, load: Load, actor: str, ready, go, out) -
 
 
 def run(system: str, address: str, load: Load, consumer, server_pid: int) -> dict:
-    """Start the consumer and the producers; time from the first send to the last ack.
+    """Start the consumer and the producers; time from the first send until the consumer holds every sample.
 
     Also counts the CPU time each role spent (the producers' send loops, the consumer, the
     server process) per sample: on 2 cores, where all of them compete, that is what sets the pace.

@@ -54,10 +54,11 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str | None:
-    """The checked-out commit, with "+changes" when the tree differs from it; None outside a git checkout."""
+    """The checked-out commit, with "+changes" when the code differs from it (results aside); None outside a git checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],  # results are written by benches
+                               cwd=ROOT, capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else None

