@@ -150,6 +150,7 @@ def test_an_eval_stops_at_once_when_asked_while_it_generates(tmp_path, sig):
         for line in eval_role.stdout:
             if "evaluating" in line:  # the engine is up and generating
                 break
+        threading.Thread(target=eval_role.stdout.read, daemon=True).start()  # a full pipe would hold its exit
         time.sleep(2)
         asked = time.monotonic()
         eval_role.send_signal(sig)

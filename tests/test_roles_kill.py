@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from protocol.files import read_rows
 from tests.helpers import finish_run, metrics_rows, role_processes, start_role, steps_done, wait_for
 
 pytestmark = pytest.mark.slow
@@ -54,9 +55,10 @@ def test_a_learner_resumed_behind_the_versions_actors_hold_moves_versions_on_and
         first = metrics_rows(tmp_path)
         processes.append(learner := start_role("learner", tmp_path, endpoints, sync, every, "--resume"))
         finish_run(tmp_path, learner, actor, broker)
-    rows = metrics_rows(tmp_path)
-    resumed = rows[len(first):]
+    resumed = metrics_rows(tmp_path)  # it started over from step 0: the killed learner's rows were moved aside
     assert [r["step"] for r in resumed] == list(range(1, 11))
+    assert read_rows(tmp_path / "metrics.superseded.jsonl")[: len(first)] == first
+    rows = first + resumed
     versions = [r["policy_version"] for r in rows]
     assert versions == sorted(set(versions))  # rising across the restart, never repeated
     assert resumed[0]["policy_version"] >= first[-1]["policy_version"] + 3  # past the version an actor may hold
