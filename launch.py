@@ -62,7 +62,8 @@ def run_role(role: str, config: RunConfig, index: int, resume: bool = False) -> 
     if role == "eval":  # loads eval.model itself; no sockets
         from actors.evaluate import run_eval
 
-        signal.signal(signal.SIGTERM, raise_interrupt)  # nothing checks a stop flag while vLLM generates: stop at once
+        for sig in (signal.SIGTERM, signal.SIGINT):  # nothing checks a stop flag while vLLM generates: stop at once
+            signal.signal(sig, raise_interrupt)  # SIGINT too: a background job of a script inherits it ignored
         run_eval(config)
         return
     run_dir = config.run.dir

@@ -145,7 +145,9 @@ def test_an_eval_stops_at_once_when_asked_while_it_generates(tmp_path, sig):
         sys.executable, str(ROOT / "launch.py"), "--role", "eval", f"run.dir={tmp_path / 'run'}", "model.path=builtin:tiny-random",
         "task.name=dataset", "task.dataset.source=jsonl", f"task.dataset.path={data}", "task.reward.function=exact",
         "eval.samples=16", "eval.max_tokens=64",
-    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    # as a background job of a script, SIGINT comes ignored: the role kept ignoring it (a CI run in the background failed)
     try:
         for line in eval_role.stdout:
             if "evaluating" in line:  # the engine is up and generating
