@@ -37,8 +37,8 @@ def read_rows(path: Path) -> list[Any]:
 
 def append_row(path: Path, row: Any) -> None:
     """Append `row` as a JSON line, on a line of its own even after a line cut short."""
-    with path.open("ab") as out:
-        cut = out.tell() > 0 and path.read_bytes()[-1:] != b"\n"
+    with path.open("a+b") as out:
+        cut = out.seek(0, os.SEEK_END) > 0 and out.seek(-1, os.SEEK_END) >= 0 and out.read(1) != b"\n"  # the last byte only
         out.write((b"\n" if cut else b"") + orjson.dumps(row) + b"\n")
 
 
