@@ -11,6 +11,7 @@ import signal
 log = logging.getLogger("streamrl")
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "STREAMRL_DIE_WITH_PARENT"  # set by a supervisor to its pid: the child then dies with it
+ORPHAN_GRACE_S = 20  # how long a role whose supervisor was killed may take to stop cleanly
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -32,6 +33,24 @@ def follow_supervisor() -> bool:
         return True
     die_with_parent(signal.SIGTERM)
     return os.getppid() == int(parent)
+
+
+def orphaned() -> bool:
+    """True in a child of `launch.py --role all` whose supervisor has died."""
+    parent = os.environ.get(PARENT_ENV)
+    return parent is not None and os.getppid() != int(parent)
+
+
+def end_in_time_if_orphaned() -> None:
+    """Called on a stop request: if the supervisor is gone (it was killed, so nobody will escalate to
+    SIGKILL after its grace period), the kernel ends this process in `ORPHAN_GRACE_S` unless it stops first.
+
+    SIGALRM's default action needs no Python code to run, so a role stuck in a long call (an actor
+    still loading vLLM on a busy machine took over a minute) ends all the same.
+    """
+    if orphaned():
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(ORPHAN_GRACE_S)
 
 
 def raise_interrupt(signum: int, _frame: object) -> None:
