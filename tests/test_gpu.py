@@ -8,28 +8,57 @@ import torch
 from learner.backend import FSDPBackend
 from learner.main import load_model
 from learner.trainer import Trainer
+from protocol.buckets import Assembler
 from protocol.config import load_config
 from protocol.transport import free_port
 from tests.helpers import make_groups
+from tests.test_weights import assert_same
 
 pytestmark = pytest.mark.gpu
 
 
-def test_fsdp_bf16_step_on_one_gpu(tiny_model_dir, monkeypatch):
+@pytest.fixture
+def one_rank(monkeypatch) -> FSDPBackend:
+    """An FSDP2 backend of one rank on the GPU, with bf16 parameters."""
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port())}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
+    backend = FSDPBackend(load_config(None, ["learner.mixed_precision=true"]).learner)
+    yield backend
+    backend.close()
+
+
+def test_fsdp_bf16_step_on_one_gpu(tiny_model_dir, one_rank):
     config = load_config(None, ["train.lr=0.01", "learner.mixed_precision=true"])
-    backend = FSDPBackend(config.learner)
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = one_rank.wrap(model)
+    metrics = Trainer(model, config, backend=one_rank).step(groups)
+    after = one_rank.full_state_dict(model)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in after.values())
+
+
+def test_fsdp_gathers_straight_into_the_cuda_ipc_buffer(tiny_model_dir, one_rank, endpoints):
+    """The learner's publish path on a GPU: each gathered parameter lands in the IPC buffer it is served
+    from (no CPU copy), and the served buckets pass their device checksums and equal the CPU gather."""
+    from learner.gpu_weights import CudaIpcWeightServer
+
+    server = CudaIpcWeightServer(endpoints["weights"], 1 << 16)
     try:
-        model = load_model(tiny_model_dir)
-        groups = make_groups(model)
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model = backend.wrap(model)
-        metrics = Trainer(model, config, backend=backend).step(groups)
-        after = backend.full_state_dict(model)
-        assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
-        assert any(not torch.equal(before[k], after[k]) for k in before)
-        assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in after.values())
+        model = one_rank.wrap(load_model(tiny_model_dir))
+        expected = {k: v.clone() for k, v in one_rank.full_state_dict(model).items()}
+        views = one_rank.full_state_dict(model, server.stage)
+        assert all(v.is_cuda and v.dtype == torch.float32 for v in views.values())
+        server.publish(1, views)
+        latest = server._latest
+        assert latest.flat.data_ptr() == server._buffers[0].tensor.data_ptr() and len(latest.buckets) > 1
+        assembler = Assembler(latest.manifest)  # verifies each bucket's sum64
+        for index, bucket in enumerate(latest.buckets):
+            assembler.add(index, bucket)
+        got = {k: v.cpu() for k, v in assembler.state_dict().items()}
+        assert_same(got, expected)
     finally:
-        backend.close()
+        server.close()
