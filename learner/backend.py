@@ -79,7 +79,11 @@ class Backend:
         return optimizer.state_dict()
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(state)  # matches parameters by position, so FSDP's name-keyed state loads too
+
+    def reduce_gradients(self, model: torch.nn.Module, now: bool) -> None:
+        """Whether the next backward reduces the gradients over ranks (the last micro-batch of an update) or only
+        accumulates them; nothing to reduce in one process."""
 
     def close(self) -> None:
         pass
@@ -88,13 +92,16 @@ class Backend:
 class FSDPBackend(Backend):
     def __init__(self, config: LearnerSection) -> None:
         super().__init__(config)
-        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         # On GPUs, NCCL for the model and gloo for the small CPU tensors of `share`, `sum` and `max`.
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        if "RANK" in os.environ:  # started as one of several ranks (learner/ranks.py, torchrun, srun)
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        else:  # a learner of its own (one GPU): no one to meet, so no port either
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self._shard(super().wrap(model))
@@ -117,6 +124,15 @@ class FSDPBackend(Backend):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy, **({"reshard_after_forward": True} if frozen else {}))
         return model
+
+    def reduce_gradients(self, model: torch.nn.Module, now: bool) -> None:
+        """With one rank, micro-batches before an update's last only accumulate their gradients, with the
+        parameters kept gathered: FSDP's reduce-scatter and re-gather per micro-batch move nothing there, yet
+        cost host time a GPU step waits on. Several ranks reduce every micro-batch, so that no rank holds the
+        whole model's gradients."""
+        if self.world_size == 1:
+            model.set_requires_gradient_sync(now)
+            model.set_reshard_after_backward(now)
 
     def share(self, groups: list[list[Sample]] | None) -> list[list[Sample]] | None:
         """Send the batch as our own wire frames (no pickle), lengths first, then the bytes."""
@@ -205,5 +221,7 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def make_backend(config: LearnerSection) -> Backend:
-    """FSDP when more than one rank is asked for or a launcher (torchrun, srun) set RANK; else one process."""
-    return FSDPBackend(config) if config.world_size > 1 or "RANK" in os.environ else Backend(config)
+    """FSDP when more than one rank is asked for, a launcher (torchrun, srun) set RANK, or one GPU trains with
+    `mixed_precision` (FSDP's bf16 parameters over fp32 master weights); else one plain process (fp32)."""
+    sharded = config.world_size > 1 or "RANK" in os.environ or (torch.cuda.is_available() and config.mixed_precision)
+    return FSDPBackend(config) if sharded else Backend(config)

@@ -174,13 +174,14 @@ class Trainer:
         return per_rank[self.backend.rank] + [[]] * (longest - len(per_rank[self.backend.rank]))
 
     def _micro_batches(self, samples: list[Sample], advantages: torch.Tensor, indices: list[int]):
-        """Yield (the sample indices, their collated micro-batch, weight 0.0 for a filler or 1.0)."""
+        """Yield (the sample indices, their collated micro-batch, weight 0.0 for a filler or 1.0, whether it is the last)."""
         pack = bool(self.train.micro_batch_tokens)
         device = self.backend.device
-        for part in self._plan(samples, indices):
+        plan = self._plan(samples, indices)
+        for n, part in enumerate(plan):
             used = part or indices[:1]  # a filler keeps this rank in step with the others' collectives
             batch = collate([samples[i] for i in used], advantages[used], pack=pack).to(device)
-            yield part, batch, 1.0 if part else 0.0
+            yield part, batch, 1.0 if part else 0.0, n == len(plan) - 1
 
     @torch.no_grad()
     def _proximal(self, samples: list[Sample], updates: list[list[int]]) -> dict[int, torch.Tensor]:
@@ -188,7 +189,7 @@ class Trainer:
         spread over the ranks as that update will spread them: each rank computes the ones it will train."""
         out = {}
         for trained in updates:
-            for part, batch, _ in self._micro_batches(samples, torch.zeros(len(samples)), trained):
+            for part, batch, _, _ in self._micro_batches(samples, torch.zeros(len(samples)), trained):
                 logprobs, _ = forward_logprobs(self.model, batch, self.temperature)
                 out.update({i: logprobs[row].cpu() for row, i in enumerate(part)})
         return out
@@ -199,7 +200,8 @@ class Trainer:
         Samples in `compare` also have their behavior log-probs compared with the pre-step ones (parity).
         """
         total_loss, totals, parity = 0.0, LossStats(), ParityStats()
-        for part, batch, weight in self._micro_batches(samples, advantages, indices):
+        for part, batch, weight, last in self._micro_batches(samples, advantages, indices):
+            self.backend.reduce_gradients(self.model, now=last)
             logprobs, entropy = forward_logprobs(self.model, batch, self.temperature, entropy=self.loss.entropy_coef > 0)
             if proximal and part:
                 prox = _stack_rows([proximal[i] for i in part], logprobs.shape[1]).to(logprobs.device)

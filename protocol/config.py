@@ -254,13 +254,14 @@ class LearnerSection(Section):
     master_port: int = Field(29500, gt=0, lt=65536)
     """torch.distributed rendezvous port on the learner's host (world_size > 1)."""
     mixed_precision: bool = True
-    """GPU only: bf16 parameters and activations, fp32 gradient reduction."""
+    """GPU only: bf16 parameters and activations over fp32 master weights, fp32 gradient reduction. It runs
+    through FSDP2, so a learner alone on a GPU is FSDP of one rank; off, it is a plain fp32 process."""
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """The attention kernel of the learner's model (transformers' `attn_implementation`). Packed micro-batches
     carry no mask: `flash_attention_2` (the flash-attn package, GPUs) runs them as variable-length sequences,
-    `sdpa` and `eager` build a block-causal [L, L] mask per row. flash-attn computes in bf16 only: the FSDP
-    backend with `mixed_precision` (the default on GPUs) does; a single-process learner computes in fp32."""
+    `sdpa` and `eager` build a block-causal [L, L] mask per row. flash-attn computes in bf16 only, as a learner
+    on GPUs with `mixed_precision` (the default) does."""
     weight_transport: Literal["auto", "tcp", "shm", "nccl", "cuda_ipc"] = "auto"
     """How new weights reach actors (docs/weights.md): `auto` takes `shm` when the weight endpoint is on
     loopback (every actor shares the learner's host), else `tcp`; `nccl`/`cuda_ipc` need CUDA."""

@@ -205,3 +205,51 @@ def test_several_updates_per_step_on_two_ranks_match_one_rank(tiny_model_dir):
     for rank in on_two_ranks(_updates_on_rank, tiny_model_dir):
         assert rank["updates"] == single["optimizer_steps"] == 4
         assert rank["loss"] == pytest.approx(single["loss"], abs=1e-5)
+
+
+def test_one_rank_of_its_own_trains_what_one_process_trains(tiny_model_dir, monkeypatch):
+    """A learner alone on a GPU runs FSDP for its bf16 mixed precision, with no ranks to meet (no port), and
+    its micro-batches before an update's last only accumulate gradients. Checked here on CPU, in fp32."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    config = load_config(None, ["train.lr=0.001", "train.micro_batch_size=3"])
+    groups = make_groups(load_model(tiny_model_dir), num_groups=3, n=4)
+    plain = Trainer(load_model(tiny_model_dir), config)
+    expected = plain.step(groups)
+    backend = FSDPBackend(config.learner)
+    try:
+        trainer = Trainer(backend.wrap(load_model(tiny_model_dir)), config, backend=backend)
+        syncs: list[bool] = []
+        reduce_gradients = backend.reduce_gradients
+        monkeypatch.setattr(backend, "reduce_gradients", lambda model, now: syncs.append(now) or reduce_gradients(model, now))
+        got = trainer.step(groups)
+        weights = backend.full_state_dict(trainer.model)
+    finally:
+        backend.close()
+    assert syncs == [False, False, False, True]  # 12 samples in micro-batches of 3
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    for name, tensor in plain.model.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, atol=2e-6, rtol=0, msg=name)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP saves its optimizer state keyed by parameter name; a one-process learner (a sharded or GPU run
+    resumed on a CPU) loads it, since torch's optimizer matches parameters by position."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    config = load_config(None, UPDATES)
+    backend = FSDPBackend(config.learner)
+    try:
+        trainer = Trainer(backend.wrap(load_model(tiny_model_dir)), config, backend=backend)
+        trainer.step(make_groups(load_model(tiny_model_dir), num_groups=3, n=4))
+        checkpoint = save_checkpoint(tmp_path, 1, trainer, tiny_model_dir, batch_id=3)
+    finally:
+        backend.close()
+    saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]["state"]
+    resumed = Trainer(load_model(checkpoint), config)
+    assert tuple(restore_trainer(resumed, checkpoint)) == (1, 1, 3)
+    names = [name for name, _ in resumed.model.named_parameters()]
+    state = resumed.optimizer.state_dict()["state"]
+    assert len(state) == len(saved) == len(names)
+    assert all(torch.equal(state[i][key], saved[names[i]][key]) for i in state for key in ("exp_avg", "exp_avg_sq"))

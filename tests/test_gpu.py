@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.backend import FSDPBackend
+from learner.backend import FSDPBackend, make_backend
 from learner.main import load_model
 from learner.trainer import Trainer
 from protocol.buckets import Assembler
 from protocol.config import load_config
-from protocol.transport import free_port
 from tests.helpers import make_groups
 from tests.test_weights import assert_same
 
@@ -19,22 +18,25 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture
 def one_rank(monkeypatch) -> FSDPBackend:
-    """An FSDP2 backend of one rank on the GPU, with bf16 parameters."""
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    backend = FSDPBackend(load_config(None, ["learner.mixed_precision=true"]).learner)
+    """The backend a learner alone on a GPU gets: FSDP2 of one rank (no rendezvous) with bf16 parameters."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    backend = make_backend(load_config(None, []).learner)
+    assert isinstance(backend, FSDPBackend) and backend.world_size == 1
     yield backend
     backend.close()
 
 
 def test_fsdp_bf16_step_on_one_gpu(tiny_model_dir, one_rank):
-    config = load_config(None, ["train.lr=0.01", "learner.mixed_precision=true"])
+    config = load_config(None, ["train.lr=0.01", "train.micro_batch_size=3"])  # several micro-batches
     model = load_model(tiny_model_dir)
     groups = make_groups(model)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model = one_rank.wrap(model)
+    computed: list[torch.dtype] = []
+    model.model.layers[0].register_forward_hook(lambda _module, _inputs, out: computed.append((out[0] if isinstance(out, tuple) else out).dtype))
     metrics = Trainer(model, config, backend=one_rank).step(groups)
+    assert computed and set(computed) == {torch.bfloat16}
     after = one_rank.full_state_dict(model)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
     assert any(not torch.equal(before[k], after[k]) for k in before)
