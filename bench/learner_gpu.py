@@ -19,7 +19,6 @@ token for attention, over the GPU's dense bf16 peak.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import orjson
@@ -28,7 +27,6 @@ import torch
 from bench.learner import make_batches, plain_hf_step, sync, timed
 from bench.report import environment, results_dir
 from protocol.config import load_config
-from protocol.transport import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s, no sparsity
@@ -61,7 +59,7 @@ def peak_flops() -> float | None:
 
 
 def profiled(step, batch, path: Path | None) -> None:
-    """One more step under the profiler, its busiest GPU operations written to `path`."""
+    """One more step under the profiler: its busiest GPU operations, then its busiest host ones, written to `path`."""
     if path is None:
         return
     from torch.profiler import ProfilerActivity, profile
@@ -69,16 +67,16 @@ def profiled(step, batch, path: Path | None) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(batch)
         sync()
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    table = prof.key_averages().table
+    path.write_text(table(sort_by="cuda_time_total", row_limit=40) + "\n" + table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def ours(model: torch.nn.Module, batches, micro: int, profile_to: Path | None = None) -> float:
-    from learner.backend import FSDPBackend
+    from learner.backend import make_backend
     from learner.trainer import Trainer
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    config = load_config(None, ["train.lr=1e-5", f"train.micro_batch_size={micro}", "loss.clip_high=0.2", "learner.mixed_precision=true"])
-    backend = FSDPBackend(config.learner)
+    config = load_config(None, ["train.lr=1e-5", f"train.micro_batch_size={micro}", "loss.clip_high=0.2"])
+    backend = make_backend(config.learner)  # what a learner alone on a GPU runs: FSDP2 of one rank, bf16
     try:
         trainer = Trainer(backend.wrap(model), config, backend=backend)
         tokens_per_s = timed(trainer.step, batches)
