@@ -21,7 +21,7 @@ from pathlib import Path
 
 from protocol.config import RunConfig, load_config
 from protocol.errors import ConfigError, ModelNotFoundError, RoleFailed, TaskError
-from protocol.lifetime import end_in_time_if_orphaned, follow_supervisor, raise_interrupt
+from protocol.lifetime import follow_supervisor, raise_interrupt
 from protocol.models import resolve_model, vocab_size
 
 ROLES = ("all", "broker", "actor", "learner", "eval", "parity")
@@ -51,16 +51,10 @@ def setup_logging(level: str) -> None:
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT ask the role to stop cleanly at its next loop turn (within a deadline, if the
-    supervisor that would otherwise enforce one was killed)."""
+    """SIGTERM and SIGINT ask the role to stop cleanly at its next loop turn."""
     stop = threading.Event()
-
-    def ask_to_stop(*_: object) -> None:
-        stop.set()
-        end_in_time_if_orphaned()
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, ask_to_stop)
+        signal.signal(sig, lambda *_: stop.set())
     return stop
 
 

@@ -100,7 +100,7 @@ class FSDPBackend(Backend):
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         if "RANK" in os.environ:  # started as one of several ranks (learner/ranks.py, torchrun, srun)
             dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
-        else:  # a learner of its own (one GPU): no one to meet, so no port either
+        else:  # a learner of its own on a GPU: no one to meet, so no port either
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -221,7 +221,7 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def make_backend(config: LearnerSection) -> Backend:
-    """FSDP when more than one rank is asked for, a launcher (torchrun, srun) set RANK, or one GPU trains with
-    `mixed_precision` (FSDP's bf16 parameters over fp32 master weights); else one plain process (fp32)."""
-    sharded = config.world_size > 1 or "RANK" in os.environ or (torch.cuda.is_available() and config.mixed_precision)
+    """FSDP when more than one rank is asked for, a launcher (torchrun, srun) set RANK, or there is a GPU (a
+    learner alone on one is FSDP of one rank, for `mixed_precision`); else one plain CPU process."""
+    sharded = config.world_size > 1 or "RANK" in os.environ or torch.cuda.is_available()
     return FSDPBackend(config) if sharded else Backend(config)

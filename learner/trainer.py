@@ -28,6 +28,7 @@ from dataclasses import fields
 from functools import partial
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from learner.backend import Backend
 from learner.batch import MicroBatch, collate
@@ -260,7 +261,7 @@ def _head(model: torch.nn.Module, batch: MicroBatch, targets: torch.Tensor, temp
     """
     # No KV cache: training never decodes, and with one the model would not look for packed sequences
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
-    if type(model).__name__ not in PLAIN_HEADS or hasattr(model.lm_head.weight, "full_tensor"):  # FSDP: the root's forward unshards
+    if type(model).__name__ not in PLAIN_HEADS or isinstance(model, FSDPModule):  # FSDP: the root's forward unshards
         logits = model(**inputs, logits_to_keep=batch.keep).logits
         return token_logprobs(logits, targets, temperature), token_entropy(logits, temperature) if entropy else None
     hidden = model.model(**inputs).last_hidden_state[:, batch.keep]

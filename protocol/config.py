@@ -254,8 +254,8 @@ class LearnerSection(Section):
     master_port: int = Field(29500, gt=0, lt=65536)
     """torch.distributed rendezvous port on the learner's host (world_size > 1)."""
     mixed_precision: bool = True
-    """GPU only: bf16 parameters and activations over fp32 master weights, fp32 gradient reduction. It runs
-    through FSDP2, so a learner alone on a GPU is FSDP of one rank; off, it is a plain fp32 process."""
+    """GPU only: bf16 parameters and activations over fp32 master weights, fp32 gradient reduction (off: fp32).
+    A learner on GPUs always runs FSDP2, one rank of its own included."""
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """The attention kernel of the learner's model (transformers' `attn_implementation`). Packed micro-batches

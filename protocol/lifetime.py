@@ -7,11 +7,14 @@ import ctypes
 import logging
 import os
 import signal
+import threading
+import time
 
 log = logging.getLogger("streamrl")
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "STREAMRL_DIE_WITH_PARENT"  # set by a supervisor to its pid: the child then dies with it
 ORPHAN_GRACE_S = 20  # how long a role whose supervisor was killed may take to stop cleanly
+ORPHAN_POLL_S = 0.5
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -23,7 +26,8 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 
 def follow_supervisor() -> bool:
-    """In a child of `launch.py --role all` (`PARENT_ENV` names its pid): stop with SIGTERM when it dies.
+    """In a child of `launch.py --role all` (`PARENT_ENV` names its pid): stop with SIGTERM when it dies,
+    and end within `ORPHAN_GRACE_S` of that however the SIGTERM is handled.
 
     Returns False if it is gone already (it died before the request could be made), so the
     caller should not start at all.
@@ -31,26 +35,26 @@ def follow_supervisor() -> bool:
     parent = os.environ.get(PARENT_ENV)
     if parent is None:
         return True
+    for sig in (signal.SIGTERM, signal.SIGALRM):  # an inherited ignore would drop the kernel's signal
+        signal.signal(sig, signal.SIG_DFL)
     die_with_parent(signal.SIGTERM)
-    return os.getppid() == int(parent)
+    if os.getppid() != int(parent):
+        return False
+    threading.Thread(target=_end_in_time_when_orphaned, args=(int(parent),), name="orphan-watch", daemon=True).start()
+    return True
 
 
-def orphaned() -> bool:
-    """True in a child of `launch.py --role all` whose supervisor has died."""
-    parent = os.environ.get(PARENT_ENV)
-    return parent is not None and os.getppid() != int(parent)
+def _end_in_time_when_orphaned(parent: int) -> None:
+    """Once the supervisor is gone (killed, so nobody will escalate to SIGKILL after its grace period),
+    have the kernel end this process in `ORPHAN_GRACE_S` unless it stops first.
 
-
-def end_in_time_if_orphaned() -> None:
-    """Called on a stop request: if the supervisor is gone (it was killed, so nobody will escalate to
-    SIGKILL after its grace period), the kernel ends this process in `ORPHAN_GRACE_S` unless it stops first.
-
-    SIGALRM's default action needs no Python code to run, so a role stuck in a long call (an actor
-    still loading vLLM on a busy machine took over a minute) ends all the same.
+    A thread of its own, and SIGALRM's default action, because the main thread may not get to any
+    Python signal handler in time: in CI an actor or learner still starting outlived a killed
+    supervisor by over a minute.
     """
-    if orphaned():
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(ORPHAN_GRACE_S)
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    signal.alarm(ORPHAN_GRACE_S)
 
 
 def raise_interrupt(signum: int, _frame: object) -> None:

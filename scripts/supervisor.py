@@ -5,7 +5,8 @@ role's name, to this terminal, under a live progress bar fed by `metrics.jsonl`.
 The run ends well when the learner exits 0 (the others are then given time to stop
 by themselves); it fails, naming the role, as soon as any other child exits first.
 Ctrl-C, SIGTERM and SIGHUP stop every role cleanly; if this process is killed
-outright, each role gets SIGTERM from the kernel (`protocol/lifetime.py`).
+outright, each role gets SIGTERM from the kernel and ends itself if it has not stopped
+cleanly within `ORPHAN_GRACE_S` (`protocol/lifetime.py`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 
 import numpy as np
 import pytest
@@ -65,11 +66,14 @@ def test_two_ranks_match_one_rank(tmp_path, endpoints, micro):
         assert max(r["kl_mean"] for r in double) > 1e-6
 
 
-def on_two_ranks(target, model_dir) -> list[dict]:
-    """Run `target(rank, port, model_dir, results)` as two spawned gloo ranks; what each put in `results`."""
+def on_two_ranks(target, *args, ranks: int = 2) -> list[dict]:
+    """Run `target(rank, port, *args, results)` as two spawned gloo ranks (or `ranks`); what each put in `results`.
+
+    Spawned also for one rank: a vLLM engine another test built in this process holds torch's default process group.
+    """
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=target, args=(rank, port, model_dir, results)) for rank in (0, 1)]
+    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in range(ranks)]
     for proc in procs:
         proc.start()
     try:
@@ -207,47 +211,68 @@ def test_several_updates_per_step_on_two_ranks_match_one_rank(tiny_model_dir):
         assert rank["loss"] == pytest.approx(single["loss"], abs=1e-5)
 
 
-def test_one_rank_of_its_own_trains_what_one_process_trains(tiny_model_dir, monkeypatch):
-    """A learner alone on a GPU runs FSDP for its bf16 mixed precision, with no ranks to meet (no port), and
-    its micro-batches before an update's last only accumulate gradients. Checked here on CPU, in fp32."""
+def _steps_alone(_rank: int, _port: int, model_dir, results) -> None:
+    """A learner of its own (no RANK, no rendezvous) trains two steps of four updates under FSDP."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    config = load_config(None, ["train.lr=0.001", "train.micro_batch_size=3"])
-    groups = make_groups(load_model(tiny_model_dir), num_groups=3, n=4)
-    plain = Trainer(load_model(tiny_model_dir), config)
-    expected = plain.step(groups)
-    backend = FSDPBackend(config.learner)
-    try:
-        trainer = Trainer(backend.wrap(load_model(tiny_model_dir)), config, backend=backend)
-        syncs: list[bool] = []
-        reduce_gradients = backend.reduce_gradients
-        monkeypatch.setattr(backend, "reduce_gradients", lambda model, now: syncs.append(now) or reduce_gradients(model, now))
-        got = trainer.step(groups)
-        weights = backend.full_state_dict(trainer.model)
-    finally:
-        backend.close()
-    assert syncs == [False, False, False, True]  # 12 samples in micro-batches of 3
-    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
-    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
-    for name, tensor in plain.model.state_dict().items():
-        torch.testing.assert_close(weights[name], tensor, atol=2e-6, rtol=0, msg=name)
-
-
-def test_a_sharded_checkpoint_resumes_in_one_process(tiny_model_dir, tmp_path, monkeypatch):
-    """FSDP saves its optimizer state keyed by parameter name; a one-process learner (a sharded or GPU run
-    resumed on a CPU) loads it, since torch's optimizer matches parameters by position."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
+    torch.set_num_threads(1)
     config = load_config(None, UPDATES)
     backend = FSDPBackend(config.learner)
     try:
-        trainer = Trainer(backend.wrap(load_model(tiny_model_dir)), config, backend=backend)
-        trainer.step(make_groups(load_model(tiny_model_dir), num_groups=3, n=4))
-        checkpoint = save_checkpoint(tmp_path, 1, trainer, tiny_model_dir, batch_id=3)
+        trainer = Trainer(backend.wrap(load_model(model_dir)), config, backend=backend)
+        syncs: list[bool] = []
+        reduce_gradients = backend.reduce_gradients
+        backend.reduce_gradients = lambda model, now: syncs.append(now) or reduce_gradients(model, now)
+        metrics = [trainer.step(groups) for groups in two_batches(model_dir)]
+        weights = {k: v.numpy().copy() for k, v in backend.full_state_dict(trainer.model).items()}  # tensors would pass as fds
+        results.put({"metrics": metrics, "syncs": syncs, "weights": weights})
     finally:
         backend.close()
+
+
+def two_batches(model_dir) -> list:
+    return [make_groups(load_model(model_dir), num_groups=3, n=4, seed=seed) for seed in (0, 1)]
+
+
+def test_one_rank_of_its_own_trains_what_one_process_trains(tiny_model_dir):
+    """A learner alone on a GPU runs FSDP for its bf16 mixed precision, with no ranks to meet (no port), and
+    its micro-batches before an update's last only accumulate gradients. Checked here on CPU, in fp32, over
+    two steps of four updates (each update's parameters must be gathered afresh)."""
+    torch.set_num_threads(1)
+    plain = Trainer(load_model(tiny_model_dir), load_config(None, UPDATES))
+    expected = [plain.step(groups) for groups in two_batches(tiny_model_dir)]
+    (got,) = on_two_ranks(_steps_alone, tiny_model_dir, ranks=1)
+    pattern = "".join("T" if now else "F" for now in got["syncs"])  # each update reduces at its last micro-batch only
+    assert re.fullmatch("(F*T)+", pattern) and "F" in pattern, pattern
+    for a, b in zip(expected, got["metrics"]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for name, tensor in plain.model.state_dict().items():
+        np.testing.assert_allclose(got["weights"][name], tensor.numpy(), atol=2e-6, rtol=0, err_msg=name)
+
+
+def _checkpoint_alone(_rank: int, _port: int, model_dir, out_dir, results) -> None:
+    """A learner of its own under FSDP trains a step and saves a checkpoint."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    torch.set_num_threads(1)
+    config = load_config(None, UPDATES)
+    backend = FSDPBackend(config.learner)
+    try:
+        trainer = Trainer(backend.wrap(load_model(model_dir)), config, backend=backend)
+        trainer.step(make_groups(load_model(model_dir), num_groups=3, n=4))
+        results.put({"checkpoint": save_checkpoint(out_dir, 1, trainer, model_dir, batch_id=3)})
+    finally:
+        backend.close()
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tiny_model_dir, tmp_path):
+    """FSDP saves its optimizer state keyed by parameter name; a one-process learner (a sharded or GPU run
+    resumed on a CPU) loads it, since torch's optimizer matches parameters by position."""
+    (got,) = on_two_ranks(_checkpoint_alone, tiny_model_dir, tmp_path, ranks=1)
+    checkpoint = got["checkpoint"]
     saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]["state"]
-    resumed = Trainer(load_model(checkpoint), config)
+    resumed = Trainer(load_model(checkpoint), load_config(None, UPDATES))
     assert tuple(restore_trainer(resumed, checkpoint)) == (1, 1, 3)
     names = [name for name, _ in resumed.model.named_parameters()]
     state = resumed.optimizer.state_dict()["state"]

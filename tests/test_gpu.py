@@ -19,12 +19,29 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def one_rank(monkeypatch) -> FSDPBackend:
     """The backend a learner alone on a GPU gets: FSDP2 of one rank (no rendezvous) with bf16 parameters."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    backend = make_backend(load_config(None, []).learner)
-    assert isinstance(backend, FSDPBackend) and backend.world_size == 1
+    backend = alone_on_the_gpu(monkeypatch, [])
     yield backend
     backend.close()
+
+
+def alone_on_the_gpu(monkeypatch, overrides: list[str]) -> FSDPBackend:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    backend = make_backend(load_config(None, overrides).learner)
+    assert isinstance(backend, FSDPBackend) and backend.world_size == 1 and backend.device.type == "cuda"
+    return backend
+
+
+def test_a_learner_without_mixed_precision_still_trains_on_the_gpu(tiny_model_dir, monkeypatch):
+    """Found by a review: a one-process learner's backend kept every tensor on the CPU, GPU or not."""
+    backend = alone_on_the_gpu(monkeypatch, ["learner.mixed_precision=false"])
+    try:
+        model = backend.wrap(load_model(tiny_model_dir))
+        metrics = Trainer(model, load_config(None, []), backend=backend).step(make_groups(load_model(tiny_model_dir)))
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+        assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.parameters())
+    finally:
+        backend.close()
 
 
 def test_fsdp_bf16_step_on_one_gpu(tiny_model_dir, one_rank):

@@ -45,7 +45,10 @@ def publish_versions(endpoints: dict[str, str], base: dict[str, torch.Tensor], s
             version += 1
             gen = torch.Generator().manual_seed(version)
             server.publish(version, {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()})
-            client.request(m.GET_BATCH, {"groups": 10_000, "policy_version": version, "ack_batch": None})
+            try:
+                client.request(m.GET_BATCH, {"groups": 10_000, "policy_version": version, "ack_batch": None})
+            except TimeoutError:  # in CI the broker's thread, beside the engine's in this process, once took over 10 s:
+                continue  # announce the next version instead of ending the stand-in learner
             time.sleep(0.1)
     finally:
         client.close()

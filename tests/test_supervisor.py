@@ -100,6 +100,21 @@ def gone(pid: int) -> bool:
         return True
 
 
+def described(pids: list[int]) -> list[str]:
+    """What a role that did not stop is doing: its command, state, kernel wait channel and signal masks."""
+    out = []
+    for pid in pids:
+        try:
+            status = {k: v.strip() for k, v in (line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())}
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            cmd = " ".join(psutil.Process(pid).cmdline()[-3:])
+            masks = {k: status[k] for k in ("State", "PPid", "Threads", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")}
+            out.append(f"{pid} ({cmd}) wchan={wchan} {masks}")
+        except (OSError, psutil.Error) as exc:
+            out.append(f"{pid}: {exc}")
+    return out
+
+
 def start_supervisor(run_dir, endpoints, **popen) -> subprocess.Popen:
     """`launch.py --role all` on the tiny config."""
     return subprocess.Popen([
@@ -127,7 +142,10 @@ def test_no_role_outlives_the_supervisor(tmp_path, endpoints, tiny_model_dir, si
             sig = signal.SIGTERM
         parent.send_signal(sig)
         parent.wait(timeout=60)
-        wait_for(lambda: all(gone(pid) for pid in roles), 60, "every role to stop")
+        deadline = time.monotonic() + 60
+        while not all(gone(pid) for pid in roles):
+            assert time.monotonic() < deadline, f"roles still running: {described([pid for pid in roles if not gone(pid)])}"
+            time.sleep(0.2)
     finally:
         for pid in [parent.pid, *roles]:
             if not gone(pid):
