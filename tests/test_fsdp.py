@@ -211,13 +211,18 @@ def test_several_updates_per_step_on_two_ranks_match_one_rank(tiny_model_dir):
         assert rank["loss"] == pytest.approx(single["loss"], abs=1e-5)
 
 
-def _steps_alone(_rank: int, _port: int, model_dir, results) -> None:
-    """A learner of its own (no RANK, no rendezvous) trains two steps of four updates under FSDP."""
+def alone(overrides: list[str]) -> tuple:
+    """In a spawned process: the config and the FSDP backend of a learner of its own (no RANK, no rendezvous)."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     torch.set_num_threads(1)
-    config = load_config(None, UPDATES)
-    backend = FSDPBackend(config.learner)
+    config = load_config(None, overrides)
+    return config, FSDPBackend(config.learner)
+
+
+def _steps_alone(_rank: int, _port: int, model_dir, results) -> None:
+    """A learner of its own (no RANK, no rendezvous) trains two steps of four updates under FSDP."""
+    config, backend = alone(UPDATES)
     try:
         trainer = Trainer(backend.wrap(load_model(model_dir)), config, backend=backend)
         syncs: list[bool] = []
@@ -253,11 +258,7 @@ def test_one_rank_of_its_own_trains_what_one_process_trains(tiny_model_dir):
 
 def _checkpoint_alone(_rank: int, _port: int, model_dir, out_dir, results) -> None:
     """A learner of its own under FSDP trains a step and saves a checkpoint."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    torch.set_num_threads(1)
-    config = load_config(None, UPDATES)
-    backend = FSDPBackend(config.learner)
+    config, backend = alone(UPDATES)
     try:
         trainer = Trainer(backend.wrap(load_model(model_dir)), config, backend=backend)
         trainer.step(make_groups(load_model(model_dir), num_groups=3, n=4))
