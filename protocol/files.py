@@ -38,7 +38,8 @@ def read_rows(path: Path) -> list[Any]:
 def append_row(path: Path, row: Any) -> None:
     """Append `row` as a JSON line, on a line of its own even after a line cut short."""
     with path.open("a+b") as out:
-        cut = out.seek(0, os.SEEK_END) > 0 and out.seek(-1, os.SEEK_END) >= 0 and out.read(1) != b"\n"  # the last byte only
+        end = out.seek(0, os.SEEK_END)
+        cut = end > 0 and os.pread(out.fileno(), 1, end - 1) != b"\n"  # the last byte only
         out.write((b"\n" if cut else b"") + orjson.dumps(row) + b"\n")
 
 
