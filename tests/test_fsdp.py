@@ -66,7 +66,7 @@ def test_two_ranks_match_one_rank(tmp_path, endpoints, micro):
         assert max(r["kl_mean"] for r in double) > 1e-6
 
 
-def on_two_ranks(target, *args, ranks: int = 2) -> list[dict]:
+def on_ranks(target, *args, ranks: int = 2) -> list[dict]:
     """Run `target(rank, port, *args, results)` as two spawned gloo ranks (or `ranks`); what each put in `results`.
 
     Spawned also for one rank: a vLLM engine another test built in this process holds torch's default process group.
@@ -119,7 +119,7 @@ def _gather_on_rank(rank: int, port: int, model_dir, results) -> None:
 
 def test_sharded_weights_are_gathered_straight_into_the_staged_tensors(tiny_model_dir):
     """Two gloo ranks: rank 0 gets the exact unsharded weights in the tensors `stage` gave it, tied ones once."""
-    got = on_two_ranks(_gather_on_rank, tiny_model_dir)
+    got = on_ranks(_gather_on_rank, tiny_model_dir)
     main = next(r for r in got if "names" in r)
     assert {"empty": True} in got
     assert main["names"] and main["equal"] and main["in_place"] and main["tied"]
@@ -147,7 +147,7 @@ def _reference_on_rank(rank: int, port: int, model_dir, results) -> None:
 
 def test_the_kl_reference_is_sharded_across_ranks(tiny_model_dir):
     """Two gloo ranks: each holds about half of the frozen reference, and it computes the unsharded model's logits."""
-    for rank in on_two_ranks(_reference_on_rank, tiny_model_dir):
+    for rank in on_ranks(_reference_on_rank, tiny_model_dir):
         assert rank["close"] and rank["frozen"]
         assert 0.45 < rank["held"] < 0.55, rank["held"]
 
@@ -189,13 +189,13 @@ def _resume_on_rank(rank: int, port: int, checkpoint, results) -> None:
         backend.close()
 
 
-def test_a_one_process_checkpoint_resumes_on_two_ranks(tiny_model_dir, tmp_path):
+def test_a_one_process_checkpoint_resumes_on_ranks(tiny_model_dir, tmp_path):
     """Found by a helper's hunt: a one-process learner saves its optimizer state keyed by parameter index, FSDP's
     loader wants names: a run resumed with more ranks failed on every rank with KeyError 'state.0.step'."""
     trainer = Trainer(load_model(tiny_model_dir), load_config(None, UPDATES))
     trainer.step(make_groups(trainer.model, num_groups=3, n=4))
     checkpoint = save_checkpoint(tmp_path, 1, trainer, tiny_model_dir, batch_id=3)
-    got = on_two_ranks(_resume_on_rank, checkpoint)
+    got = on_ranks(_resume_on_rank, checkpoint)
     assert all(rank["restored"] == (1, 1, 3) for rank in got)
     main = next(rank for rank in got if "same" in rank)
     assert main["same"] and main["count"] == len(list(trainer.model.parameters()))
@@ -206,7 +206,7 @@ def test_several_updates_per_step_on_two_ranks_match_one_rank(tiny_model_dir):
     so a rank asked for ones it never computed (KeyError) whenever a mini-batch had an odd length."""
     model = load_model(tiny_model_dir)
     single = Trainer(model, load_config(None, UPDATES)).step(make_groups(load_model(tiny_model_dir), num_groups=3, n=4))
-    for rank in on_two_ranks(_updates_on_rank, tiny_model_dir):
+    for rank in on_ranks(_updates_on_rank, tiny_model_dir):
         assert rank["updates"] == single["optimizer_steps"] == 4
         assert rank["loss"] == pytest.approx(single["loss"], abs=1e-5)
 
@@ -246,7 +246,7 @@ def test_one_rank_of_its_own_trains_what_one_process_trains(tiny_model_dir):
     torch.set_num_threads(1)
     plain = Trainer(load_model(tiny_model_dir), load_config(None, UPDATES))
     expected = [plain.step(groups) for groups in two_batches(tiny_model_dir)]
-    (got,) = on_two_ranks(_steps_alone, tiny_model_dir, ranks=1)
+    (got,) = on_ranks(_steps_alone, tiny_model_dir, ranks=1)
     pattern = "".join("T" if now else "F" for now in got["syncs"])  # each update reduces at its last micro-batch only
     assert re.fullmatch("(F*T)+", pattern) and "F" in pattern, pattern
     for a, b in zip(expected, got["metrics"]):
@@ -270,7 +270,7 @@ def _checkpoint_alone(_rank: int, _port: int, model_dir, out_dir, results) -> No
 def test_a_sharded_checkpoint_resumes_in_one_process(tiny_model_dir, tmp_path):
     """FSDP saves its optimizer state keyed by parameter name; a one-process learner (a sharded or GPU run
     resumed on a CPU) loads it, since torch's optimizer matches parameters by position."""
-    (got,) = on_two_ranks(_checkpoint_alone, tiny_model_dir, tmp_path, ranks=1)
+    (got,) = on_ranks(_checkpoint_alone, tiny_model_dir, tmp_path, ranks=1)
     checkpoint = got["checkpoint"]
     saved = torch.load(checkpoint / "trainer.pt", weights_only=True)["optimizer"]["state"]
     resumed = Trainer(load_model(checkpoint), load_config(None, UPDATES))

@@ -142,10 +142,10 @@ def test_no_role_outlives_the_supervisor(tmp_path, endpoints, tiny_model_dir, si
             sig = signal.SIGTERM
         parent.send_signal(sig)
         parent.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while not all(gone(pid) for pid in roles):
-            assert time.monotonic() < deadline, f"roles still running: {described([pid for pid in roles if not gone(pid)])}"
-            time.sleep(0.2)
+        try:
+            wait_for(lambda: all(gone(pid) for pid in roles), 60, "every role to stop")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; still running: {described([pid for pid in roles if not gone(pid)])}") from None
     finally:
         for pid in [parent.pid, *roles]:
             if not gone(pid):
