@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from learner.trainer import Trainer
+from protocol.errors import ResumeMismatch
 from protocol.files import checkpoints, fsync_path
 from protocol.weights import unique_tensors
 
@@ -29,6 +30,8 @@ TOKENIZER_FILES = (  # whichever the model has: fast (tokenizer.json), SentenceP
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json",
 )  # fmt: skip
+SHAPE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "intermediate_size", "tie_word_embeddings")  # fmt: skip
 
 
 def save_checkpoint(
@@ -62,7 +65,8 @@ def save_checkpoint(
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, tmp / name)
     torch.save(state, tmp / "trainer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "policy_version": step if version is None else version, "batch_id": batch_id}))
+    meta = {"step": step, "policy_version": step if version is None else version, "batch_id": batch_id, "model_path": str(model_dir.resolve())}
+    (tmp / "trainer_state.json").write_text(json.dumps(meta))
     for path in (*tmp.iterdir(), tmp):
         fsync_path(path)
     shutil.rmtree(final, ignore_errors=True)
@@ -88,6 +92,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     found = checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def check_resumable(checkpoint: Path, model_dir: Path) -> None:
+    """Refuse a checkpoint of another model than `model_dir`'s (ResumeMismatch), and warn when the same model now
+    comes from another path: the learner trains the checkpoint's weights, while the actors, the tokenizer and the
+    KL reference load `model_dir`."""
+    ours, theirs = (json.loads((folder / "config.json").read_text()) for folder in (checkpoint, model_dir))
+    differ = [key for key in SHAPE_KEYS if key in ours and key in theirs and ours[key] != theirs[key]]
+    if differ:
+        detail = ", ".join(f"{key} {ours[key]!r} there, {theirs[key]!r} here" for key in differ)
+        raise ResumeMismatch(f"{checkpoint} is a checkpoint of another model than model.path {model_dir} ({detail}): "
+                             "resume with the model it was trained from, or start a new run.dir")  # fmt: skip
+    trained_from = json.loads((checkpoint / "trainer_state.json").read_text()).get("model_path")
+    if trained_from is not None and Path(trained_from) != model_dir.resolve():
+        log.warning("%s was trained from %s, model.path is now %s: the KL reference and tokenizer come from the latter",
+                    checkpoint, trained_from, model_dir)  # fmt: skip
 
 
 class Restored(NamedTuple):

@@ -21,6 +21,7 @@ rank must take part in every forward and backward.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import warnings
@@ -47,6 +48,7 @@ from protocol.config import RunConfig, TrainSection
 from protocol.memory import LARGEST_MMAP_THRESHOLD
 from protocol.sample import Sample
 
+log = logging.getLogger("learner.trainer")
 HEAD_CHUNK_BYTES = LARGEST_MMAP_THRESHOLD // 2  # logits per chunk of the LM head: glibc keeps blocks below the threshold on its heap
 PLAIN_HEADS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})  # logits = lm_head(last hidden state)
 
@@ -85,8 +87,18 @@ class Trainer:
         return {"optimizer": self.backend.optimizer_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Optimizer moments and the schedule's position from a checkpoint. `train.lr` and `train.weight_decay` come
+        from the config, as the schedule's shape does, so that a run resumed with new values trains with them."""
         self.backend.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        saved = (self.scheduler.base_lrs[0], self.optimizer.param_groups[0]["weight_decay"])
+        if saved != (self.train.lr, self.train.weight_decay):
+            log.warning("resuming with train.lr %g and weight_decay %g (the checkpoint's: %g and %g)",
+                        self.train.lr, self.train.weight_decay, *saved)  # fmt: skip
+        self.scheduler.base_lrs = [self.train.lr] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.train.lr, lr=self.train.lr * factor, weight_decay=self.train.weight_decay)
 
     def step(self, groups: list[list[Sample]], version: int | None = None) -> dict[str, float]:
         """One training step on complete groups; `version` (the policy version the weights are at) turns on parity stats."""

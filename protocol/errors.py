@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """The run config is invalid; the message names every offending key."""
 
 
+class ResumeMismatch(ConfigError):
+    """A checkpoint holds another model than the one the config names, so resuming from it would train one model
+    while the actors and the KL reference load another."""
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model path or built-in model name does not resolve to a loadable folder."""
 

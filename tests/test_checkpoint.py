@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
+import pytest
 import torch
 
-from learner.checkpoint import latest_checkpoint, restore_trainer, save_checkpoint
+from learner.checkpoint import check_resumable, latest_checkpoint, restore_trainer, save_checkpoint
 from learner.main import load_model
-from learner.trainer import Trainer
+from learner.trainer import Trainer, lr_factor
 from protocol.config import load_config
+from protocol.errors import ResumeMismatch
+from tests.conftest import ROOT
 from tests.helpers import make_groups
 
 OVERRIDES = ["train.lr=0.01", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.steps=4", "train.micro_batch_size=3"]
@@ -37,6 +43,50 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     assert resumed.lr == straight.lr
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_resumed_run_trains_with_the_lr_and_weight_decay_of_its_config(tiny_model_dir, tmp_path, caplog):
+    """A user lowering train.lr to resume a run that diverged got the checkpoint's: the schedule's base values came
+    from the optimizer state. The schedule's position still comes from the checkpoint."""
+    torch.manual_seed(0)
+    batches = [make_groups(load_model(tiny_model_dir), seed=s) for s in range(2)]
+    first = Trainer(load_model(tiny_model_dir), load_config(None, OVERRIDES))
+    for batch in batches:
+        first.step(batch)
+    checkpoint = save_checkpoint(tmp_path, 2, first, tiny_model_dir)
+    lowered = load_config(None, [*OVERRIDES, "train.lr=0.002", "train.weight_decay=0.3"])
+    straight = Trainer(load_model(tiny_model_dir), lowered)
+    for batch in batches:
+        straight.step(batch)
+    resumed = Trainer(load_model(checkpoint), lowered)
+    restore_trainer(resumed, checkpoint)
+    assert resumed.lr == straight.lr == 0.002 * lr_factor(resumed.scheduler.last_epoch, lowered.train, total=4)
+    assert {g["weight_decay"] for g in resumed.optimizer.param_groups} == {0.3}
+    assert "resuming with train.lr 0.002 and weight_decay 0.3 (the checkpoint's: 0.01" in caplog.text
+    resumed.step(batches[0])  # the next update's lr follows the schedule from the new base
+    straight.step(batches[0])
+    assert resumed.lr == straight.lr
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_training(tiny_model_dir, tmp_path, caplog):
+    """The learner trained the checkpoint's weights while the actors and the KL reference loaded the new model.path."""
+    trainer = Trainer(load_model(tiny_model_dir), load_config(None, []))
+    save_checkpoint(tmp_path / "run", 2, trainer, tiny_model_dir)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers + 1}))
+    with pytest.raises(ResumeMismatch, match=r"another model than model.path .*num_hidden_layers"):
+        check_resumable(latest_checkpoint(tmp_path / "run"), other)
+    # the learner says so and exits 2 before it asks a broker for anything (none is running)
+    role = [sys.executable, "launch.py", "--role", "learner", "--resume", f"run.dir={tmp_path / 'run'}", f"model.path={other}"]
+    done = subprocess.run(role, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "error:" in done.stderr and f"num_hidden_layers {layers} there, {layers + 1} here" in done.stderr, done.stderr[-2000:]
+    moved = tmp_path / "moved-model"  # the same model at another path is resumed, with a warning
+    shutil.copytree(tiny_model_dir, moved)
+    check_resumable(latest_checkpoint(tmp_path / "run"), moved)
+    assert f"was trained from {tiny_model_dir.resolve()}, model.path is now {moved}" in caplog.text
 
 
 def test_a_checkpoint_keeps_its_policy_version_apart_from_its_step(tiny_model_dir, tmp_path):
