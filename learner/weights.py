@@ -32,7 +32,7 @@ from protocol.buckets import Manifest, as_bytes, bucket_views, checksum, pack_bu
 from protocol.config import RunConfig
 from protocol.curve import Guard, curve_keys_dir
 from protocol.errors import RoleFailed
-from protocol.shm import Segment, host_id
+from protocol.shm import Segment, host_id, remove_orphans
 from protocol.transport import bind_router, send_frames, send_reply
 from protocol.weights import Specs, WeightSender, resolve_transport, unique_tensors
 from protocol.wire import decode, encode
@@ -65,6 +65,8 @@ class WeightServer(WeightSender):
         self.guard = Guard(curve_dir) if curve_dir is not None else None
         self.bucket_bytes = bucket_bytes
         self.shm = shm
+        if shm and (freed := remove_orphans()):
+            log.warning("removed %.0f MiB of weight segments from /dev/shm left by a killed learner", freed / 2**20)
         self.host = host_id()
         self.served = {"shm": 0, "stream": 0}
         self._latest: Published | None = None

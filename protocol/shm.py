@@ -5,7 +5,10 @@ verify what they copy out, so a copy torn by a later rewrite fails its checksum.
 segment is registered with multiprocessing's resource tracker as soon as its file
 exists, so it is unlinked even if the sender is killed with -9 (or fails) while the
 segment is still being allocated. Killing the sender's whole process group kills the
-tracker too, and then the files stay (`docs/weights.md`).
+tracker too (`kill -9 -PGID`, `scancel --signal=KILL`), and then the files stay until the
+next sender on the host starts: it removes the segments of dead senders (`remove_orphans`).
+A segment's name holds its sender's pid and pid namespace, so that a sender never takes a
+live process of another container sharing /dev/shm for a dead one of its own.
 
 We map the files with `mmap` rather than `multiprocessing.shared_memory.SharedMemory`
 because the latter refuses to close while tensors still view it; an `mmap` lives
@@ -37,11 +40,56 @@ def shm_available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
 
+def segment_prefix(pid: int) -> str:
+    """The start of the names of the segments that process `pid` (of our pid namespace) creates."""
+    return f"{PREFIX}{_pid_namespace()}-{pid}-"
+
+
+def remove_orphans() -> int:
+    """Unlink the segments whose sender, a process of our pid namespace, is gone; returns the bytes freed.
+
+    A live sender's segments stay, as do those of other pid namespaces (their pids mean other processes)
+    and names of another form. A reader that still maps a removed segment keeps its mapping."""
+    namespace = _pid_namespace()
+    if not namespace:
+        return 0
+    freed = 0
+    for path in SHM_DIR.glob(f"{PREFIX}{namespace}-*"):
+        pid = path.name.removeprefix(f"{PREFIX}{namespace}-").partition("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # another sender starting at the same time removed it
+            continue
+        freed += size
+    return freed
+
+
+def _pid_namespace() -> str:
+    """The inode of our pid namespace ('' where /proc cannot say): containers sharing /dev/shm have their own."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class Segment:
     """A sender-owned segment of `size` bytes, writable, unlinked by `unlink()` (or the tracker on a crash)."""
 
     def __init__(self, size: int) -> None:
-        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self.name = f"{segment_prefix(os.getpid())}{secrets.token_hex(8)}"
         self.size = size
         fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         resource_tracker.register(f"/{self.name}", "shared_memory")

@@ -20,7 +20,7 @@ from actors.weights import WeightClient, make_weight_receiver
 from learner.weights import WeightServer, make_weight_sender
 from protocol.config import load_config
 from protocol.errors import RoleFailed, WeightTransferError
-from protocol.shm import PREFIX, SHM_DIR
+from protocol.shm import SHM_DIR, segment_prefix
 from protocol.weights import resolve_transport
 from tests.conftest import ROOT
 
@@ -54,7 +54,7 @@ def assert_same(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 
 def our_segments(pid: int) -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*"))
+    return sorted(p.name for p in SHM_DIR.glob(f"{segment_prefix(pid)}*"))
 
 
 def start_sender(endpoint: str, mode: str, version: int, width: int, bucket_bytes: int = 1 << 16) -> subprocess.Popen:
@@ -89,6 +89,17 @@ def test_sync_is_bit_exact_and_the_newest_version_wins(endpoints, mode):
     finally:
         client.close()
         server.close()
+
+
+def test_a_shm_learner_removes_the_segments_a_killed_learner_left(endpoints, caplog):
+    """The sender's part of tests/test_shm.py's orphan case: a learner restarted after its process group was
+    killed (tracker and all) frees the memory the killed one held."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = SHM_DIR / f"{segment_prefix(int(gone.stdout))}0123"
+    orphan.write_bytes(bytes(1 << 20))
+    server = WeightServer(endpoints["weights"], shm=True)
+    server.close()
+    assert not orphan.exists() and "removed 1 MiB of weight segments" in caplog.text
 
 
 def test_shm_writes_two_segments_in_turn_and_readers_hold_their_own_copy(endpoints):
