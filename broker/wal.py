@@ -298,11 +298,14 @@ class WriteAheadLog:
     def _fsync_quantiles(self) -> tuple[int, float, float]:
         """Recent fsyncs' p50 and p99 in ms, recomputed once a 64th of the window is new.
 
-        Stats go out with every batch served, and percentiles of 4096 timings take about
-        0.6 ms here: computed every time, they cost the broker a tenth of its time at 8 KB.
+        Stats go out with every batch served, and np.percentile of 4096 timings took about
+        0.6 ms here: computed every time, it cost the broker a tenth of its time at 8 KB
+        (a partition takes a third of that, and 9 against 81 µs over 100 timings).
         """
         if self.syncs - self.sync_quantiles[0] >= max(1, len(self.sync_seconds) // 64):
-            p50, p99 = np.percentile(self.sync_seconds, [50, 99]) * 1000
+            seconds = np.fromiter(self.sync_seconds, np.float64, len(self.sync_seconds))
+            ranks = [round(q * (len(seconds) - 1)) for q in (0.5, 0.99)]  # nearest rank: a partition, not np.percentile's sort
+            p50, p99 = np.partition(seconds, ranks)[ranks] * 1000
             self.sync_quantiles = (self.syncs, round(float(p50), 3), round(float(p99), 3))
         return self.sync_quantiles
 
