@@ -67,7 +67,7 @@ def with_pickle_out_of_band(samples: list[Sample]) -> tuple[int, list]:
 
 
 def with_orjson(samples: list[Sample]) -> tuple[int, list]:
-    blob = orjson.dumps([vars(s) for s in samples], option=orjson.OPT_SERIALIZE_NUMPY)
+    blob = orjson.dumps([as_dict(s) for s in samples], option=orjson.OPT_SERIALIZE_NUMPY)
     rows = orjson.loads(blob)
     for row in rows:  # back to typed arrays, as a receiver must
         row["prompt_ids"] = np.asarray(row["prompt_ids"], np.int32)
@@ -78,8 +78,13 @@ def with_orjson(samples: list[Sample]) -> tuple[int, list]:
 
 def with_msgpack_lists(samples: list[Sample]) -> tuple[int, list]:
     """msgpack with arrays as lists: what a quick JSON-like protocol does."""
-    blob = msgpack.packb([{**vars(s), **{k: getattr(s, k).tolist() for k in ("prompt_ids", "completion_ids", "behavior_logprobs")}} for s in samples])
+    blob = msgpack.packb([{**as_dict(s), **{k: getattr(s, k).tolist() for k in ("prompt_ids", "completion_ids", "behavior_logprobs")}} for s in samples])
     return len(blob), msgpack.unpackb(blob)
+
+
+def as_dict(sample: Sample) -> dict:
+    """The sample's fields (no deep copy, unlike dataclasses.asdict)."""
+    return {name: getattr(sample, name) for name in Sample.__slots__}
 
 
 CODECS = {"ours (header + raw frames)": ours, "pickle": with_pickle,

@@ -56,7 +56,7 @@ def samples_message(samples: list[Sample], actor: str, body: dict | None = None)
 
 
 def _meta(sample: Sample) -> dict:
-    return {k: v for k, v in vars(sample).items() if k not in ARRAYS}
+    return {k: getattr(sample, k) for k in Sample.__slots__ if k not in ARRAYS}
 
 
 def _columns(samples: list[Sample]) -> dict[str, list]:
