@@ -110,6 +110,14 @@ def check_resumable(checkpoint: Path, model_dir: Path) -> None:
                     checkpoint, trained_from, model_dir)  # fmt: skip
 
 
+def checkpoint_to_resume(run_dir: Path, model_dir: Path) -> Path | None:
+    """The latest checkpoint in `run_dir` (None if there is none), once `check_resumable` let it through."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, model_dir)
+    return checkpoint
+
+
 class Restored(NamedTuple):
     step: int
     version: int  # the policy version of the checkpoint's weights

@@ -21,7 +21,7 @@ import torch
 
 from learner.backend import Backend, make_backend
 from learner.batch import regroup
-from learner.checkpoint import Restored, check_resumable, latest_checkpoint, restore_trainer, save_checkpoint
+from learner.checkpoint import Restored, checkpoint_to_resume, restore_trainer, save_checkpoint
 from learner.metrics_log import MetricsLog
 from learner.trainer import Trainer
 from learner.weights import make_weight_sender
@@ -125,11 +125,9 @@ def run_learner(config: RunConfig, model_dir: Path, run_dir: Path, stop: threadi
 def _run(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event, resume: bool, backend: Backend) -> None:
     torch.manual_seed(config.run.seed)
     torch.set_num_threads(config.learner.threads)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = checkpoint_to_resume(run_dir, model_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir / "checkpoints")
-    if checkpoint is not None:
-        check_resumable(checkpoint, model_dir)
     attention = config.learner.attention
     model = backend.wrap(load_model(checkpoint or model_dir, attention))
     reference = None

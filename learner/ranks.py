@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from learner.checkpoint import checkpoint_to_resume
 from protocol.config import RunConfig
 from protocol.lifetime import die_with_parent
 
@@ -36,6 +37,8 @@ def _rank_main(rank: int, world: int, port: int, config_json: str, model_dir: st
 
 
 def run_ranks(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event, resume: bool) -> None:
+    if resume:  # a checkpoint of another model is refused here, in words, not as a rank's exit code
+        checkpoint_to_resume(run_dir, model_dir)
     world, ctx = config.learner.world_size, mp.get_context("spawn")
     args = (world, config.learner.master_port, config.model_dump_json(), str(model_dir), str(run_dir), resume)
     ranks = [ctx.Process(target=_rank_main, args=(r, *args), name=f"learner-rank-{r}") for r in range(world)]

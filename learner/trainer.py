@@ -99,6 +99,7 @@ class Trainer:
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:
             group.update(initial_lr=self.train.lr, lr=self.train.lr * factor, weight_decay=self.train.weight_decay)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() says
 
     def step(self, groups: list[list[Sample]], version: int | None = None) -> dict[str, float]:
         """One training step on complete groups; `version` (the policy version the weights are at) turns on parity stats."""

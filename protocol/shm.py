@@ -6,9 +6,8 @@ segment is registered with multiprocessing's resource tracker as soon as its fil
 exists, so it is unlinked even if the sender is killed with -9 (or fails) while the
 segment is still being allocated. Killing the sender's whole process group kills the
 tracker too (`kill -9 -PGID`, `scancel --signal=KILL`), and then the files stay until the
-next sender on the host starts: it removes the segments of dead senders (`remove_orphans`).
-A segment's name holds its sender's pid and pid namespace, so that a sender never takes a
-live process of another container sharing /dev/shm for a dead one of its own.
+next sender on the host starts: it removes the segments no live sender holds a lock on
+(`remove_orphans`), whichever container or pid namespace made them.
 
 We map the files with `mmap` rather than `multiprocessing.shared_memory.SharedMemory`
 because the latter refuses to close while tensors still view it; an `mmap` lives
@@ -17,10 +16,12 @@ exactly as long as the last tensor that uses it.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import secrets
 import socket
+import stat
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -40,58 +41,56 @@ def shm_available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
 
-def segment_prefix(pid: int) -> str:
-    """The start of the names of the segments that process `pid` (of our pid namespace) creates."""
-    return f"{PREFIX}{_pid_namespace()}-{pid}-"
-
-
 def remove_orphans() -> int:
-    """Unlink the segments whose sender, a process of our pid namespace, is gone; returns the bytes freed.
+    """Unlink the segments no live sender holds (see `Segment`); returns the bytes freed.
 
-    A live sender's segments stay, as do those of other pid namespaces (their pids mean other processes)
-    and names of another form. A reader that still maps a removed segment keeps its mapping."""
-    namespace = _pid_namespace()
-    if not namespace:
-        return 0
+    A sender holds an exclusive lock on each of its segments for as long as it lives, so a
+    segment whose lock we can take is an orphan, whatever pid namespace its sender had. Files
+    we may not open (another user's) and anything but a regular file stay. A reader that still
+    maps a removed segment keeps its mapping."""
     freed = 0
-    for path in SHM_DIR.glob(f"{PREFIX}{namespace}-*"):
-        pid = path.name.removeprefix(f"{PREFIX}{namespace}-").partition("-")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+    for path in SHM_DIR.glob(f"{PREFIX}*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
             continue
         try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:  # another sender starting at the same time removed it
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its sender lives
+            if os.stat(path, follow_symlinks=False).st_ino == info.st_ino:  # still the file we locked
+                path.unlink()
+                freed += info.st_size
+        except OSError:
             continue
-        freed += size
+        finally:
+            os.close(fd)
     return freed
 
 
-def _pid_namespace() -> str:
-    """The inode of our pid namespace ('' where /proc cannot say): containers sharing /dev/shm have their own."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 class Segment:
-    """A sender-owned segment of `size` bytes, writable, unlinked by `unlink()` (or the tracker on a crash)."""
+    """A sender-owned segment of `size` bytes, writable, unlinked by `unlink()` (or the tracker on a crash).
+
+    Its file stays open with an exclusive lock until `unlink()`: the kernel drops the lock when
+    the sender dies, however it dies, and `remove_orphans` takes only unlocked segments. A lock
+    taken after `remove_orphans` had already locked the new file finds the name gone, and the
+    segment is made again under a new name.
+    """
 
     def __init__(self, size: int) -> None:
-        self.name = f"{segment_prefix(os.getpid())}{secrets.token_hex(8)}"
         self.size = size
-        fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        while True:
+            self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+            fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(SHM_DIR / self.name).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:  # a starting sender took it for an orphan before we locked it
+                pass
+            os.close(fd)
+        self._fd = fd
         resource_tracker.register(f"/{self.name}", "shared_memory")
         self._linked = True
         try:
@@ -101,14 +100,13 @@ class Segment:
         except BaseException:  # e.g. ENOSPC from a small /dev/shm: leave no file behind
             self.unlink()
             raise
-        finally:
-            os.close(fd)
 
     def unlink(self) -> None:
         if self._linked:
             self._linked = False
             (SHM_DIR / self.name).unlink(missing_ok=True)
             resource_tracker.unregister(f"/{self.name}", "shared_memory")
+            os.close(self._fd)
 
 
 def attach(name: str, size: int) -> mmap.mmap:

@@ -16,11 +16,12 @@ import time
 import pytest
 import torch
 
+import protocol.shm
 from actors.weights import WeightClient, make_weight_receiver
 from learner.weights import WeightServer, make_weight_sender
 from protocol.config import load_config
 from protocol.errors import RoleFailed, WeightTransferError
-from protocol.shm import SHM_DIR, segment_prefix
+from protocol.shm import PREFIX, SHM_DIR
 from protocol.weights import resolve_transport
 from tests.conftest import ROOT
 
@@ -54,7 +55,7 @@ def assert_same(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 
 def our_segments(pid: int) -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(f"{segment_prefix(pid)}*"))
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*"))
 
 
 def start_sender(endpoint: str, mode: str, version: int, width: int, bucket_bytes: int = 1 << 16) -> subprocess.Popen:
@@ -91,11 +92,11 @@ def test_sync_is_bit_exact_and_the_newest_version_wins(endpoints, mode):
         server.close()
 
 
-def test_a_shm_learner_removes_the_segments_a_killed_learner_left(endpoints, caplog):
+def test_a_shm_learner_removes_the_segments_a_killed_learner_left(endpoints, caplog, tmp_path, monkeypatch):
     """The sender's part of tests/test_shm.py's orphan case: a learner restarted after its process group was
     killed (tracker and all) frees the memory the killed one held."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = SHM_DIR / f"{segment_prefix(int(gone.stdout))}0123"
+    monkeypatch.setattr(protocol.shm, "SHM_DIR", tmp_path)
+    orphan = tmp_path / f"{PREFIX}1-0123"  # no sender holds its lock
     orphan.write_bytes(bytes(1 << 20))
     server = WeightServer(endpoints["weights"], shm=True)
     server.close()
