@@ -3,7 +3,8 @@
 `checkpoints/step_N/` holds the policy (safetensors, config, tokenizer) so that
 `from_pretrained` loads it as is, `trainer.pt` (optimizer, LR schedule and RNG
 state) and `trainer_state.json` (step and policy version). It is written into
-`step_N.tmp`, fsynced, and renamed, so neither a learner killed mid-save nor a
+`step_N.tmp`, fsynced, and renamed (an older run's `step_N` is moved aside first, and
+deleted only once the new one is in place), so neither a learner killed mid-save nor a
 power loss leaves half a checkpoint that resume would pick: the next batch request
 acknowledges this step's batch to the broker, which then never serves it again.
 """
@@ -69,9 +70,13 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(meta))
     for path in (*tmp.iterdir(), tmp):
         fsync_path(path)
-    shutil.rmtree(final, ignore_errors=True)
+    older = final.with_name(final.name + ".old")  # an older run's step_N, whole until this one is in place
+    shutil.rmtree(older, ignore_errors=True)
+    if final.exists():
+        final.rename(older)
     tmp.rename(final)
     fsync_path(final.parent)
+    shutil.rmtree(older, ignore_errors=True)
     if keep is not None:
         _prune(run_dir, step, keep)
     return final

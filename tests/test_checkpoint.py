@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,28 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tiny_model_dir,
     tmp = str(path) + ".tmp"
     assert {f"{tmp}/{p.name}" for p in path.iterdir()} | {tmp} <= synced_before
     assert ("fsync", str(path.parent)) in events[renamed:]
+
+
+def test_a_learner_killed_while_replacing_an_older_runs_checkpoint_leaves_a_whole_one(tiny_model_dir, tmp_path, monkeypatch):
+    """A run started by hand in a folder holding an older run's step_N deleted that folder before renaming the new
+    one into place: killed during the delete, it left half a step_N, which resume then picked."""
+    trainer = Trainer(load_model(tiny_model_dir), load_config(None, []))
+    save_checkpoint(tmp_path, 2, trainer, tiny_model_dir)  # the older run's
+    real_rmtree = shutil.rmtree
+
+    def killed_half_way(path, ignore_errors=False):
+        path = Path(path)
+        if path.exists() and not path.name.endswith(".tmp"):
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt("killed while deleting")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr("learner.checkpoint.shutil.rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, trainer, tiny_model_dir, batch_id=9)
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_000002" and (latest / "model.safetensors").exists()
+    assert restore_trainer(Trainer(load_model(latest), load_config(None, [])), latest).batch_id == 9  # the new one
 
 
 def test_a_checkpoint_carries_every_tokenizer_file_the_model_has(tiny_model_dir, tmp_path):
