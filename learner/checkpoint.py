@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from protocol.files import checkpoints, fsync_path
 from protocol.weights import unique_tensors
 
 log = logging.getLogger("learner.checkpoint")
+_LEFTOVER = re.compile(r"step_(\d+)\.(tmp|old)")  # what a save killed half-way leaves
 
 TOKENIZER_FILES = (  # whichever the model has: fast (tokenizer.json), SentencePiece (tokenizer.model), BPE (vocab + merges)
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "tokenizer.model",
@@ -83,10 +85,12 @@ def save_checkpoint(
 
 
 def _prune(run_dir: Path, step: int, keep: int) -> None:
-    """Delete the checkpoints before `step` beyond the newest `keep` (counting `step`'s); later steps (another
-    run's, in a folder reused without --resume) are not this run's to delete. A failed delete is only logged."""
+    """Delete the checkpoints before `step` beyond the newest `keep` (counting `step`'s), and what killed saves
+    before `step` left (`step_K.tmp`, `step_K.old`); later steps (another run's, in a folder reused without
+    --resume) are not this run's to delete. A failed delete is only logged."""
     older = [path for s, path in checkpoints(run_dir) if s < step]
-    for path in older[: max(0, len(older) - (keep - 1))]:
+    leftovers = [path for path in (run_dir / "checkpoints").glob("step_*.*") if (m := _LEFTOVER.fullmatch(path.name)) and int(m[1]) < step]
+    for path in older[: max(0, len(older) - (keep - 1))] + leftovers:
         try:
             shutil.rmtree(path)
         except OSError as err:

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-from learner.checkpoint import checkpoint_to_resume
 from protocol.config import RunConfig
 from protocol.lifetime import die_with_parent
 
@@ -38,6 +37,8 @@ def _rank_main(rank: int, world: int, port: int, config_json: str, model_dir: st
 
 def run_ranks(config: RunConfig, model_dir: Path, run_dir: Path, stop: threading.Event, resume: bool) -> None:
     if resume:  # a checkpoint of another model is refused here, in words, not as a rank's exit code
+        from learner.checkpoint import checkpoint_to_resume  # torch: only when needed, this process only watches
+
         checkpoint_to_resume(run_dir, model_dir)
     world, ctx = config.learner.world_size, mp.get_context("spawn")
     args = (world, config.learner.master_port, config.model_dump_json(), str(model_dir), str(run_dir), resume)

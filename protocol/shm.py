@@ -83,12 +83,15 @@ class Segment:
         while True:
             self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             fd = os.open(SHM_DIR / self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 if os.stat(SHM_DIR / self.name).st_ino == os.fstat(fd).st_ino:
                     break
             except FileNotFoundError:  # a starting sender took it for an orphan before we locked it
                 pass
+            except BaseException:
+                os.close(fd)
+                raise
             os.close(fd)
         self._fd = fd
         resource_tracker.register(f"/{self.name}", "shared_memory")

@@ -104,6 +104,8 @@ def test_only_the_newest_checkpoints_are_kept_when_asked(tiny_model_dir, tmp_pat
     trainer = Trainer(load_model(tiny_model_dir), load_config(None, []))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "step_000099.tmp").mkdir()  # a save that was killed half-way is not a checkpoint
+    for leftover in ("step_000001.tmp", "step_000002.old"):  # what saves killed half-way left: each a whole model
+        (tmp_path / "checkpoints" / leftover).mkdir()
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, trainer, tiny_model_dir, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000003", "step_000004", "step_000099.tmp"]
