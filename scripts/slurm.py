@@ -25,11 +25,13 @@ COMPONENTS = ("broker", "learner", "actor")
 
 WATCH = r"""
 # Wait for the learner. A component that exits before it (non-zero, or zero without the
-# learner following within the grace period) fails the job, naming the component.
+# learner following within the grace period) fails the job, naming the component; once the
+# learner has finished, training is complete and a component failing on its way out is only named.
 grace={grace}
 names=(broker learner actor)
 pids=("$broker" "$learner" "$actor")
 finished_at=
+learner_ok=
 stop_all() {{  # SIGTERM to every task still running (roles stop cleanly), SIGKILL after the grace period
   local pid alive
   scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null
@@ -42,16 +44,20 @@ stop_all() {{  # SIGTERM to every task still running (roles stop cleanly), SIGKI
   exit "$1"
 }}
 while :; do
-  for i in 0 1 2; do
+  for i in 1 0 2; do  # the learner first: whoever else ended in the same second ended after it
     pid=${{pids[$i]}}
     [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null || continue
     wait "$pid"; code=$?; pids[$i]=
-    if [ "$code" -ne 0 ]; then
+    if [ "$code" -ne 0 ] && [ -n "$learner_ok" ]; then
+      echo "streamrl: component ${{names[$i]}} (het group $i) exited with code $code after the learner finished"
+    elif [ "$code" -ne 0 ]; then
       echo "streamrl: component ${{names[$i]}} (het group $i) failed with exit code $code; end of its log:"
       tail -n 5 "$RUN"/logs/"${{names[$i]}}"*.log 2>/dev/null | sed 's/^/  /'
       stop_all 1
+    else
+      echo "streamrl: component ${{names[$i]}} (het group $i) finished"
     fi
-    echo "streamrl: component ${{names[$i]}} (het group $i) finished"
+    [ "$i" -eq 1 ] && [ "$code" -eq 0 ] && learner_ok=1
     [ -z "$finished_at" ] && finished_at=$SECONDS
   done
   if [ -z "${{pids[1]}}" ]; then

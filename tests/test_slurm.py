@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import launch
+from scripts.slurm import WATCH
 from tests.conftest import ROOT
 
 CLUSTER_SCRIPT = ROOT / "scripts" / "local_slurm.sh"
@@ -254,3 +255,20 @@ def wait_until(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    ("learner", "actor", "ends", "says"),
+    [
+        ("exit 0", "sleep 1; exit 3", 0, "component actor (het group 2) exited with code 3 after the learner finished"),
+        ("sleep 1; exit 0", "exit 3", 1, "component actor (het group 2) failed with exit code 3"),
+    ],
+)
+def test_a_component_failing_after_the_learner_finished_does_not_fail_the_job(tmp_path, learner, actor, ends, says):
+    """An actor whose engine crashed on its way out after the last step marked a complete training FAILED.
+    The job's watcher runs here with stand-in components (scancel stubbed: no job)."""
+    components = f'(sleep 0.3; exit 0) & broker=$!\n({learner}) & learner=$!\n({actor}) & actor=$!\n'
+    script = f"scancel() {{ :; }}\nRUN={shlex.quote(str(tmp_path))}\nSLURM_JOB_ID=0\n{components}{WATCH.format(grace=5)}"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == ends and says in done.stdout, done.stdout + done.stderr
+    assert f"streamrl: job ends with exit code {ends}" in done.stdout
