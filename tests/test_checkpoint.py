@@ -62,6 +62,7 @@ def test_a_resumed_run_trains_with_the_lr_and_weight_decay_of_its_config(tiny_mo
     resumed = Trainer(load_model(checkpoint), lowered)
     restore_trainer(resumed, checkpoint)
     assert resumed.lr == straight.lr == 0.002 * lr_factor(resumed.scheduler.last_epoch, lowered.train, total=4)
+    assert resumed.scheduler.get_last_lr() == [resumed.lr]  # what a logger or a user reading the schedule sees
     assert {g["weight_decay"] for g in resumed.optimizer.param_groups} == {0.3}
     assert "resuming with train.lr 0.002 and weight_decay 0.3 (the checkpoint's: 0.01" in caplog.text
     resumed.step(batches[0])  # the next update's lr follows the schedule from the new base
