@@ -107,8 +107,8 @@ def check_resumable(checkpoint: Path, model_dir: Path) -> None:
     """Refuse a checkpoint of another model than `model_dir`'s (ResumeMismatch), and warn when the same model now
     comes from another path: the learner trains the checkpoint's weights, while the actors, the tokenizer and the
     KL reference load `model_dir`."""
-    ours, theirs = (json.loads((folder / "config.json").read_text()) for folder in (checkpoint, model_dir))
-    differ = [key for key in SHAPE_KEYS if key in ours and key in theirs and ours[key] != theirs[key]]
+    ours, theirs = (_shape(json.loads((folder / "config.json").read_text())) for folder in (checkpoint, model_dir))
+    differ = [key for key in ours if key in theirs and ours[key] != theirs[key]]
     if differ:
         detail = ", ".join(f"{key} {ours[key]!r} there, {theirs[key]!r} here" for key in differ)
         raise ResumeMismatch(f"{checkpoint} is a checkpoint of another model than model.path {model_dir} ({detail}): "
@@ -117,6 +117,16 @@ def check_resumable(checkpoint: Path, model_dir: Path) -> None:
     if trained_from is not None and Path(trained_from) != model_dir.resolve():
         log.warning("%s was trained from %s, model.path is now %s: the KL reference and tokenizer come from the latter",
                     checkpoint, trained_from, model_dir)  # fmt: skip
+
+
+def _shape(config: dict) -> dict:
+    """The SHAPE_KEYS a model's config.json has, with those of its sub-models' configs (`text_config`,
+    `vision_config`: Gemma 3, vision-language models keep their sizes there) under dotted names."""
+    shape = {key: config[key] for key in SHAPE_KEYS if key in config}
+    for name, sub in config.items():
+        if name.endswith("_config") and isinstance(sub, dict):
+            shape.update({f"{name}.{key}": value for key, value in _shape(sub).items()})
+    return shape
 
 
 def checkpoint_to_resume(run_dir: Path, model_dir: Path) -> Path | None:

@@ -92,6 +92,21 @@ def test_a_checkpoint_of_another_model_is_refused_before_training(tiny_model_dir
     assert f"was trained from {tiny_model_dir.resolve()}, model.path is now {moved}" in caplog.text
 
 
+def test_a_model_that_keeps_its_sizes_in_a_text_config_is_compared_too(tmp_path):
+    """Gemma 3 and vision-language models nest their sizes; only the top-level keys were compared."""
+    def folder(name: str, layers: int) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        config = {"model_type": "gemma3", "text_config": {"hidden_size": 64, "num_hidden_layers": layers}, "vision_config": {"hidden_size": 32}}
+        (path / "config.json").write_text(json.dumps(config))
+        (path / "trainer_state.json").write_text(json.dumps({"step": 1, "model_path": str(path)}))
+        return path
+
+    check_resumable(folder("checkpoint", 4), folder("same", 4))
+    with pytest.raises(ResumeMismatch, match=r"text_config.num_hidden_layers 4 there, 6 here"):
+        check_resumable(tmp_path / "checkpoint", folder("deeper", 6))
+
+
 def test_a_checkpoint_keeps_its_policy_version_apart_from_its_step(tiny_model_dir, tmp_path):
     """After a resume moved versions ahead of steps (learner/main.py: rising_version), a later resume must go on
     from the version, or versions would restart lower again."""
