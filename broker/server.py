@@ -61,6 +61,7 @@ class Broker:
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.actor_seen: dict[str, float] = {}  # actor -> monotonic time of its last message
         self.owner_seen: dict[Owner, float] = {}  # (actor, incarnation) -> its last message, for expiry
+        self.window_seen: dict[Owner, float] = {}  # the same, kept until its dedupe window is freed
         self.learner_seen: float | None = None
         self.actor_rates: dict[str, float] = {}  # actor -> the generation tokens/s it last reported
         self.actor_counters: dict[str, dict] = {}  # actor -> the counters it last reported (failures, drops, ...)
@@ -346,7 +347,7 @@ class Broker:
         self.actor_seen[actor] = time.monotonic()
         incarnation = body.get("incarnation")
         if isinstance(incarnation, str):
-            self.owner_seen[(actor, incarnation)] = self.actor_seen[actor]
+            self.owner_seen[(actor, incarnation)] = self.window_seen[(actor, incarnation)] = self.actor_seen[actor]
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)
@@ -381,6 +382,23 @@ class Broker:
             self.stopped_actors.discard(actor)
             counters = self.actor_counters.pop(actor, None)
             log.info("actor %s silent for %.0f s: dropped from the stats; its last counters: %s", actor, FORGET_AFTER_S, counters)
+        self._free_superseded_windows(now)
+
+    def _free_superseded_windows(self, now: float) -> None:
+        """Free the dedupe window of an actor incarnation silent for `FORGET_AFTER_S` once a newer incarnation of
+        its actor id has been heard: that process is gone, and with it anything it could resend. Each restart of an
+        actor left a window behind for good, in memory and in every log snapshot. A live incarnation keeps its
+        window however long it is silent: forgetting it would let a resend whose ACK was lost in again."""
+        for owner in self.buffer.seen:  # one made by a sample whose incarnation its message did not name, or replayed
+            self.window_seen.setdefault(owner, now)
+        newest: dict[str, float] = {}
+        for (actor, _), seen in self.window_seen.items():
+            newest[actor] = max(seen, newest.get(actor, seen))
+        for owner, seen in list(self.window_seen.items()):
+            if now - seen > FORGET_AFTER_S and seen < newest[owner[0]]:
+                del self.window_seen[owner]
+                if self.buffer.seen.pop(owner, None) is not None:
+                    log.info("actor %s incarnation %s: superseded and silent for %.0f s, its dedupe window freed", *owner, now - seen)
 
     def _retired(self, samples: list[Sample], why: str) -> None:
         if self.log is not None:

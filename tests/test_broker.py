@@ -327,6 +327,22 @@ def test_actors_silent_for_long_leave_the_stats(broker):
     assert server.stats()["actor_counters"]["gone"] == {"groups_sent": 2}
 
 
+def test_a_restarted_actors_old_dedupe_window_is_freed_and_a_live_ones_kept(broker):
+    """Every incarnation kept its window for good: a slow leak over actor restarts, in memory and in each log
+    snapshot. Only an incarnation superseded by a newer one of its actor id, and silent for long, is let go."""
+    server, endpoint = broker
+    client = Client(endpoint, "actor")
+    for group, (actor, incarnation) in enumerate((("a0", "old"), ("a0", "new"), ("lone", "i0"))):
+        body = {"actor_id": actor, "incarnation": incarnation}
+        assert client.request(m.SAMPLES, body, samples=[sample(0, group, 0, actor=actor, incarnation=incarnation)])[1]["acked"] == [0]
+    assert {("a0", "old"), ("a0", "new"), ("lone", "i0")} <= set(server.buffer.seen)
+    for owner in (("a0", "old"), ("lone", "i0")):  # both silent for long; only the first was superseded
+        server.window_seen[owner] -= FORGET_AFTER_S + 1
+    wait_for(lambda: ("a0", "old") not in server.buffer.seen, 5, "the superseded window to be freed")
+    assert ("a0", "new") in server.buffer.seen and ("lone", "i0") in server.buffer.seen
+    assert ("a0", "old") not in server.window_seen
+
+
 def test_finish_tells_actors_to_stop(broker):
     _, endpoint = broker
     actor, learner = Client(endpoint, "actor"), Client(endpoint, "learner")
