@@ -47,8 +47,10 @@ class Backend:
         return self.rank == 0
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move to the device and apply the memory switches; FSDP also shards."""
-        model.to(self.device)
+        """Move to the device and apply the memory switches."""
+        return self._checkpointing(model.to(self.device))
+
+    def _checkpointing(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.config.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -104,11 +106,13 @@ class FSDPBackend(Backend):
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self._shard(super().wrap(model))
+        """Sharded where it lies (the CPU): `fully_shard` moves each block to the device as it shards it, so a rank's
+        GPU holds its shards and one whole block at most, never the whole model (moved first, it did, at start)."""
+        return self._shard(self._checkpointing(model))
 
     def wrap_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """Sharded like the policy: each rank holds 1/world_size of the reference, which computes in the policy's precision."""
-        return self._shard(super().wrap_frozen(model), frozen=True)
+        return self._shard(model.eval().requires_grad_(False), frozen=True)
 
     def _shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
         """FSDP2 over the blocks, then the root. A trained root keeps its parameters gathered from forward

@@ -44,6 +44,31 @@ def test_a_learner_without_mixed_precision_still_trains_on_the_gpu(tiny_model_di
         backend.close()
 
 
+def test_sharding_moves_the_model_to_the_gpu_block_by_block(tiny_model_dir, one_rank, monkeypatch):
+    """`wrap` moved the whole model to the GPU before `fully_shard`, so with N ranks each GPU briefly held all of it.
+    Now FSDP moves each block as it shards it: the GPU holds the blocks sharded so far, and in the end everything."""
+    import torch.distributed.fsdp as fsdp
+
+    model = load_model(tiny_model_dir)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    held_before: list[int] = []  # GPU bytes allocated as each fully_shard call begins
+    shard = fsdp.fully_shard
+
+    def noting_what_the_gpu_holds(module, **kwargs):
+        held_before.append(torch.cuda.memory_allocated())
+        return shard(module, **kwargs)
+
+    monkeypatch.setattr(fsdp, "fully_shard", noting_what_the_gpu_holds)
+    base = torch.cuda.memory_allocated()
+    model = one_rank.wrap(model)
+    assert len(held_before) == len(model.model.layers) + 1
+    assert held_before[0] - base < block_bytes  # nothing of the model on the GPU before the first block is sharded
+    assert held_before[-1] - base < model_bytes  # nor all of it before the root (embeddings, head) is
+    assert all(t.device.type == "cuda" for t in (*model.parameters(), *model.buffers()))
+    assert torch.isfinite(torch.tensor(Trainer(model, load_config(None, []), backend=one_rank).step(make_groups(load_model(tiny_model_dir)))["loss"]))
+
+
 def test_fsdp_bf16_step_on_one_gpu(tiny_model_dir, one_rank):
     config = load_config(None, ["train.lr=0.01", "train.micro_batch_size=3"])  # several micro-batches
     model = load_model(tiny_model_dir)
