@@ -78,7 +78,7 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
 def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """[B, T, V] -> [B, T] entropy of the sampling distribution."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)  # a masked (-inf) logit adds 0, not 0 * -inf
 
 
 @dataclass
@@ -142,7 +142,7 @@ def kl_penalty(logprobs: Tensor, reference: Tensor, estimator: str) -> Tensor:
         return -x
     if estimator == "k2":
         return 0.5 * x * x
-    return torch.exp(x) - x - 1.0
+    return torch.exp(x.clamp(max=MAX_LOG_RATIO)) - x - 1.0  # unclamped, a token 88 nats below the reference gave inf
 
 
 def policy_loss(

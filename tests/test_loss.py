@@ -14,6 +14,7 @@ from learner.loss import (
     Normalizer,
     flat_groups,
     group_advantages,
+    kl_penalty,
     policy_loss,
     to_numbers,
     token_entropy,
@@ -263,6 +264,19 @@ def test_token_logprobs_and_entropy_at_temperature():
     logp = torch.log_softmax(logits / 0.7, -1)
     torch.testing.assert_close(token_logprobs(logits, targets, 0.7), logp.gather(-1, targets[..., None])[..., 0])
     torch.testing.assert_close(token_entropy(logits, 0.7), -(logp.exp() * logp).sum(-1))
+
+
+def test_a_masked_logit_and_a_token_far_below_the_reference_stay_finite():
+    """Found by a review: a -inf logit made the entropy 0 * -inf = NaN; k3's exp(reference - logp) overflowed to inf
+    once a sampled token lay some 88 nats below the reference, and the update was refused on every resume."""
+    logits = torch.tensor([[[0.0, 1.0, -math.inf]]])
+    torch.testing.assert_close(token_entropy(logits), token_entropy(logits[..., :2]))
+    logprobs = torch.tensor([-95.0, -11.0, -1.0], requires_grad=True)
+    kl = kl_penalty(logprobs, torch.tensor([-1.0, -1.0, -1.0]), "k3")
+    kl.sum().backward()
+    kl = kl.detach()
+    assert torch.isfinite(kl).all() and torch.isfinite(logprobs.grad).all() and kl[2] == 0
+    assert float(kl[1]) == pytest.approx(math.exp(10) - 11, rel=1e-6)  # within the clamp: the estimator as it is
 
 
 def test_loss_stats_add_up():
