@@ -225,7 +225,6 @@ def train_loop(
         weights.publish(version, state, wait=False)  # packed while the next batch is fetched; actors stream it as it is
         row.update(
             policy_version=version,
-            lr=trainer.lr,
             wait_seconds=source.waited_s,
             broker_refusals=source.refusals,
             gen_tokens_per_s=got[1].get("gen_tokens_per_s", 0.0),

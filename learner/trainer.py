@@ -103,7 +103,7 @@ class Trainer:
 
     def step(self, groups: list[list[Sample]], version: int | None = None) -> dict[str, float]:
         """One training step on complete groups; `version` (the policy version the weights are at) turns on parity stats."""
-        started = time.perf_counter()
+        started, lr = time.perf_counter(), self.lr
         rewards = torch.tensor([[s.reward for s in g] for g in groups], dtype=torch.float64)
         flat = flat_groups(rewards)
         if self.loss.filter_flat_groups and not flat.all():
@@ -139,6 +139,7 @@ class Trainer:
         return {
             "loss": loss / max(updates, 1),  # each update's loss is a token mean already: their mean, not their sum
             "grad_norm": grad_norm,
+            "lr": lr,  # the first update's (the schedule has moved on since)
             "optimizer_steps": updates,
             "is_weight_mean": totals.is_weight_sum / per_token,
             "is_truncated_frac": totals.truncated / per_token,
@@ -299,8 +300,11 @@ def lr_factor(update: int, train: TrainSection, total: int) -> float:
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
-    size = -(-len(items) // parts)
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    """`items` in at most `parts` consecutive runs, none empty, whose sizes differ by one at most: cut by the
+    ceiling, 10 samples in 4 updates were 3+3+3+1, a last update on one sample taking a full-size step."""
+    parts = min(parts, len(items))
+    bounds = [len(items) * k // parts for k in range(parts + 1)] if parts else [0]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _stack_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -120,6 +120,28 @@ def test_a_step_with_nothing_to_learn_still_moves_the_lr_schedule_on(tiny_model_
     assert few.lr == pytest.approx(0.01 * 9 / 32)  # the ninth update of the warm-up comes next
 
 
+def test_updates_of_a_step_share_its_samples_evenly_and_the_step_logs_the_lr_it_trained_with(tiny_model_dir):
+    """Found by a review: 10 samples in 4 updates were cut 3+3+3+1 (the last a full-size step on one sample), 5 in 4
+    were 2+2+1 and an update of nothing; and the logged lr was read after the schedule moved on, one update ahead."""
+    assert [len(c) for c in trainer_module._split(list(range(10)), 4)] == [2, 3, 2, 3]
+    model = load_model(tiny_model_dir)
+    groups = make_groups(model, num_groups=1, n=5)
+    groups[0][0].reward = 1.0 - groups[0][1].reward  # a signal in the group whatever the draw
+    config = load_config(None, ["train.lr=0.01", "train.warmup_steps=8", "train.updates_per_step=4"])
+    trainer = Trainer(model, config)
+    sizes: list[int] = []
+    update = trainer._update
+
+    def noting_its_size(samples, advantages, trained, *rest):
+        sizes.append(len(trained))
+        return update(samples, advantages, trained, *rest)
+
+    trainer._update = noting_its_size
+    metrics = trainer.step(groups)
+    assert metrics["optimizer_steps"] == 4 and sorted(sizes) == [1, 1, 1, 2]
+    assert metrics["lr"] == pytest.approx(0.01 / 8) and trainer.lr == pytest.approx(0.01 * 5 / 8)
+
+
 @pytest.mark.parametrize("advantage", ["drgrpo", "rloo"])
 def test_rewards_at_the_wires_bound_train_finitely_without_std_normalisation(tiny_model_dir, advantage):
     """Found by a review: advantages then have the rewards' size, and at the first bound, 1e30 (even 1e20), the gradient norm
