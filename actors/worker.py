@@ -89,7 +89,7 @@ class Actor:
         self.stop_requested = False
         self.groups: dict[str, OpenGroup] = {}
         self.unacked: dict[int, tuple[Sample, float]] = {}
-        self.seq = itertools.count()
+        self.next_seq = 0  # the sequence number of the next sample sent
         self.group_ids = itertools.count()
         self.meter = RateMeter()
         self.weight_updates = 0
@@ -260,7 +260,7 @@ class Actor:
             if why is not None:  # refused however it is sent: resending it would never end
                 return self._fail(group_id, group, "sample_too_large", why)
         for sample in samples:  # a dropped group uses no sequence numbers: gaps would stay in the broker's dedupe window
-            sample.seq = next(self.seq)
+            sample.seq, self.next_seq = self.next_seq, self.next_seq + 1
         return samples
 
     def _fail(self, group_id: str, group: OpenGroup, cause: str, detail: str) -> None:
@@ -337,7 +337,11 @@ class Actor:
             self._send(overdue)
 
     def _status_body(self) -> dict[str, Any]:
-        return {"actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate(), "counters": self.stats()}
+        """What every message to the broker says about this actor. `settled_below`: no sample numbered below it is
+        ever sent again (each was acknowledged or rejected, or dropped with a rejected sibling), so the broker's
+        dedupe window has no gap below it, whatever the broker lost or never got."""
+        return {"actor_id": self.actor_id, "incarnation": self.incarnation, "gen_tokens_per_s": self.meter.rate(),
+                "counters": self.stats(), "settled_below": min(self.unacked, default=self.next_seq)}  # fmt: skip
 
     def _call(self, kind: str, body: dict[str, Any]) -> None:
         """One request to the broker; a timeout or an ERROR reply is logged and counted."""

@@ -1,7 +1,7 @@
 """What the broker writes to its log, and how a restarted broker rebuilds itself from it.
 
 Four facts are logged: a samples message with at least one newly accepted sample
-(its frames exactly as received), a batch served to the learner (its sample keys,
+(its frames as received if all its valid samples are new, else only the new ones), a batch served to the learner (its sample keys,
 fsynced before the batch leaves), the learner's acknowledgement of that batch, and
 samples retired without being served (stale, expired). Replay is the accepted
 samples minus the retired and consumed ones; the served-but-unacknowledged batch

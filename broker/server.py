@@ -279,10 +279,16 @@ class Broker:
             self._reject(ProtocolError("bad_sample", f"sample {seq}: its group already holds a sample of that index", seq))
             rejected.append([seq, "bad_sample"])
         if new and self.log is not None:
-            # replay restores every sample a record holds: one that refused some (never acknowledged) logs only the new
-            whole = not refused and not clashed
-            frames = self.frames if whole else encode_samples(m.SAMPLES, _with_keys(good, set(new)), {"actor_id": actor})
-            self.log.samples(frames, new)
+            # replay restores every sample a record holds: unless all of the sender's are new, only the new ones are
+            # logged (refused ones were never acknowledged; stale ones would come back after a restart that lost the
+            # version that made them stale)
+            frames = self.frames if len(new) == len(good) else encode_samples(m.SAMPLES, _with_keys(good, set(new)), {"actor_id": actor})
+            try:
+                self.log.samples(frames, new)
+            except LogWriteError:
+                raise
+            except Exception as err:  # the samples are in the buffer already: acknowledged on a resend, a crash would lose them
+                raise LogWriteError(f"could not log {len(new)} accepted samples: {err!r}") from err
         self.counters["acked"] += len(acked)
         self.counters["refused_no_credit"] += len(refused)
         return {"acked": acked, "rejected": rejected, "refused": refused, **self._status(actor)}
@@ -348,6 +354,7 @@ class Broker:
         incarnation = body.get("incarnation")
         if isinstance(incarnation, str):
             self.owner_seen[(actor, incarnation)] = self.window_seen[(actor, incarnation)] = self.actor_seen[actor]
+            self.buffer.settle((actor, incarnation), body.get("settled_below"))
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)
@@ -381,6 +388,8 @@ class Broker:
             self.actor_rates.pop(actor, None)
             self.stopped_actors.discard(actor)
             counters = self.actor_counters.pop(actor, None)
+            if not self.buffer.held[actor]:  # summed over for every message (the broker's whole memory budget)
+                del self.buffer.held[actor], self.buffer.held_bytes[actor]
             log.info("actor %s silent for %.0f s: dropped from the stats; its last counters: %s", actor, FORGET_AFTER_S, counters)
         self._free_superseded_windows(now)
 

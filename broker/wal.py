@@ -76,7 +76,6 @@ CRC32_TYPES = {SAMPLES[0], SERVED[0], CONSUMED[0], RETIRED[0], SNAPSHOT[0]}  # a
 XXH3_TYPES = {kind + 32 for kind in CRC32_TYPES | {MARKER[0]}}  # lower case, unseeded (until 2026-11-27, fifth session; the marker still)
 SEEDED = 128  # type bit: the xxh3 is seeded with the segment number, so a recycled file's old records fail it
 SEEDED_TYPES = {kind + 32 + SEEDED for kind in CRC32_TYPES}  # what is written now
-MAX_RECORD = 1 << 31
 
 
 class LogFormatError(RoleFailed):

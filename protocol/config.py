@@ -183,8 +183,9 @@ class BrokerSection(Section):
     """Groups whose oldest sample started more than this many versions ago are dropped (counted)."""
     credits_per_actor: int = Field(64, ge=1)
     """Samples an actor may have buffered in the broker; a slow learner makes actors wait."""
-    max_message_bytes: int = Field(64 << 20, gt=0)
-    """Larger messages are refused (ZeroMQ drops the peer's message, decode rejects it)."""
+    max_message_bytes: int = Field(64 << 20, gt=0, le=1 << 30)
+    """Larger messages are refused (ZeroMQ drops the peer's message, decode rejects it). At most 1 GiB: the log
+    writes a message as one record, and Linux writes at most 2 GiB at once."""
     max_header_bytes: int = Field(4 << 20, ge=64 << 10)
     """Messages whose msgpack header (the samples' metadata columns) is larger are refused: unpacking builds
     Python objects of up to ~70x the header's bytes. Actors split what they send to stay within half of it."""

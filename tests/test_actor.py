@@ -148,6 +148,29 @@ def test_an_unanswered_message_is_given_up_and_its_samples_stay_unacknowledged()
         actor.broker.close()
 
 
+def test_every_message_tells_the_broker_below_which_no_sample_is_sent_again():
+    """The broker's dedupe window closes its gaps at this watermark: samples it rejected (not logged, so a gap
+    after a restart) and siblings the actor dropped with a rejected sample, which it never sends."""
+    said: list[int] = []
+
+    def answer(router, identity: bytes, kind: str, body: dict) -> None:
+        said.append(body["settled_below"])
+        seqs = body["samples"]["seq"]  # of group(4): 4 acknowledged, 5 rejected, 6 and 7 left unanswered
+        acked = [s for s in seqs if s < 5 or s > 7]
+        send_reply(router, identity, body["rid"], m.ACK, {"acked": acked, "rejected": [[5, "bad_sample"]] if 5 in seqs else [], "credits": 64})
+
+    with router_in_thread(answer) as endpoint:
+        actor = actor_sending_to(endpoint, in_flight=0)
+        try:
+            actor.next_seq = 12  # as if it had numbered group(0) to group(8) itself
+            for first in (0, 4, 8):
+                actor._send(group(first))
+            assert said == [0, 4, 8] and actor.unacked == {}  # 6 and 7 went with their rejected sibling
+            assert actor._status_body()["settled_below"] == 12
+        finally:
+            actor.broker.close()
+
+
 def test_samples_are_overdue_from_their_own_post_not_from_the_wait_before_it(slow_broker):
     """One message in flight and room for one group per message: the second group is posted only once the
     first is acknowledged, and its resend clock starts then."""

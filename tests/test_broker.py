@@ -319,10 +319,14 @@ def test_actors_silent_for_long_leave_the_stats(broker):
     client = Client(endpoint, "actor")
     for actor in ("a0", "gone"):
         client.request(m.PING, {"actor_id": actor, "counters": {"groups_sent": 1}, "gen_tokens_per_s": 5.0})
+    send(client, group_samples(0, 0, actor="gone"), actor="gone")
+    assert get_batch(Client(endpoint, "learner"), 1, 0)[0] == m.BATCH
+    assert server.buffer.held["gone"] == 0 and "gone" in server.buffer.held  # served: nothing held, still counted over
     server.actor_seen["gone"] -= FORGET_AFTER_S + 1
     wait_for(lambda: "gone" not in server.stats()["actor_counters"], 5, "the silent actor to be dropped")
     assert server.stats()["actor_counters"] == {"a0": {"groups_sent": 1}}
     assert "gone" not in server.actor_seen and "gone" not in server.actor_rates
+    assert "gone" not in server.buffer.held and "gone" not in server.buffer.held_bytes
     client.request(m.PING, {"actor_id": "gone", "counters": {"groups_sent": 2}})  # back again: known again
     assert server.stats()["actor_counters"]["gone"] == {"groups_sent": 2}
 

@@ -185,6 +185,58 @@ def test_stale_and_expired_samples_are_not_replayed(running):
     assert stats["replayed"] == 0 and stats["buffered"] == 0 and stats["partial_groups"] == 0
 
 
+def test_a_stale_sample_sent_with_fresh_ones_stays_dropped_after_a_restart(running):
+    """Found by a review: the whole message was logged, stale sample and all, and the version that made it stale
+    (heard from a learner's request that got no batch) is not logged: a restart buffered it again."""
+    broker = running()
+    assert get_batch(broker.client("learner"), 1, 10)[0] == m.NOT_READY  # the broker is at version 10 now
+    body = send(broker.client("actor"), [*group_samples(0, 0, version=10)[:2], sample(2, 1, 0, version=7)])
+    assert body["acked"] == [0, 1, 2] and broker.stats()["dropped_stale"] == 1
+    broker.restart()
+    stats = broker.stats()
+    assert stats["replayed"] == 2 and stats["buffered"] == 2
+
+
+def test_an_actors_watermark_closes_the_gap_a_rejected_sample_leaves_after_a_restart(running):
+    """Rejected samples are not logged, so a restart rebuilt their numbers as a gap the actor never fills: every
+    later sample then went to the window's overflow set, sorted whenever it reached MAX_ABOVE."""
+    broker = running()
+    actor = broker.client("actor")
+    bad = sample(1, 0, 1)
+    bad.completion_ids = np.array([VOCAB + 1], dtype=np.int32)
+    bad.behavior_logprobs = np.array([-1.0], dtype=np.float32)
+    body = send(actor, [sample(0, 0, 0), bad, sample(2, 0, 2)])
+    assert body["acked"] == [0, 2] and body["rejected"] == [[1, "token_out_of_vocab"]]
+    broker.restart()
+    window = broker.server.buffer.seen[("a0", "i0")]
+    assert (window.below, window.above) == (1, {2})  # the gap: seq 1 is in no record
+    status = {"actor_id": "a0", "incarnation": "i0", "settled_below": 3}
+    assert actor.request(m.PING, status)[0] == m.STATUS
+    assert (window.below, window.above) == (3, set())
+    assert actor.request(m.PING, {**status, "settled_below": 1})[0] == m.STATUS  # an older watermark changes nothing
+    assert (window.below, window.above) == (3, set())
+
+
+def test_a_samples_record_that_cannot_be_written_stops_the_broker_unacknowledged(running, monkeypatch):
+    """Found by a review: any error but a LogWriteError between admitting samples and logging them cost one
+    request, leaving the samples buffered but not logged; the actor's resend was then acknowledged as a duplicate,
+    and a crash lost it."""
+    broker_ = running()
+    send(broker_.client("actor"), group_samples(0, 0))
+
+    def unpackable(*_):
+        raise ValueError("'I' format requires 0 <= number <= 4294967295")  # what a record over 4 GiB gave
+
+    monkeypatch.setattr(broker_.server.log, "samples", unpackable)
+    with pytest.raises(TimeoutError):
+        broker_.client("actor2").request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(1, 4), timeout_s=2.0)
+    broker_.thread.join(5)
+    assert not broker_.thread.is_alive()
+    broker_.start()
+    stats = broker_.stats()
+    assert stats["replayed"] == 4 and stats["ready_groups"] == 1
+
+
 def test_fully_consumed_segments_are_deleted(running):
     broker = running("broker.segment_mb=0.001")  # ~1 KB segments: a new one after nearly every message
     actor, learner = broker.client("actor"), broker.client("learner")
