@@ -109,17 +109,16 @@ class WeightClient(WeightReceiver):
 
     def _next_bucket(self, rid: int, slots: list[torch.Tensor]) -> tuple[int, Any]:
         """Receive the next bucket of request `rid` into its slot; returns its index and the checksum that came with it."""
-        while True:
-            kind, body, more = self._next_header(rid)
-            index = body.get("index")
-            if kind != m.BUCKET or not more or not isinstance(index, int) or not 0 <= index < len(slots):
-                self._drain()
-                raise WeightTransferError("bad_bucket", f"expected a bucket message, got {kind} with index {index!r}")
-            received = self.socket.recv_into(memoryview(slots[index].numpy())) if slots[index].numel() else self.socket.recv_into(bytearray())
-            if received != slots[index].numel() or self.socket.getsockopt(zmq.RCVMORE):
-                self._drain()
-                raise WeightTransferError("size", f"bucket {index}: {received} bytes, manifest says {slots[index].numel()}")
-            return index, body.get("checksum")
+        kind, body, more = self._next_header(rid)
+        index = body.get("index")
+        if kind != m.BUCKET or not more or not isinstance(index, int) or not 0 <= index < len(slots):
+            self._drain()
+            raise WeightTransferError("bad_bucket", f"expected a bucket message, got {kind} with index {index!r}")
+        received = self.socket.recv_into(memoryview(slots[index].numpy())) if slots[index].numel() else self.socket.recv_into(bytearray())
+        if received != slots[index].numel() or self.socket.getsockopt(zmq.RCVMORE):
+            self._drain()
+            raise WeightTransferError("size", f"bucket {index}: {received} bytes, manifest says {slots[index].numel()}")
+        return index, body.get("checksum")
 
     def _next_header(self, rid: int) -> tuple[str, dict[str, Any], bool]:
         """The first frame of the next message of request `rid` (others are skipped), and whether frames follow."""
@@ -144,7 +143,10 @@ class WeightClient(WeightReceiver):
     def _slots(self, manifest: Manifest) -> list[torch.Tensor]:
         """Per-bucket views of our buffer. Fresh memory costs ~10x a warm copy here, so it is kept across versions."""
         if self._buffer.numel() < manifest.total_bytes:
-            self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+            try:
+                self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+            except (RuntimeError, MemoryError) as err:  # a manifest no host could hold must not take the actor down
+                raise WeightTransferError("bad_manifest", f"cannot hold {manifest.total_bytes} bytes of weights: {err}") from None
         return bucket_views(self._buffer[: manifest.total_bytes], manifest)
 
     def _from_segment(self, assembler: Assembler, name: str, progress: Progress | None) -> None:

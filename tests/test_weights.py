@@ -19,6 +19,7 @@ import torch
 import protocol.shm
 from actors.weights import WeightClient, make_weight_receiver
 from learner.weights import WeightServer, make_weight_sender
+from protocol.buckets import Manifest
 from protocol.config import load_config
 from protocol.errors import RoleFailed, WeightTransferError
 from protocol.shm import PREFIX, SHM_DIR
@@ -311,6 +312,17 @@ def test_torn_bytes_are_rejected_and_the_next_version_arrives_clean(endpoints, m
     finally:
         client.close()
         server.close()
+
+
+def test_a_manifest_larger_than_memory_is_a_named_failure_not_a_crash(endpoints):
+    """Found by a review: allocating the buffer for it raised torch's RuntimeError, which stopped the actor."""
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
+    try:
+        with pytest.raises(WeightTransferError) as err:
+            client._slots(Manifest(1, [], [1 << 62]))
+        assert err.value.reason == "bad_manifest" and "cannot hold" in err.value.detail
+    finally:
+        client.close()
 
 
 def test_sender_killed_mid_stream_leaves_old_weights_and_the_actor_catches_up_later(endpoints):
