@@ -217,26 +217,6 @@ def test_an_actors_watermark_closes_the_gap_a_rejected_sample_leaves_after_a_res
     assert (window.below, window.above) == (3, set())
 
 
-def test_a_samples_record_that_cannot_be_written_stops_the_broker_unacknowledged(running, monkeypatch):
-    """Found by a review: any error but a LogWriteError between admitting samples and logging them cost one
-    request, leaving the samples buffered but not logged; the actor's resend was then acknowledged as a duplicate,
-    and a crash lost it."""
-    broker_ = running()
-    send(broker_.client("actor"), group_samples(0, 0))
-
-    def unpackable(*_):
-        raise ValueError("'I' format requires 0 <= number <= 4294967295")  # what a record over 4 GiB gave
-
-    monkeypatch.setattr(broker_.server.log, "samples", unpackable)
-    with pytest.raises(TimeoutError):
-        broker_.client("actor2").request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(1, 4), timeout_s=2.0)
-    broker_.thread.join(5)
-    assert not broker_.thread.is_alive()
-    broker_.start()
-    stats = broker_.stats()
-    assert stats["replayed"] == 4 and stats["ready_groups"] == 1
-
-
 def test_fully_consumed_segments_are_deleted(running):
     broker = running("broker.segment_mb=0.001")  # ~1 KB segments: a new one after nearly every message
     actor, learner = broker.client("actor"), broker.client("learner")
@@ -300,8 +280,11 @@ def test_durable_off_writes_no_log(running, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the broker thread dies on purpose
-def test_a_failing_disk_stops_the_broker_before_it_acknowledges(running, monkeypatch):
-    """Fault injection (the only way to get ENOSPC here): the write fails, no ACK is sent, the broker stops."""
+@pytest.mark.parametrize("failure", ["disk_full", "unpackable"])
+def test_a_log_that_cannot_take_a_record_stops_the_broker_before_it_acknowledges(running, monkeypatch, failure):
+    """Fault injection (the only way to get ENOSPC here): the write fails, no ACK is sent, the broker stops.
+    `unpackable`, found by a review: any other error between admitting samples and logging them cost one request,
+    leaving them buffered but not logged; the actor's resend was then acknowledged as a duplicate, and a crash lost it."""
     import errno
 
     import broker.wal
@@ -309,10 +292,15 @@ def test_a_failing_disk_stops_the_broker_before_it_acknowledges(running, monkeyp
     broker_ = running()
     send(broker_.client("actor"), group_samples(0, 0))
 
-    def disk_full(*_):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fail(*_):
+        if failure == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise ValueError("'I' format requires 0 <= number <= 4294967295")  # what a record over 4 GiB gave
 
-    monkeypatch.setattr(broker.wal.os, "writev", disk_full)
+    if failure == "disk_full":
+        monkeypatch.setattr(broker.wal.os, "writev", fail)
+    else:
+        monkeypatch.setattr(broker_.server.log, "samples", fail)
     with pytest.raises(TimeoutError):
         broker_.client("actor2").request(m.SAMPLES, {"actor_id": "a0", "incarnation": "i0"}, samples=group_samples(1, 4), timeout_s=2.0)
     broker_.thread.join(5)
