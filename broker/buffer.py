@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from protocol.sample import Key, Sample
 
@@ -154,12 +154,12 @@ class ReplayBuffer:
             done.acked.append(sample.seq)
         return done
 
-    def settle(self, owner: tuple[str, str], below: Any) -> None:
+    def settle(self, owner: tuple[str, str], below: int) -> None:
         """The sender says it never sends a sequence number below `below` again: count them all seen. Closes the
         gaps rejected samples leave after a restart (they are not logged) and those of samples the sender dropped
         unsent; a window grown to MAX_ABOVE by gaps would otherwise sort itself every MAX_ABOVE / 2 samples."""
         window = self.seen.get(owner)
-        if window is not None and type(below) is int and below > window.below:
+        if window is not None and below > window.below:
             window.merge(below, [])
 
     def mark_seen(self, owner: tuple[str, str], seqs: list[int]) -> None:

@@ -354,7 +354,9 @@ class Broker:
         incarnation = body.get("incarnation")
         if isinstance(incarnation, str):
             self.owner_seen[(actor, incarnation)] = self.window_seen[(actor, incarnation)] = self.actor_seen[actor]
-            self.buffer.settle((actor, incarnation), body.get("settled_below"))
+            settled = body.get("settled_below")
+            if type(settled) is int:  # optional; anything else is ignored, as other status fields are
+                self.buffer.settle((actor, incarnation), settled)
         rate = body.get("gen_tokens_per_s")
         if isinstance(rate, (int, float)):
             self.actor_rates[actor] = float(rate)

@@ -76,7 +76,8 @@ class WeightReceiver:
     """Actor side: fetch weights newer than `have`, or None if there are none yet.
 
     Returned tensors may view the transport's buffers (reused by the next fetch):
-    use or copy them before fetching again, never write to them. Failures raise `WeightTransferError` and are counted by reason in `failures`.
+    use or copy them before fetching again, never write to them. Failures raise
+    `WeightTransferError` and are counted by reason in `failures`.
     """
 
     def __init__(self) -> None:
