@@ -1,18 +1,19 @@
 """Receiving new weights on the CPU channels (`tcp` stream or same-host `shm`) from the learner's weight server.
 
 One request names the version we hold, our host and whether we can map shared
-memory; the reply carries the manifest and tells us where the buckets are. Each
-bucket lands in a buffer of ours kept across versions (received into it, or copied
-out of the learner's segment) and is checked there. A transfer that stalls, is cut
-off or fails a check raises `WeightTransferError`; the caller keeps its old weights
-and asks again later. The state dict a fetch returns is valid until the next fetch.
+memory; the reply carries the manifest and tells us where the buckets are. A stream's
+buckets land in a buffer of ours kept across versions and are checked there; a
+segment's are checked where they lie, under a lease that keeps the learner from
+rewriting it, and the state dict views them without a copy. A transfer that stalls, is
+cut off or fails a check raises `WeightTransferError`; the caller keeps its old weights
+and asks again later. The state dict a fetch returns is valid until `release()` or the
+next fetch.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import mmap
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from protocol.buckets import Assembler, Manifest, as_bytes, bucket_views
 from protocol.config import RunConfig
 from protocol.curve import arm_client, curve_keys_dir
 from protocol.errors import ProtocolError, WeightTransferError
-from protocol.shm import attach, host_id, shm_available
+from protocol.shm import Mapping, host_id, shm_available
 from protocol.weights import Progress, WeightReceiver, resolve_transport
 from protocol.wire import decode, encode
 
@@ -57,10 +58,12 @@ class WeightClient(WeightReceiver):
         self.socket.connect(m.tcp(endpoint))
         self._ids = itertools.count()
         self._buffer = torch.empty(0, dtype=torch.uint8)
-        self._mapped: dict[str, mmap.mmap] = {}  # the learner's segments (it writes two in turn), mapped once each
+        self._mapped: dict[str, Mapping] = {}  # the learner's segments (it reuses two), mapped once each
+        self._leased: Mapping | None = None  # the segment the last fetch's state dict views
         self._unopened = 0  # segments in a row that could not be opened
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
+        self.release()
         rid = next(self._ids)
         # wait_s: how long we wait for the answer (an NCCL learner must not count us in a broadcast after that)
         self._send(encode(m.GET_WEIGHTS, {"rid": rid, "have": have, "host": self.host, "shm": self.shm, "wait_s": self.timeout_s}))
@@ -150,30 +153,51 @@ class WeightClient(WeightReceiver):
         return bucket_views(self._buffer[: manifest.total_bytes], manifest)
 
     def _from_segment(self, assembler: Assembler, name: str, progress: Progress | None) -> None:
-        """Copy each bucket out of the learner's segment, then verify the copy: the learner rewrites
-        a segment two versions later, and a copy torn by that fails its checksum."""
-        manifest = assembler.manifest
-        shared = as_bytes(self._map(name, manifest.total_bytes))[: manifest.total_bytes]
-        for index, (source, target) in enumerate(zip(bucket_views(shared, manifest), self._slots(manifest))):
-            target.copy_(source)
-            assembler.add(index, target)
-            if progress:
-                progress(index + 1, len(manifest.bucket_sizes))
+        """Lease the learner's segment and verify each bucket where it lies: the state dict views the segment.
 
-    def _map(self, name: str, size: int) -> mmap.mmap:
+        The learner writes only into segments no reader leases, so what was verified stays as it
+        is until `release()`. A segment it rewrote with a newer version before our lease fails its
+        checksums; one it is writing now cannot be leased (`superseded`).
+        """
+        manifest = assembler.manifest
+        mapping = self._map(name, manifest.total_bytes)
+        if not mapping.lease():
+            raise WeightTransferError("superseded", f"segment {name} is being rewritten with a newer version")
+        self._leased = mapping
+        try:
+            for index, bucket in enumerate(bucket_views(as_bytes(mapping.map)[: manifest.total_bytes], manifest)):
+                assembler.add(index, bucket)
+                if progress:
+                    progress(index + 1, len(manifest.bucket_sizes))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let the learner rewrite the segment the last fetch's state dict views (use or copy it first)."""
+        if self._leased is not None:
+            self._leased.release()
+            self._leased = None
+
+    def _map(self, name: str, size: int) -> Mapping:
         mapping = self._mapped.get(name)
-        if mapping is None or len(mapping) < size:
+        if mapping is None or len(mapping.map) < size:
             try:
-                mapping = attach(name, size)
+                mapping = Mapping(name, size)
             except WeightTransferError as err:
                 self._give_up_on_shm(err)
                 raise
-            self._mapped.pop(name, None)
+            self._forget(name)
             if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
-                self._mapped.pop(next(iter(self._mapped)))
+                self._forget(next(iter(self._mapped)))
             self._mapped[name] = mapping
         self._unopened = 0
         return mapping
+
+    def _forget(self, name: str) -> None:
+        mapping = self._mapped.pop(name, None)
+        if mapping is not None:
+            mapping.close()
 
     def _give_up_on_shm(self, err: WeightTransferError) -> None:
         """Same host, but not the same /dev/shm (a container with its own): after a few misses in a row, streams.
@@ -184,11 +208,16 @@ class WeightClient(WeightReceiver):
             return
         self._unopened += 1
         if self._unopened >= SHM_TRIES:
-            self.shm, self._mapped = False, {}
+            self.shm = False
+            for mapped in list(self._mapped):
+                self._forget(mapped)
             log.warning("%s: %d of the learner's shared-memory segments in a row could not be opened (%s); asking for "
                         "tcp streams from now on", self.endpoint, SHM_TRIES, err.detail)  # fmt: skip
 
     def close(self) -> None:
+        self.release()
+        for name in list(self._mapped):
+            self._forget(name)
         self.socket.close(linger=0)
 
 

@@ -401,7 +401,10 @@ class Actor:
         if fetched is None:
             return
         version, state_dict = fetched
-        self.engine.load_weights(state_dict)
+        try:
+            self.engine.load_weights(state_dict)
+        finally:
+            self.weights.release()  # the engine holds its own copy now: the learner may rewrite what this viewed
         self.version = version
         self.started_at_version = 0
         self.weight_updates += 1

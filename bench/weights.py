@@ -105,6 +105,7 @@ def receive(transport: str, endpoint: str, bucket_bytes: int, nbytes: int, repea
                 time.sleep(0.001)
         conn.send(time.monotonic())
         del got
+        client.release()  # as an actor does once the engine has loaded them
     client.close()
 
 

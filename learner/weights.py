@@ -11,9 +11,11 @@ checksum, as soon as it is packed (everything else).
 Only the newest version is served, so a slow or late-joining actor catches up in one
 transfer. Fresh memory costs ~10x a warm copy here (a new 2 GB segment: about 0.9 s
 of the kernel zeroing pages), so `publish` writes into the memory of the version
-before: two segments (`shm`) or two buffers (`tcp`) are used in turn. A reader still
-copying version v-1 when v+1 is written gets torn bytes, which its checksums reject,
-and it asks again.
+before: two segments (`shm`) or two buffers (`tcp`) are used in turn. A stream of
+version v-1 still in flight when v+1 is written carries torn bytes, which the reader's
+checksums reject, and it asks again. `shm` readers verify a segment in place and load
+from it under a lease (protocol/shm.py); a segment still leased is not written again
+but given up (its readers keep their mapping), and the version goes to a fresh one.
 """
 
 from __future__ import annotations
@@ -152,12 +154,14 @@ class WeightServer(WeightSender):
         """Copy `tensors` into the buckets and checksum each (None: they were written there already)."""
         try:
             manifest = published.manifest
+            if not published.buckets:
+                self._written(published)
             for entries, bucket in zip(manifest.by_bucket(), published.buckets):
                 total = checksum(manifest.checksum, bucket) if tensors is None else pack_bucket(tensors, entries, bucket, manifest.checksum)
                 with published.progress:
                     published.sums.append(total)
-                    if len(published.sums) == len(published.buckets):  # complete: shm replies carry them all
-                        published.manifest.checksums = list(published.sums)
+                    if len(published.sums) == len(published.buckets):
+                        self._written(published)
                     published.progress.notify_all()
         except BaseException as err:  # re-raised by settle() in the learner's thread
             self._pack_error = err
@@ -165,17 +169,27 @@ class WeightServer(WeightSender):
                 published.failed = True
                 published.progress.notify_all()
 
+    @staticmethod
+    def _written(published: Published) -> None:
+        """Every bucket is packed (call with `published.progress` held, before readers hear of it)."""
+        published.manifest.checksums = list(published.sums)  # shm replies carry them all
+        if published.segment is not None:
+            published.segment.unclaim()  # readers may lease it now
+
     def _staging(self, nbytes: int) -> tuple[torch.Tensor, Segment | None]:
-        """Where the next version is written: the spare if it is big enough, else fresh memory."""
+        """Where the next version is written: the spare if it is big enough (and no reader leases it), else fresh memory."""
         spare, self._spare = self._spare, None
         if isinstance(spare, Segment):
-            if spare.size >= nbytes:
+            if spare.size >= nbytes and spare.claim():
                 return as_bytes(spare.map)[:nbytes], spare
-            spare.unlink()
+            if spare.size >= nbytes:
+                log.info("an actor still loads from the spare weight segment: this version goes to a fresh one")
+            spare.unlink()  # a reader still loading from it keeps its mapping
         elif spare is not None and spare.numel() >= nbytes:
             return spare[:nbytes], None
         if self.shm:
             segment = Segment(nbytes)
+            segment.claim()  # nobody else knows its name yet
             return as_bytes(segment.map)[:nbytes], segment
         return torch.zeros(nbytes, dtype=torch.uint8), None  # zeros: the padding between tensors is sent, never written
 

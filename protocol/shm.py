@@ -1,7 +1,12 @@
 """Same-host weight segments in POSIX shared memory (/dev/shm).
 
-The sender (learner/weights.py) writes versions into two segments in turn and readers
-verify what they copy out, so a copy torn by a later rewrite fails its checksum. Each
+The sender (learner/weights.py) writes versions into segments it reuses, and readers
+verify each version in place and hand out views of it, without a copy. A reader holds a
+lease on the segment until it has loaded the weights (`Mapping.lease`), and the sender
+writes only into a segment it can claim, which no lease allows (`Segment.claim`); a reader
+that maps a segment the sender rewrote before the lease finds it fails its checksums. Both
+are OFD locks on the segment's first byte: the kernel drops a dead reader's lease, and they
+are separate from the `flock` below. Each
 segment is registered with multiprocessing's resource tracker as soon as its file
 exists, so it is unlinked even if the sender is killed with -9 (or fails) while the
 segment is still being allocated. Killing the sender's whole process group kills the
@@ -22,6 +27,7 @@ import os
 import secrets
 import socket
 import stat
+import struct
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from protocol.errors import WeightTransferError
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "streamrl-w-"
+_FLOCK = "hhqqi4x"  # Linux's struct flock: type, whence, start, length, pid (0 for OFD locks), padding
 
 
 def host_id() -> str:
@@ -104,25 +111,65 @@ class Segment:
             self.unlink()
             raise
 
+    def claim(self) -> bool:
+        """Take the writer's lock, before writing a version here; False while a reader leases the segment.
+        Released by `unclaim` once the version is written, so that readers may lease it."""
+        return _lock_first_byte(self._fd, fcntl.F_WRLCK)
+
+    def unclaim(self) -> None:
+        if self._linked:
+            _lock_first_byte(self._fd, fcntl.F_UNLCK)
+
     def unlink(self) -> None:
         if self._linked:
+            self.unclaim()  # the map's duplicate of the descriptor would keep the claim
             self._linked = False
             (SHM_DIR / self.name).unlink(missing_ok=True)
             resource_tracker.unregister(f"/{self.name}", "shared_memory")
             os.close(self._fd)
 
 
-def attach(name: str, size: int) -> mmap.mmap:
-    """Map a published segment read-only; a name that is gone (superseded, sender died) is `shm_unavailable`."""
-    if not name.startswith(PREFIX) or "/" in name or "\0" in name:
-        raise WeightTransferError("bad_manifest", f"segment name {name!r} is not ours")
+class Mapping:
+    """A reader's read-only mapping of a published segment, and its lease on it."""
+
+    def __init__(self, name: str, size: int) -> None:
+        """Map segment `name`; a name that is gone (superseded, sender died) is `shm_unavailable`."""
+        if not name.startswith(PREFIX) or "/" in name or "\0" in name:
+            raise WeightTransferError("bad_manifest", f"segment name {name!r} is not ours")
+        try:
+            self._fd = os.open(SHM_DIR / name, os.O_RDONLY)
+        except OSError as exc:
+            raise WeightTransferError("shm_unavailable", f"segment {name}: {exc.strerror}") from None
+        try:
+            if os.fstat(self._fd).st_size < size:
+                raise WeightTransferError("size", f"segment {name} is smaller than the manifest's {size} bytes")
+            self.map = mmap.mmap(self._fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.name = name
+
+    def lease(self) -> bool:
+        """Keep the sender from writing here until `release`; False while it is writing a version here."""
+        return _lock_first_byte(self._fd, fcntl.F_RDLCK)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            _lock_first_byte(self._fd, fcntl.F_UNLCK)
+
+    def close(self) -> None:
+        """Drop the lease for good; the mapping itself lives as long as the tensors that view it (and with it
+        a duplicate of our descriptor, which would keep the lease: hence the explicit release)."""
+        if self._fd >= 0:
+            self.release()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _lock_first_byte(fd: int, kind: int) -> bool:
+    """Set (F_RDLCK, F_WRLCK) or drop (F_UNLCK) an OFD lock on byte 0 without waiting; False if another holder conflicts."""
     try:
-        fd = os.open(SHM_DIR / name, os.O_RDONLY)
-    except OSError as exc:
-        raise WeightTransferError("shm_unavailable", f"segment {name}: {exc.strerror}") from None
-    try:
-        if os.fstat(fd).st_size < size:
-            raise WeightTransferError("size", f"segment {name} is smaller than the manifest's {size} bytes")
-        return mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 1, 0))
+    except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES on some systems: held by another
+        return False
+    return True

@@ -75,9 +75,10 @@ class WeightSender:
 class WeightReceiver:
     """Actor side: fetch weights newer than `have`, or None if there are none yet.
 
-    Returned tensors may view the transport's buffers (reused by the next fetch):
-    use or copy them before fetching again, never write to them. Failures raise
-    `WeightTransferError` and are counted by reason in `failures`.
+    Returned tensors may view the transport's buffers (reused by the next fetch, or, for
+    `shm`, the learner's segment): use or copy them, then `release()`, before fetching
+    again; never write to them. Failures raise `WeightTransferError` and are counted by
+    reason in `failures`.
     """
 
     def __init__(self) -> None:
@@ -92,6 +93,9 @@ class WeightReceiver:
 
     def _fetch(self, have: int, progress: Progress | None) -> tuple[int, dict[str, torch.Tensor]] | None:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """The last fetch's tensors are no longer read: the sender may reuse what they view."""
 
     def close(self) -> None:
         pass

@@ -323,3 +323,43 @@ def test_a_rejected_sample_drops_its_group_once_and_gives_its_place_in_a_synchro
     assert list(actor.unacked) == [9]
     assert actor.counters["rejected_samples"] == 2 and actor.counters["dropped_groups"] == 1
     assert actor.failures.counts["rejected_bad_logprobs"] == 1 and actor.started_at_version == actor.quota - 1
+
+
+class LoadingEngineStandIn:
+    """Stands in for a vLLM engine loading weights: notes whether the learner could rewrite the segment meanwhile."""
+
+    def __init__(self, segment, refuse: bool = False) -> None:
+        self.segment, self.refuse = segment, refuse
+        self.rewritable_while_loading: bool | None = None
+
+    def load_weights(self, state_dict: dict) -> None:
+        self.rewritable_while_loading = self.segment.claim()
+        if self.refuse:
+            raise RuntimeError("the engine refused the weights")
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_the_learner_may_rewrite_a_shm_segment_once_the_engine_loaded_from_it(endpoints, refuse):
+    """shm readers load straight from the learner's segment, leased while the engine loads (and only then: a lease
+    kept would make the learner write every other version into fresh memory), whether the load works or not."""
+    import torch
+
+    from learner.weights import WeightServer
+
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    weights = WeightClient(endpoints["weights"], "actor-0-w", timeout_s=10, shm=True)
+    try:
+        server.publish(1, {"w": torch.arange(16.0)})
+        segment = server._latest.segment
+        engine = LoadingEngineStandIn(segment, refuse)
+        actor = Actor(load_config(None, []), 0, engine=engine, task=None, weights=weights, broker=Client(endpoints["broker"], "a"))
+        if refuse:
+            with pytest.raises(RuntimeError, match="refused"):
+                actor._update_weights()
+        else:
+            actor._update_weights()
+        assert engine.rewritable_while_loading is False and actor.version == (0 if refuse else 1)
+        assert segment.claim()  # released: the learner's version after next goes here
+    finally:
+        weights.close()
+        server.close()

@@ -12,7 +12,7 @@ import pytest
 
 import protocol.shm
 from protocol.errors import WeightTransferError
-from protocol.shm import PREFIX, SHM_DIR, Segment, attach, remove_orphans, shm_available
+from protocol.shm import PREFIX, SHM_DIR, Mapping, Segment, remove_orphans, shm_available
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not shm_available(), reason="no writable /dev/shm")
@@ -44,7 +44,7 @@ def test_a_segment_is_written_through_and_unlinked():
 @pytest.mark.parametrize("name", ["other-name", f"{PREFIX}a/b", f"{PREFIX}a\0b"])
 def test_a_segment_name_that_is_not_ours_is_a_bad_manifest(name):
     with pytest.raises(WeightTransferError) as err:  # a NUL byte made os.open raise ValueError, which stopped the actor
-        attach(name, 16)
+        Mapping(name, 16)
     assert err.value.reason == "bad_manifest"
 
 
@@ -96,3 +96,59 @@ def test_a_segment_a_starting_sender_removed_before_its_lock_is_made_again(tmp_p
     segment = Segment(4096)
     assert removed == [0] and [p.name for p in tmp_path.iterdir()] == [segment.name]
     segment.unlink()
+
+
+READER = """
+import sys
+from pathlib import Path
+import protocol.shm
+protocol.shm.SHM_DIR = Path(sys.argv[1])
+mapping = protocol.shm.Mapping(sys.argv[2], 4096)
+print(mapping.lease(), flush=True)
+input()
+"""
+
+
+def test_a_lease_keeps_the_writer_out_until_released_or_its_reader_dies(tmp_path, monkeypatch):
+    """The writer's claim and a reader's lease exclude each other; the kernel drops a killed reader's lease.
+    (In a folder of its own: `remove_orphans` of another suite's learner must not see it.)"""
+    monkeypatch.setattr(protocol.shm, "SHM_DIR", tmp_path)
+    segment = Segment(4096)
+    reader = Mapping(segment.name, 4096)
+    try:
+        assert segment.claim()
+        assert not reader.lease()  # being written
+        segment.unclaim()
+        assert reader.lease() and reader.lease()  # leasing twice is harmless
+        assert not segment.claim()
+        reader.release()
+        assert segment.claim()
+        segment.unclaim()
+        other = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path), segment.name], cwd=ROOT,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert other.stdout.readline().strip() == "True"
+        assert not segment.claim()
+        other.kill()
+        other.wait()
+        assert segment.claim()
+    finally:
+        reader.close()
+        segment.unlink()
+
+
+def test_closing_a_mapping_drops_its_lease_though_tensors_still_view_it(tmp_path, monkeypatch):
+    """mmap keeps a duplicate of the descriptor, which shares the lock: only the explicit release drops it."""
+    from protocol.buckets import as_bytes
+
+    monkeypatch.setattr(protocol.shm, "SHM_DIR", tmp_path)
+    segment = Segment(4096)
+    reader = Mapping(segment.name, 4096)
+    view = as_bytes(reader.map)
+    try:
+        assert reader.lease()
+        reader.close()
+        assert segment.claim()
+        segment.map[:3] = b"new"
+        assert bytes(view[:3].numpy()) == b"new"  # the mapping lives on with its views
+    finally:
+        segment.unlink()

@@ -19,7 +19,7 @@ import torch
 import protocol.shm
 from actors.weights import WeightClient, make_weight_receiver
 from learner.weights import WeightServer, make_weight_sender
-from protocol.buckets import Manifest
+from protocol.buckets import Manifest, as_bytes
 from protocol.config import load_config
 from protocol.errors import RoleFailed, WeightTransferError
 from protocol.shm import PREFIX, SHM_DIR
@@ -104,27 +104,74 @@ def test_a_shm_learner_removes_the_segments_a_killed_learner_left(endpoints, cap
     assert not orphan.exists() and "removed 1 MiB of weight segments" in caplog.text
 
 
-def test_shm_writes_two_segments_in_turn_and_readers_hold_their_own_copy(endpoints):
+def views_of(mapping, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor lies inside `mapping` (a reader's view of a segment, not a copy)."""
+    start = as_bytes(mapping.map).data_ptr()
+    return all(start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + len(mapping.map) for t in tensors.values())
+
+
+def test_shm_readers_load_in_place_and_a_leased_segment_is_never_rewritten(endpoints):
+    """Two segments in turn; a reader verifies a version where it lies and holds a lease until it has loaded it.
+    Until 2026-11-28 (eleventh session) readers copied every version out into a buffer of their own first."""
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
     try:
         server.publish(1, state(1))
         first = our_segments(os.getpid())
         _, v1 = client.fetch(have=0)
+        assert views_of(client._mapped[first[0]], v1) and client._buffer.numel() == 0  # no copy of the model
         server.publish(2, state(2))
         both = our_segments(os.getpid())
         assert len(first) == 1 and len(both) == 2 and set(first) < set(both)
-        server.publish(3, state(3))  # written over version 1's segment: no new segment, no page zeroing
-        assert our_segments(os.getpid()) == both
-        assert_same(v1, state(1))  # the reader copied version 1 out: the rewrite does not touch it
+        server.publish(3, state(3))  # version 1's segment is leased: given up, version 3 goes to a fresh one
+        now = our_segments(os.getpid())
+        assert len(now) == 2 and first[0] not in now
+        assert_same(v1, state(1))  # what the reader holds is untouched
+        client.release()
         version, v3 = client.fetch(have=1)
         assert version == 3
         assert_same(v3, state(3))
-        assert len(client._mapped) == 1  # versions 1 and 3 share a segment, mapped once
+        client.release()
+        for version in (4, 5):  # released: both segments are written in turn again, no new one
+            server.publish(version, state(version))
+            assert our_segments(os.getpid()) == now
+        assert_same(client.fetch(have=3)[1], state(5))
+        assert len(client._mapped) == 2  # versions 3 and 5 share a segment, mapped once
     finally:
         client.close()
         server.close()
     assert our_segments(os.getpid()) == []
+
+
+def test_a_segment_rewritten_before_the_reader_leases_it_is_refused_and_the_next_fetch_is_clean(endpoints, monkeypatch):
+    """A learner publishing twice between its reply and the reader's lease is writing into the segment the reply
+    named: the lease is refused (`superseded`), the reader keeps its weights and gets the newest version next."""
+    import actors.weights as actor_weights
+
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10)
+    real_mapping, raced = actor_weights.Mapping, []
+
+    def mapping_then_two_publishes(name, size):
+        if not raced:
+            raced.append(name)
+            server.publish(3, state(3))  # into the other segment
+            server.stage({"w": (torch.float32, (8,))})  # claims the segment the reply named, for version 4
+        return real_mapping(name, size)
+
+    try:
+        server.publish(1, state(1))
+        server.publish(2, state(2))  # the client maps neither yet
+        monkeypatch.setattr(actor_weights, "Mapping", mapping_then_two_publishes)
+        with pytest.raises(WeightTransferError) as err:
+            client.fetch(have=0)
+        assert err.value.reason == "superseded" and client.failures == {"superseded": 1}
+        version, weights = client.fetch(have=0)
+        assert version == 3
+        assert_same(weights, state(3))
+    finally:
+        client.close()
+        server.close()
 
 
 @pytest.mark.parametrize("mode", ["tcp", "shm"])
@@ -222,7 +269,7 @@ def test_an_actor_that_cannot_open_the_learners_segments_falls_back_to_streams(e
     def private_shm(name, size):
         raise WeightTransferError("shm_unavailable", f"segment {name}: No such file or directory")
 
-    monkeypatch.setattr(actor_weights, "attach", private_shm)
+    monkeypatch.setattr(actor_weights, "Mapping", private_shm)
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "actor", timeout_s=10, shm=True)
     try:
@@ -255,14 +302,14 @@ def test_segments_missed_now_and_then_keep_the_actor_on_shm(endpoints, monkeypat
     successes (a review found they did not, so scattered misses added up to a switch to streams)."""
     import actors.weights as actor_weights
 
-    real_attach, unlucky = actor_weights.attach, []
+    real_mapping, unlucky = actor_weights.Mapping, []
 
-    def attach(name, size):
+    def mapping(name, size):
         if name in unlucky:
             raise WeightTransferError("shm_unavailable", f"segment {name}: superseded")
-        return real_attach(name, size)
+        return real_mapping(name, size)
 
-    monkeypatch.setattr(actor_weights, "attach", attach)
+    monkeypatch.setattr(actor_weights, "Mapping", mapping)
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "actor", timeout_s=10, shm=True)
     try:
