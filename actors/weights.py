@@ -74,8 +74,12 @@ class WeightClient(WeightReceiver):
         if kind != m.WEIGHTS:
             raise WeightTransferError("refused", f"{self.endpoint} answered {kind}: {body.get('reason')} {body.get('detail', '')}")
         assembler = Assembler(Manifest.from_wire(body.get("manifest")))
-        self._receive(assembler, body, rid, progress)
-        return assembler.manifest.version, assembler.state_dict()
+        try:
+            self._receive(assembler, body, rid, progress)
+            return assembler.manifest.version, assembler.state_dict()
+        except BaseException:
+            self.release()
+            raise
 
     def _send(self, frames: list) -> None:
         """Send a request; with no connection (e.g. refused by CURVE) a send would block, so it times out instead."""
@@ -161,23 +165,29 @@ class WeightClient(WeightReceiver):
         """
         manifest = assembler.manifest
         mapping = self._map(name, manifest.total_bytes)
-        if not mapping.lease():
+        try:
+            leased = mapping.lease()
+        except WeightTransferError as err:  # no OFD locks here: streams after a few tries
+            self._give_up_on_shm(err)
+            raise
+        if not leased:
             raise WeightTransferError("superseded", f"segment {name} is being rewritten with a newer version")
         self._leased = mapping
-        try:
-            for index, bucket in enumerate(bucket_views(as_bytes(mapping.map)[: manifest.total_bytes], manifest)):
-                assembler.add(index, bucket)
-                if progress:
-                    progress(index + 1, len(manifest.bucket_sizes))
-        except BaseException:
-            self.release()
-            raise
+        for index, bucket in enumerate(bucket_views(as_bytes(mapping.map)[: manifest.total_bytes], manifest)):
+            assembler.add(index, bucket)
+            if progress:
+                progress(index + 1, len(manifest.bucket_sizes))
 
     def release(self) -> None:
-        """Let the learner rewrite the segment the last fetch's state dict views (use or copy it first)."""
-        if self._leased is not None:
-            self._leased.release()
-            self._leased = None
+        """Let the learner rewrite the segment the last fetch's state dict views (use or copy it first).
+
+        A segment the learner gave up while we leased it is forgotten now, so that its memory
+        goes once the state dict does, rather than when a third segment pushes it out."""
+        leased, self._leased = self._leased, None
+        if leased is not None:
+            leased.release()
+            if leased.unlinked:
+                self._forget(leased.name)
 
     def _map(self, name: str, size: int) -> Mapping:
         mapping = self._mapped.get(name)

@@ -188,7 +188,11 @@ class WeightServer(WeightSender):
         elif spare is not None and spare.numel() >= nbytes:
             return spare[:nbytes], None
         if self.shm:
-            segment = Segment(nbytes)
+            try:
+                segment = Segment(nbytes)
+            except OSError as err:  # a small /dev/shm (Docker's 64 MB): this version goes to actors as streams
+                log.warning("no shared-memory segment of %d bytes (%s): version streamed instead", nbytes, err)
+                return torch.zeros(nbytes, dtype=torch.uint8), None
             segment.claim()  # nobody else knows its name yet
             return as_bytes(segment.map)[:nbytes], segment
         return torch.zeros(nbytes, dtype=torch.uint8), None  # zeros: the padding between tensors is sent, never written

@@ -157,6 +157,11 @@ class Mapping:
         if self._fd >= 0:
             _lock_first_byte(self._fd, fcntl.F_UNLCK)
 
+    @property
+    def unlinked(self) -> bool:
+        """The sender gave the segment up: once its views are gone, nothing else will read it."""
+        return self._fd < 0 or os.fstat(self._fd).st_nlink == 0
+
     def close(self) -> None:
         """Drop the lease for good; the mapping itself lives as long as the tensors that view it (and with it
         a duplicate of our descriptor, which would keep the lease: hence the explicit release)."""
@@ -167,9 +172,13 @@ class Mapping:
 
 
 def _lock_first_byte(fd: int, kind: int) -> bool:
-    """Set (F_RDLCK, F_WRLCK) or drop (F_UNLCK) an OFD lock on byte 0 without waiting; False if another holder conflicts."""
+    """Set (F_RDLCK, F_WRLCK) or drop (F_UNLCK) an OFD lock on byte 0 without waiting; False if another holder conflicts.
+
+    Any other failure (no OFD locks: Linux before 3.15, some sandboxes) is `shm_unavailable`."""
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 1, 0))
     except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES on some systems: held by another
         return False
+    except OSError as exc:
+        raise WeightTransferError("shm_unavailable", f"cannot lock a weight segment: {exc.strerror}") from None
     return True

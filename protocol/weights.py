@@ -77,8 +77,8 @@ class WeightReceiver:
 
     Returned tensors may view the transport's buffers (reused by the next fetch, or, for
     `shm`, the learner's segment): use or copy them, then `release()`, before fetching
-    again; never write to them. Failures raise `WeightTransferError` and are counted by
-    reason in `failures`.
+    again; never write to them (a segment is mapped read-only: a write kills the process).
+    Failures raise `WeightTransferError` and are counted by reason in `failures`.
     """
 
     def __init__(self) -> None:

@@ -152,3 +152,26 @@ def test_closing_a_mapping_drops_its_lease_though_tensors_still_view_it(tmp_path
         assert bytes(view[:3].numpy()) == b"new"  # the mapping lives on with its views
     finally:
         segment.unlink()
+
+
+def test_a_system_without_ofd_locks_is_shm_unavailable_not_a_crash(tmp_path, monkeypatch):
+    """Found by a review: EINVAL (Linux before 3.15, some sandboxes) came out of a lease as a bare OSError, which
+    the actor does not catch; as `shm_unavailable` its weight client falls back to streams."""
+    import errno
+
+    monkeypatch.setattr(protocol.shm, "SHM_DIR", tmp_path)
+    segment = Segment(4096)
+    reader = Mapping(segment.name, 4096)
+
+    def no_ofd_locks(fd, command, arg):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    try:
+        monkeypatch.setattr(protocol.shm.fcntl, "fcntl", no_ofd_locks)
+        with pytest.raises(WeightTransferError) as err:
+            reader.lease()
+        assert err.value.reason == "shm_unavailable"
+    finally:
+        monkeypatch.undo()
+        reader.close()
+        segment.unlink()

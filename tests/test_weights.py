@@ -128,6 +128,7 @@ def test_shm_readers_load_in_place_and_a_leased_segment_is_never_rewritten(endpo
         assert len(now) == 2 and first[0] not in now
         assert_same(v1, state(1))  # what the reader holds is untouched
         client.release()
+        assert first[0] not in client._mapped  # given up by the learner: its memory goes with the views
         version, v3 = client.fetch(have=1)
         assert version == 3
         assert_same(v3, state(3))
@@ -136,7 +137,7 @@ def test_shm_readers_load_in_place_and_a_leased_segment_is_never_rewritten(endpo
             server.publish(version, state(version))
             assert our_segments(os.getpid()) == now
         assert_same(client.fetch(have=3)[1], state(5))
-        assert len(client._mapped) == 2  # versions 3 and 5 share a segment, mapped once
+        assert len(client._mapped) == 1  # versions 3 and 5 share one; version 1's, given up, was let go at release
     finally:
         client.close()
         server.close()
@@ -442,3 +443,26 @@ def test_gpu_transports_are_refused_without_cuda():
     with pytest.raises(WeightTransferError) as err:
         resolve_transport("nccl", "127.0.0.1:5556")
     assert err.value.reason == "no_cuda"
+
+
+def test_a_full_dev_shm_sends_the_version_as_a_stream_instead_of_stopping_the_learner(endpoints, monkeypatch):
+    """Found by a review: a leased spare is given up for a fresh segment, and a small /dev/shm (Docker's 64 MB)
+    refusing it raised out of `publish`. A refusing /dev/shm is stood in for by a Segment that raises ENOSPC."""
+    import errno
+
+    import learner.weights as learner_weights
+
+    class FullDevShm(learner_weights.Segment):
+        def __init__(self, size: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10, shm=True)
+    try:
+        monkeypatch.setattr(learner_weights, "Segment", FullDevShm)
+        server.publish(1, state(1))
+        assert_same(client.fetch(have=0)[1], state(1))
+        assert server.served == {"shm": 0, "stream": 1} and client.shm  # the next version may fit again
+    finally:
+        client.close()
+        server.close()
