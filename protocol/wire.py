@@ -183,9 +183,14 @@ def header_bytes(sample: Sample) -> int:
 
 
 def _folded(name: str, column: list) -> list:
-    """`[value]` for a column whose values are all the same value of the same type (one actor, one version), else the column."""
-    if name in _FOLDABLE and len(column) > 1 and column.count(column[0]) == len(column) and len(set(map(type, column))) == 1:
-        return column[:1]
+    """`[value]` for a column whose values are all the same value of the same type (one actor, one version), else the column.
+
+    Values equal to a str are strs (or subclasses, which go as their str), so only other
+    columns check the types: 1, 1.0 and True are equal and would all arrive as the first.
+    """
+    if name in _FOLDABLE and len(column) > 1 and column.count(column[0]) == len(column):
+        if type(column[0]) is str or len(set(map(type, column))) == 1:
+            return column[:1]
     return column
 
 

@@ -73,6 +73,19 @@ def test_column_of_one_value_applies_to_every_sample():
     assert [(s.seq, s.actor_id, s.version_end, s.finish_reason) for s in out] == [(0, "actor-0", 2, "stop"), (1, "actor-0", 2, "stop")]
 
 
+def test_equal_values_of_other_types_are_not_folded_into_one():
+    """1 == 1.0 == True: folded, a mistyped version would arrive as the first sample's int and pass. Strings equal to a
+    str are strs (numpy.str_ too, which goes as its str), so a str column folds without a look at each type."""
+    samples = [make_sample(seq=0), make_sample(seq=1, index=1, version_start=1.0), make_sample(seq=2, index=2, version_start=True)]
+    for sample in samples:
+        sample.actor_id = np.str_("actor-0")
+    _, body, arrays = decode(over_wire(encode_samples("samples", samples)))
+    assert body["samples"]["version_start"] == [1, 1.0, True] and body["samples"]["actor_id"] == ["actor-0"]
+    out = samples_from(body, arrays, VOCAB)
+    assert isinstance(out[0], Sample) and out[0].actor_id == "actor-0"
+    assert [err.reason for err in out[1:]] == ["bad_sample", "bad_sample"]
+
+
 @pytest.mark.parametrize("name", ["seq", "index", "reward", "metadata"])
 def test_only_the_fields_an_encoder_folds_may_come_as_one_value(name):
     """One seq for all would make duplicates, one metadata map would be one dict shared by every sample."""
