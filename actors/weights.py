@@ -72,7 +72,7 @@ class WeightClient(WeightReceiver):
         if kind == m.NO_UPDATE:
             return None
         if kind != m.WEIGHTS:
-            raise WeightTransferError("refused", f"{self.endpoint} answered {kind}: {body.get('reason')} {body.get('detail', '')}")
+            raise self._refusal(kind, body)
         assembler = Assembler(Manifest.from_wire(body.get("manifest")))
         try:
             self._receive(assembler, body, rid, progress)
@@ -80,6 +80,9 @@ class WeightClient(WeightReceiver):
         except BaseException:
             self.release()
             raise
+
+    def _refusal(self, kind: str, body: dict[str, Any]) -> WeightTransferError:
+        return WeightTransferError("refused", f"{self.endpoint} answered {kind}: {body.get('reason')} {body.get('detail', '')}")
 
     def _send(self, frames: list) -> None:
         """Send a request; with no connection (e.g. refused by CURVE) a send would block, so it times out instead."""
@@ -118,6 +121,9 @@ class WeightClient(WeightReceiver):
         """Receive the next bucket of request `rid` into its slot; returns its index and the checksum that came with it."""
         kind, body, more = self._next_header(rid)
         index = body.get("index")
+        if kind == m.ERROR:  # the learner will not send the rest (e.g. packing the version failed)
+            self._drain()
+            raise self._refusal(kind, body)
         if kind != m.BUCKET or not more or not isinstance(index, int) or not 0 <= index < len(slots):
             self._drain()
             raise WeightTransferError("bad_bucket", f"expected a bucket message, got {kind} with index {index!r}")

@@ -239,8 +239,8 @@ class WeightServer(WeightSender):
         if latest.reply:
             send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), **latest.reply})
         elif latest.segment and body.get("shm") and body.get("host") == self.host:
-            if not latest.packed(len(latest.buckets)):  # the reader copies the whole segment at once
-                log.warning("version %d was not packed in time; not served", latest.manifest.version)
+            if not latest.packed(len(latest.buckets)):  # the reader verifies the whole segment at once
+                self._unpacked(socket, identity, rid, latest, 0)
                 return
             self.served["shm"] += 1
             send_reply(socket, identity, rid, m.WEIGHTS, {"manifest": latest.manifest.to_wire(), "mode": "shm", "segment": latest.segment.name})
@@ -256,12 +256,20 @@ class WeightServer(WeightSender):
             return
         for index, bucket in enumerate(latest.buckets):
             if not latest.packed(index + 1):
-                log.warning("weight stream to %r stopped at bucket %d: version %d was not packed", identity, index, latest.manifest.version)
+                self._unpacked(socket, identity, rid, latest, index)
                 return
             header = encode(m.BUCKET, {"rid": rid, "index": index, "checksum": latest.sums[index]})
             if not send_frames(socket, identity, [*header, memoryview(bucket.numpy())]):
                 log.warning("weight stream to %r broke at bucket %d", identity, index)
                 return
+
+    @staticmethod
+    def _unpacked(socket: zmq.Socket, identity: bytes, rid: int, latest: Published, index: int) -> None:
+        """Bucket `index` of the version asked for will not be packed (packing raised, or took over a minute): say so,
+        rather than leave the actor waiting for it until its own timeout."""
+        why = "packing it failed" if latest.failed else "it was not packed in time"
+        log.warning("version %d not served to %r from bucket %d on: %s", latest.manifest.version, identity, index, why)
+        send_reply(socket, identity, rid, m.ERROR, {"reason": "unpacked", "detail": f"version {latest.manifest.version}: {why}"})
 
     def close(self) -> None:
         if self._packer is not None:

@@ -466,3 +466,38 @@ def test_a_full_dev_shm_sends_the_version_as_a_stream_instead_of_stopping_the_le
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_a_version_whose_packing_failed_is_refused_at_once_not_after_the_actors_timeout(endpoints, monkeypatch, mode):
+    """From the tenth session's list of things left alone: the learner logged the failure and said nothing, so each actor
+    waited its whole timeout (60 s in a run) for a reply or bucket that would never come. Packing fails here on the
+    second bucket (a stand-in for, say, a tensor that cannot be read)."""
+    import learner.weights as learner_weights
+
+    real_pack, packed = learner_weights.pack_bucket, []
+
+    def second_bucket_fails(*args):
+        if packed:
+            raise RuntimeError("cannot read the tensor")
+        packed.append(1)
+        return real_pack(*args)
+
+    monkeypatch.setattr(learner_weights, "pack_bucket", second_bucket_fails)
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=mode == "shm")
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=30, shm=mode == "shm")
+    try:
+        server.publish(1, state(1), wait=False)
+        started = time.monotonic()
+        with pytest.raises(WeightTransferError) as err:
+            client.fetch(have=0)
+        assert err.value.reason == "refused" and "packing it failed" in err.value.detail
+        assert time.monotonic() - started < 5
+        with pytest.raises(RuntimeError, match="cannot read"):
+            server.settle()  # the learner hears of it too, before its next step
+        monkeypatch.undo()
+        server.publish(2, state(2))
+        assert_same(client.fetch(have=0)[1], state(2))
+    finally:
+        client.close()
+        server.close()
