@@ -199,13 +199,12 @@ class WeightServer(WeightSender):
 
     def _serve(self) -> None:
         try:
-            socket = bind_router(self.endpoint, 1 << 20, self.guard and self.guard.arm)
+            socket = bind_router(self.endpoint, 1 << 20, self._arm)
         except Exception as err:  # e.g. the port is taken (a learner still running): `__init__` raises it
             self._bind_error = err
             return
         finally:
             self._ready.set()
-        socket.setsockopt(zmq.SNDHWM, 0)  # a stream of buckets must never be dropped at the high-water mark
         try:
             while not self._stop.is_set():
                 if socket.poll(100):
@@ -217,6 +216,13 @@ class WeightServer(WeightSender):
             if self.guard is not None:
                 self.guard.close()
             socket.close(linger=0)
+
+    def _arm(self, socket: zmq.Socket) -> None:
+        """Before the bind, so that no peer connects with a bounded queue: a stream of buckets must never be dropped
+        at the high-water mark."""
+        socket.setsockopt(zmq.SNDHWM, 0)
+        if self.guard is not None:
+            self.guard.arm(socket)
 
     def _answer(self, socket: zmq.Socket, identity: bytes, frames: list) -> None:
         try:

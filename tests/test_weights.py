@@ -501,3 +501,24 @@ def test_a_version_whose_packing_failed_is_refused_at_once_not_after_the_actors_
     finally:
         client.close()
         server.close()
+
+
+def test_the_weight_router_has_an_unbounded_send_queue_before_it_binds(endpoints, monkeypatch):
+    """A peer connecting between the bind and the option kept ZeroMQ's default queue of 1000 messages, and a stream
+    of more buckets than that would lose some (noticed in the tenth session)."""
+    import zmq
+
+    import learner.weights as learner_weights
+
+    real_bind, at_bind = learner_weights.bind_router, []
+
+    def recording(endpoint, max_bytes, arm=None):
+        def armed(socket):
+            arm(socket)
+            at_bind.append(socket.getsockopt(zmq.SNDHWM))
+
+        return real_bind(endpoint, max_bytes, armed)
+
+    monkeypatch.setattr(learner_weights, "bind_router", recording)
+    WeightServer(endpoints["weights"], bucket_bytes=256).close()
+    assert at_bind == [0]
