@@ -55,6 +55,21 @@ def assert_same(received: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
 
 
+def refused(client: WeightClient, reason: str) -> WeightTransferError:
+    """The error of a fetch that must fail with `reason`, the first failure the client counts."""
+    with pytest.raises(WeightTransferError) as err:
+        client.fetch(have=0)
+    assert err.value.reason == reason and client.failures == {reason: 1}
+    return err.value
+
+
+def assert_fetches(client: WeightClient, version: int) -> None:
+    """The next fetch brings `version`, whole."""
+    got, weights = client.fetch(have=0)
+    assert got == version
+    assert_same(weights, state(version))
+
+
 def our_segments(pid: int) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*"))
 
@@ -164,12 +179,8 @@ def test_a_segment_rewritten_before_the_reader_leases_it_is_refused_and_the_next
         server.publish(1, state(1))
         server.publish(2, state(2))  # the client maps neither yet
         monkeypatch.setattr(actor_weights, "Mapping", mapping_then_two_publishes)
-        with pytest.raises(WeightTransferError) as err:
-            client.fetch(have=0)
-        assert err.value.reason == "superseded" and client.failures == {"superseded": 1}
-        version, weights = client.fetch(have=0)
-        assert version == 3
-        assert_same(weights, state(3))
+        refused(client, "superseded")
+        assert_fetches(client, 3)
     finally:
         client.close()
         server.close()
@@ -350,13 +361,9 @@ def test_torn_bytes_are_rejected_and_the_next_version_arrives_clean(endpoints, m
     try:
         server.publish(1, state(1))
         server._latest.buckets[1][3] ^= 0xFF
-        with pytest.raises(WeightTransferError) as err:
-            client.fetch(have=0)
-        assert err.value.reason == "checksum" and client.failures == {"checksum": 1}
+        refused(client, "checksum")
         server.publish(2, state(2))  # the rest of the broken stream is still queued: it must be skipped
-        version, weights = client.fetch(have=0)
-        assert version == 2
-        assert_same(weights, state(2))
+        assert_fetches(client, 2)
     finally:
         client.close()
         server.close()
@@ -489,15 +496,13 @@ def test_a_version_whose_packing_failed_is_refused_at_once_not_after_the_actors_
     try:
         server.publish(1, state(1), wait=False)
         started = time.monotonic()
-        with pytest.raises(WeightTransferError) as err:
-            client.fetch(have=0)
-        assert err.value.reason == "refused" and "packing it failed" in err.value.detail
+        assert "packing it failed" in refused(client, "refused").detail
         assert time.monotonic() - started < 5
         with pytest.raises(RuntimeError, match="cannot read"):
             server.settle()  # the learner hears of it too, before its next step
         monkeypatch.undo()
         server.publish(2, state(2))
-        assert_same(client.fetch(have=0)[1], state(2))
+        assert_fetches(client, 2)
     finally:
         client.close()
         server.close()
