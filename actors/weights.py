@@ -178,7 +178,7 @@ class WeightClient(WeightReceiver):
             raise
         if not leased:
             raise WeightTransferError("superseded", f"segment {name} is being rewritten with a newer version")
-        self._leased = mapping
+        self._leased, self._unopened = mapping, 0
         for index, bucket in enumerate(bucket_views(as_bytes(mapping.map)[: manifest.total_bytes], manifest)):
             assembler.add(index, bucket)
             if progress:
@@ -207,7 +207,6 @@ class WeightClient(WeightReceiver):
             if len(self._mapped) >= 2:  # the learner replaced a segment (it grew, or restarted): drop the oldest
                 self._forget(next(iter(self._mapped)))
             self._mapped[name] = mapping
-        self._unopened = 0
         return mapping
 
     def _forget(self, name: str) -> None:

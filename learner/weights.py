@@ -33,7 +33,7 @@ from protocol import messages as m
 from protocol.buckets import Manifest, as_bytes, bucket_views, checksum, pack_bucket, plan, unpack
 from protocol.config import RunConfig
 from protocol.curve import Guard, curve_keys_dir
-from protocol.errors import RoleFailed
+from protocol.errors import RoleFailed, WeightTransferError
 from protocol.shm import Segment, host_id, remove_orphans
 from protocol.transport import bind_router, send_frames, send_reply
 from protocol.weights import Specs, WeightSender, resolve_transport, unique_tensors
@@ -180,22 +180,32 @@ class WeightServer(WeightSender):
         """Where the next version is written: the spare if it is big enough (and no reader leases it), else fresh memory."""
         spare, self._spare = self._spare, None
         if isinstance(spare, Segment):
-            if spare.size >= nbytes and spare.claim():
+            if spare.size >= nbytes and self._claimed(spare):
                 return as_bytes(spare.map)[:nbytes], spare
-            if spare.size >= nbytes:
+            if spare.size >= nbytes and self.shm:
                 log.info("an actor still loads from the spare weight segment: this version goes to a fresh one")
             spare.unlink()  # a reader still loading from it keeps its mapping
-        elif spare is not None and spare.numel() >= nbytes:
+        elif spare is not None and spare.numel() >= nbytes and not self.shm:  # shm: a version streamed once tries a segment again
             return spare[:nbytes], None
         if self.shm:
             try:
                 segment = Segment(nbytes)
             except OSError as err:  # a small /dev/shm (Docker's 64 MB): this version goes to actors as streams
                 log.warning("no shared-memory segment of %d bytes (%s): version streamed instead", nbytes, err)
-                return torch.zeros(nbytes, dtype=torch.uint8), None
-            segment.claim()  # nobody else knows its name yet
-            return as_bytes(segment.map)[:nbytes], segment
+            else:
+                if self._claimed(segment):  # nobody else knows its name yet: only a system without the lock says no
+                    return as_bytes(segment.map)[:nbytes], segment
         return torch.zeros(nbytes, dtype=torch.uint8), None  # zeros: the padding between tensors is sent, never written
+
+    def _claimed(self, segment: Segment) -> bool:
+        """`segment.claim()`; where the system has no OFD locks, the segment goes and so does shm, for good."""
+        try:
+            return segment.claim()
+        except WeightTransferError as err:
+            log.warning("%s: weights go to every actor as streams from now on", err.detail)
+            self.shm = False
+            segment.unlink()
+            return False
 
     def _serve(self) -> None:
         try:

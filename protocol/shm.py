@@ -160,7 +160,7 @@ class Mapping:
     @property
     def unlinked(self) -> bool:
         """The sender gave the segment up: once its views are gone, nothing else will read it."""
-        return self._fd < 0 or os.fstat(self._fd).st_nlink == 0
+        return os.fstat(self._fd).st_nlink == 0
 
     def close(self) -> None:
         """Drop the lease for good; the mapping itself lives as long as the tensors that view it (and with it

@@ -61,16 +61,19 @@ _FOLDABLE = frozenset({"group_id", "group_size", "version_start", "version_end",
 _meta_of = attrgetter(*_FIELD_NAMES)
 
 
-def _plain_str(value: Any) -> str:
-    """msgspec packs exact types only; msgpack packed a str subclass (numpy.str_ from a dataset, say) as its str."""
-    if isinstance(value, str):
-        return str(value)
+def _plain(value: Any) -> str | int | float:
+    """msgspec packs exact types only; msgpack packed subclasses of str, int and float (numpy.str_ from a dataset,
+    numpy.float64) as the plain value."""
+    for kind in (str, int, float):
+        if isinstance(value, kind):
+            return kind(value)
     raise TypeError(f"cannot send a {type(value).__name__} in a message body")
 
 
-# the same bytes as msgpack.packb(..., use_bin_type=True), in a third of the time; decoding stays with msgpack,
-# whose strict_map_key refuses the non-string map keys msgspec would build
-_pack_header = msgspec.msgpack.Encoder(enc_hook=_plain_str).encode
+# for the builtin types messages hold, the same bytes as msgpack.packb(..., use_bin_type=True) in a third of the time
+# (msgspec also packs sets, datetimes and dataclasses, which msgpack refused; no message holds them); decoding stays
+# with msgpack, whose strict_map_key refuses the non-string map keys msgspec would build
+_pack_header = msgspec.msgpack.Encoder(enc_hook=_plain).encode
 
 
 def encode(kind: str, body: dict[str, Any] | None = None, arrays: list[np.ndarray] = ()) -> list[bytes | memoryview]:

@@ -454,22 +454,66 @@ def test_gpu_transports_are_refused_without_cuda():
 
 def test_a_full_dev_shm_sends_the_version_as_a_stream_instead_of_stopping_the_learner(endpoints, monkeypatch):
     """Found by a review: a leased spare is given up for a fresh segment, and a small /dev/shm (Docker's 64 MB)
-    refusing it raised out of `publish`. A refusing /dev/shm is stood in for by a Segment that raises ENOSPC."""
+    refusing it raised out of `publish`; and (a second review) a version streamed once left every other version
+    streamed for good. A refusing /dev/shm is stood in for by a Segment that raises ENOSPC the first time."""
     import errno
 
     import learner.weights as learner_weights
 
-    class FullDevShm(learner_weights.Segment):
+    class FullOnce(learner_weights.Segment):
+        refused = 0
+
         def __init__(self, size: int) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if not FullOnce.refused:
+                FullOnce.refused = 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().__init__(size)
+
+    monkeypatch.setattr(learner_weights, "Segment", FullOnce)
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10, shm=True)
+    try:
+        for version in range(1, 6):
+            server.publish(version, state(version))
+            assert_same(client.fetch(have=version - 1)[1], state(version))
+            client.release()
+        assert server.served == {"shm": 4, "stream": 1} and client.shm
+    finally:
+        client.close()
+        server.close()
+
+
+def test_without_ofd_locks_the_learner_streams_and_the_actor_asks_for_streams(endpoints, monkeypatch):
+    """Found by a review: a claim that raised (Linux before 3.15, some sandboxes) stopped the learner in `publish`, and a
+    lease that raised reset the reader's count of misses, so it never switched to streams. Both are stood in for."""
+    import actors.weights as actor_weights
+    import learner.weights as learner_weights
+
+    class Unlockable(learner_weights.Segment):
+        def claim(self) -> bool:
+            raise WeightTransferError("shm_unavailable", "cannot lock a weight segment: Invalid argument")
+
+    class Unleasable(actor_weights.Mapping):
+        def lease(self) -> bool:
+            raise WeightTransferError("shm_unavailable", "cannot lock a weight segment: Invalid argument")
 
     server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
     client = WeightClient(endpoints["weights"], "actor-test", timeout_s=10, shm=True)
     try:
-        monkeypatch.setattr(learner_weights, "Segment", FullDevShm)
+        monkeypatch.setattr(learner_weights, "Segment", Unlockable)
         server.publish(1, state(1))
+        assert not server.shm and our_segments(os.getpid()) == []
         assert_same(client.fetch(have=0)[1], state(1))
-        assert server.served == {"shm": 0, "stream": 1} and client.shm  # the next version may fit again
+        monkeypatch.undo()
+        monkeypatch.setattr(actor_weights, "Mapping", Unleasable)
+        server.shm = True
+        server.publish(2, state(2))
+        for _ in range(actor_weights.SHM_TRIES):
+            with pytest.raises(WeightTransferError) as err:
+                client.fetch(have=1)
+            assert err.value.reason == "shm_unavailable"
+        assert not client.shm
+        assert_same(client.fetch(have=1)[1], state(2))
     finally:
         client.close()
         server.close()

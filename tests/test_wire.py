@@ -79,12 +79,13 @@ def test_header_checksum_covers_all_array_bytes():
 
 def test_headers_are_the_bytes_msgpack_would_pack_and_a_str_subclass_goes_as_its_str():
     """Headers are packed by msgspec since 2026-11-28 (eleventh session); peers and logs written before read them alike.
-    numpy.str_ (a dataset's strings, say) is a str subclass, which msgpack packed and msgspec alone refuses."""
+    numpy.str_ (a dataset's strings, say) and numpy.float64 subclass str and float, which msgpack packed as such and
+    msgspec alone refuses."""
     body = {"rid": 7, "actor_id": "a", "reward": [0.5, -1.0, 2], "ok": [True, False, None], "blob": b"\x00\xff",
             "nested": {"k": [{"x": 1}], "big": 2**64 - 1, "neg": -(2**63)}, "tuple": (1, 2)}  # fmt: skip
     expected = {"v": SCHEMA_VERSION, "type": "t", "body": body, "arrays": [], "xxh3": xxhash.xxh3_64_intdigest(b"")}
     assert encode("t", body)[0] == msgpack.packb(expected, use_bin_type=True)
-    assert decode(encode("t", {"task": np.str_("gsm8k")}))[1] == {"task": "gsm8k"}
+    assert decode(encode("t", {"task": np.str_("gsm8k"), "reward": np.float64(0.5)}))[1] == {"task": "gsm8k", "reward": 0.5}
     with pytest.raises(TypeError, match="int64"):  # as with msgpack: no caller sends numpy scalars
         encode("t", {"seq": np.int64(1)})
 

@@ -77,8 +77,7 @@ def test_equal_values_of_other_types_are_not_folded_into_one():
     """1 == 1.0 == True: folded, a mistyped version would arrive as the first sample's int and pass. Strings equal to a
     str are strs (numpy.str_ too, which goes as its str), so a str column folds without a look at each type."""
     samples = [make_sample(seq=0), make_sample(seq=1, index=1, version_start=1.0), make_sample(seq=2, index=2, version_start=True)]
-    for sample in samples:
-        sample.actor_id = np.str_("actor-0")
+    samples[2].actor_id = np.str_("actor-0")  # a plain str first: the column folds without a look at the types
     _, body, arrays = decode(over_wire(encode_samples("samples", samples)))
     assert body["samples"]["version_start"] == [1, 1.0, True] and body["samples"]["actor_id"] == ["actor-0"]
     out = samples_from(body, arrays, VOCAB)
