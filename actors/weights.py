@@ -187,13 +187,14 @@ class WeightClient(WeightReceiver):
     def release(self) -> None:
         """Let the learner rewrite the segment the last fetch's state dict views (use or copy it first).
 
-        A segment the learner gave up while we leased it is forgotten now, so that its memory
-        goes once the state dict does, rather than when a third segment pushes it out."""
+        Segments the learner gave up (while we or another actor leased them) are forgotten now, so
+        that their memory goes once the state dict does, rather than when a third segment pushes
+        them out."""
         leased, self._leased = self._leased, None
         if leased is not None:
             leased.release()
-            if leased.unlinked:
-                self._forget(leased.name)
+        for name in [name for name, mapping in self._mapped.items() if mapping.unlinked]:
+            self._forget(name)
 
     def _map(self, name: str, size: int) -> Mapping:
         mapping = self._mapped.get(name)

@@ -571,3 +571,25 @@ def test_the_weight_router_has_an_unbounded_send_queue_before_it_binds(endpoints
     monkeypatch.setattr(learner_weights, "bind_router", recording)
     WeightServer(endpoints["weights"], bucket_bytes=256).close()
     assert at_bind == [0]
+
+
+def test_a_reader_lets_go_of_a_segment_the_learner_gave_up_for_another_readers_lease(endpoints):
+    """Found by a review: only the segment a reader itself leased was let go; one given up for another actor's
+    lease stayed mapped (its memory pinned) until a third segment pushed it out."""
+    server = WeightServer(endpoints["weights"], bucket_bytes=256, shm=True)
+    slow, other = (WeightClient(endpoints["weights"], name, timeout_s=10, shm=True) for name in ("slow-actor", "actor"))
+    try:
+        server.publish(1, state(1))
+        slow.fetch(have=0)  # and keeps its lease
+        other.fetch(have=0)
+        other.release()
+        first = list(other._mapped)
+        server.publish(2, state(2))
+        server.publish(3, state(3))  # the first segment is leased by the slow actor: given up
+        other.release()
+        assert first[0] not in other._mapped
+        assert_fetches(other, 3)
+    finally:
+        slow.close()
+        other.close()
+        server.close()
