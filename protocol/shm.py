@@ -174,11 +174,14 @@ class Mapping:
 def _lock_first_byte(fd: int, kind: int) -> bool:
     """Set (F_RDLCK, F_WRLCK) or drop (F_UNLCK) an OFD lock on byte 0 without waiting; False if another holder conflicts.
 
-    Any other failure (no OFD locks: Linux before 3.15, some sandboxes) is `shm_unavailable`."""
+    Any other failure (no OFD locks: Linux before 3.15, some sandboxes) is `shm_unavailable`, except for
+    F_UNLCK: where no lock can be taken there is none to drop."""
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 1, 0))
     except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES on some systems: held by another
         return False
     except OSError as exc:
+        if kind == fcntl.F_UNLCK:
+            return True
         raise WeightTransferError("shm_unavailable", f"cannot lock a weight segment: {exc.strerror}") from None
     return True
