@@ -180,10 +180,11 @@ class WeightServer(WeightSender):
         """Where the next version is written: the spare if it is big enough (and no reader leases it), else fresh memory."""
         spare, self._spare = self._spare, None
         if isinstance(spare, Segment):
-            if spare.size >= nbytes and self._claimed(spare):
-                return as_bytes(spare.map)[:nbytes], spare
-            if spare.size >= nbytes and self.shm:
-                log.info("an actor still loads from the spare weight segment: this version goes to a fresh one")
+            if spare.size >= nbytes:
+                if self._claimed(spare):
+                    return as_bytes(spare.map)[:nbytes], spare
+                if self.shm:  # not a system without the lock: a reader holds it
+                    log.info("an actor still loads from the spare weight segment: this version goes to a fresh one")
             spare.unlink()  # a reader still loading from it keeps its mapping
         elif spare is not None and spare.numel() >= nbytes and not self.shm:  # shm: a version streamed once tries a segment again
             return spare[:nbytes], None
